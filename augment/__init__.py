@@ -1,0 +1,58 @@
+"""augment: fused 3D spatial and intensity augmentation for volumetric segmentation.
+
+One matrix per sample, one resampling pass: numba on the CPU, batched torch/Triton on CUDA.
+Axis order (z, y, x); matrices map an output voxel index to the input index it samples.
+
+    import augment
+    aug = augment.Compose([
+        augment.RandomCrop((128, 128, 128)),
+        augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
+        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+        augment.Window(-200, 250), augment.RandomGamma((0.7, 1.5), p=0.3),
+    ])
+    out = aug(image=img, label=lab, rng=np.random.default_rng(0))
+
+Nothing from ``loaders`` or ``training`` is imported here; torch and Triton load lazily.
+"""
+
+from augment import matrices
+from augment.base import IntensityTransform, Params, SpatialTransform
+from augment.compose import Compose, ComposeParams, stack_params
+from augment.intensity import (
+    Normalize,
+    RandomBrightness,
+    RandomContrast,
+    RandomGamma,
+    RandomNoise,
+    Window,
+)
+from augment.rng import batch_rngs, sample_rng
+from augment.spatial import RandomAffine, RandomCrop, RandomFlip, RandomRot90, RandomSwapAxes
+from augment.target_crop import TargetCrop
+from augment.warp import affine_warp
+
+__all__ = [
+    "Compose",
+    "ComposeParams",
+    "IntensityTransform",
+    "Normalize",
+    "Params",
+    "RandomAffine",
+    "RandomBrightness",
+    "RandomContrast",
+    "RandomCrop",
+    "RandomFlip",
+    "RandomGamma",
+    "RandomNoise",
+    "RandomRot90",
+    "RandomSwapAxes",
+    "SpatialTransform",
+    "TargetCrop",
+    "Window",
+    "affine_warp",
+    "batch_rngs",
+    "matrices",
+    "sample_rng",
+    "stack_params",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,327 @@
+"""Numba CPU kernels: one fused resampling pass for image and label.
+
+Pure functions that write into explicit outputs. Validation, dtype handling and dispatch
+live in :mod:`augment.warp`. Conventions (see ``augment.matrices``): ``m`` is a 3x4 pull
+map from output index to input index; voxel centres at integers; samples whose taps fall
+outside the source read the constant (``cval`` for images, ``lcval`` for labels), i.e.
+scipy.ndimage's ``mode="grid-constant"``. Nearest neighbour rounds with
+``floor(c + 0.5)``.
+
+Each output row (z, y) is split into an interior span, where all eight trilinear taps are
+inside the source and no bounds checks are needed, and border spans handled per tap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from augment.kernels.program import AFFINE, CLIP, GAMMA, HASH_M1, HASH_M2, MASK32, NOISE, TWO_PI
+
+_JIT = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+
+
+@njit(inline="always", **_JIT)
+def _mix32(x):
+    x = x & MASK32
+    x ^= x >> 16
+    x = (x * HASH_M1) & MASK32
+    x ^= x >> 15
+    x = (x * HASH_M2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+@njit(**_JIT)
+def _normal(seed, index):
+    key = np.uint64(seed) & MASK32
+    i2 = np.uint64(2) * np.uint64(index)
+    b1 = _mix32(_mix32(i2) ^ key)
+    b2 = _mix32(_mix32(i2 + np.uint64(1)) ^ key)
+    u1 = (float(b1 >> 8) + 1.0) * (1.0 / 16777216.0)
+    u2 = float(b2 >> 8) * (1.0 / 16777216.0)
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(TWO_PI * u2)
+
+
+@njit(**_JIT)
+def _run_program(prog, v, flat_index):
+    x = float(v)
+    for k in range(prog.shape[0]):
+        code = int(prog[k, 0])
+        a = prog[k, 1]
+        b = prog[k, 2]
+        if code == AFFINE:
+            x = x * a + b
+        elif code == CLIP:
+            x = min(max(x, a), b)
+        elif code == GAMMA:
+            c = prog[k, 3]
+            t = (x - b) / (c - b)
+            t = min(max(t, 0.0), 1.0)
+            x = b + (c - b) * t**a
+        elif code == NOISE:
+            x = x + a * _normal(int(b), flat_index)
+    return x
+
+
+@njit(inline="always", **_JIT)
+def _interior_span(bk, dk, n, x0, x1):
+    """Integer x range [lo, hi] within [x0, x1) where 0 <= bk + dk * x < n - 1."""
+    lim = n - 1.0
+    lo = x0
+    hi = x1 - 1
+    if abs(dk) < 1e-12:
+        if not (bk >= 0.0 and bk < lim):
+            return x1, x1 - 1
+        return lo, hi
+    t0 = (0.0 - bk) / dk
+    t1 = (lim - bk) / dk
+    if t0 > t1:
+        t0, t1 = t1, t0
+    lo = max(lo, int(math.ceil(t0)) - 1)
+    hi = min(hi, int(math.floor(t1)) + 1)
+    # Tighten with the exact expression the loop evaluates, so the span is never wrong.
+    while lo <= hi:
+        c = bk + dk * lo
+        if c >= 0.0 and c < lim:
+            break
+        lo += 1
+    while hi >= lo:
+        c = bk + dk * hi
+        if c >= 0.0 and c < lim:
+            break
+        hi -= 1
+    return lo, hi
+
+
+@njit(inline="always", **_JIT)
+def _trilinear(img, q, sy, sz, wz, wy, wx):
+    a0 = np.float32(img[q])
+    a1 = np.float32(img[q + 1])
+    a2 = np.float32(img[q + sy])
+    a3 = np.float32(img[q + sy + 1])
+    a4 = np.float32(img[q + sz])
+    a5 = np.float32(img[q + sz + 1])
+    a6 = np.float32(img[q + sz + sy])
+    a7 = np.float32(img[q + sz + sy + 1])
+    b0 = a0 + (a1 - a0) * wx
+    b1 = a2 + (a3 - a2) * wx
+    b2 = a4 + (a5 - a4) * wx
+    b3 = a6 + (a7 - a6) * wx
+    c0 = b0 + (b1 - b0) * wy
+    c1 = b2 + (b3 - b2) * wy
+    return c0 + (c1 - c0) * wz
+
+
+@njit(inline="always", **_JIT)
+def _tap(src, base, z, y, x, nz, ny, nx, fill):
+    if z < 0 or y < 0 or x < 0 or z >= nz or y >= ny or x >= nx:
+        return fill
+    return float(src[base + (z * ny + y) * nx + x])
+
+
+@njit(inline="always", **_JIT)
+def _trilinear_checked(img, base, iz, iy, ix, nz, ny, nx, tz, ty, tx, fill):
+    a0 = _tap(img, base, iz, iy, ix, nz, ny, nx, fill)
+    a1 = _tap(img, base, iz, iy, ix + 1, nz, ny, nx, fill)
+    a2 = _tap(img, base, iz, iy + 1, ix, nz, ny, nx, fill)
+    a3 = _tap(img, base, iz, iy + 1, ix + 1, nz, ny, nx, fill)
+    a4 = _tap(img, base, iz + 1, iy, ix, nz, ny, nx, fill)
+    a5 = _tap(img, base, iz + 1, iy, ix + 1, nz, ny, nx, fill)
+    a6 = _tap(img, base, iz + 1, iy + 1, ix, nz, ny, nx, fill)
+    a7 = _tap(img, base, iz + 1, iy + 1, ix + 1, nz, ny, nx, fill)
+    b0 = a0 + (a1 - a0) * tx
+    b1 = a2 + (a3 - a2) * tx
+    b2 = a4 + (a5 - a4) * tx
+    b3 = a6 + (a7 - a6) * tx
+    c0 = b0 + (b1 - b0) * ty
+    c1 = b2 + (b3 - b2) * ty
+    return c0 + (c1 - c0) * tz
+
+
+@njit(**_JIT)
+def _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+         img_linear, z, y, x0, x1):
+    """Resample output voxels (z, y, x0:x1) of every channel. Arrays are flat, C order.
+
+    Kept out of the parallel driver: inside a prange body numba's parfor pass made the same
+    loop about 5x slower. Flat offsets instead of 4D indexing, and a branch for the common
+    single-channel case: each about 2x faster.
+    """
+    nz, ny, nx = src_shape
+    od, oh, ow = out_shape
+    sy = nx
+    sz = ny * nx
+    svol = nz * sz
+    ovol = od * oh * ow
+    has_prog = prog.shape[0] > 0
+    fz, fy, fx = float(nz), float(ny), float(nx)
+    dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
+    bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+    by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+    bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    lo0, hi0 = _interior_span(bz, dz, fz, x0, x1)
+    lo1, hi1 = _interior_span(by, dy, fy, x0, x1)
+    lo2, hi2 = _interior_span(bx, dx, fx, x0, x1)
+    lo = max(lo0, max(lo1, lo2))
+    hi = min(hi0, min(hi1, hi2))
+    if hi < lo:
+        lo = x1
+        hi = x1 - 1
+    row = (z * oh + y) * ow
+    # interior: every tap inside, no checks
+    if nc == 1 and nl == 1 and img_linear and not has_prog:
+        for x in range(lo, hi + 1):
+            cz = bz + dz * x
+            cy = by + dy * x
+            cx = bx + dx * x
+            iz = int(cz)
+            iy = int(cy)
+            ix = int(cx)
+            out_lab[row + x] = lab[int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)]
+            out_img[row + x] = _trilinear(img, iz * sz + iy * sy + ix, sy, sz,
+                                          np.float32(cz - iz), np.float32(cy - iy),
+                                          np.float32(cx - ix))
+    else:
+        for x in range(lo, hi + 1):
+            cz = bz + dz * x
+            cy = by + dy * x
+            cx = bx + dx * x
+            o = row + x
+            if nl > 0:
+                r = int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)
+                for c in range(nl):
+                    out_lab[c * ovol + o] = lab[c * svol + r]
+            if img_linear:
+                iz = int(cz)
+                iy = int(cy)
+                ix = int(cx)
+                wz = np.float32(cz - iz)
+                wy = np.float32(cy - iy)
+                wx = np.float32(cx - ix)
+                p = iz * sz + iy * sy + ix
+                for c in range(nc):
+                    v = _trilinear(img, c * svol + p, sy, sz, wz, wy, wx)
+                    if has_prog:
+                        v = np.float32(_run_program(prog, v, c * ovol + o))
+                    out_img[c * ovol + o] = v
+            elif nc > 0:
+                r = int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)
+                for c in range(nc):
+                    v = np.float32(img[c * svol + r])
+                    if has_prog:
+                        v = np.float32(_run_program(prog, v, c * ovol + o))
+                    out_img[c * ovol + o] = v
+    # border spans: [x0, lo) and (hi, x1), every tap checked
+    for x in range(x0, x1):
+        if x >= lo and x <= hi:
+            continue
+        cz = bz + dz * x
+        cy = by + dy * x
+        cx = bx + dx * x
+        o = row + x
+        if nl > 0:
+            rz = int(math.floor(cz + 0.5))
+            ry = int(math.floor(cy + 0.5))
+            rx = int(math.floor(cx + 0.5))
+            inside = rz >= 0 and ry >= 0 and rx >= 0 and rz < nz and ry < ny and rx < nx
+            r = (rz * ny + ry) * nx + rx
+            for c in range(nl):
+                out_lab[c * ovol + o] = lab[c * svol + r] if inside else lcval
+        if nc == 0:
+            continue
+        if img_linear:
+            gz = math.floor(cz)
+            gy = math.floor(cy)
+            gx = math.floor(cx)
+            far = gz < -1.0 or gy < -1.0 or gx < -1.0 or gz > fz - 1.0 or gy > fy - 1.0
+            far = far or gx > fx - 1.0
+            for c in range(nc):
+                if far:
+                    v = np.float32(cval)
+                else:
+                    v = np.float32(_trilinear_checked(img, c * svol, int(gz), int(gy), int(gx),
+                                                      nz, ny, nx, cz - gz, cy - gy, cx - gx,
+                                                      cval))
+                if has_prog:
+                    v = np.float32(_run_program(prog, v, c * ovol + o))
+                out_img[c * ovol + o] = v
+        else:
+            rz = int(math.floor(cz + 0.5))
+            ry = int(math.floor(cy + 0.5))
+            rx = int(math.floor(cx + 0.5))
+            for c in range(nc):
+                v = np.float32(_tap(img, c * svol, rz, ry, rx, nz, ny, nx, cval))
+                if has_prog:
+                    v = np.float32(_run_program(prog, v, c * ovol + o))
+                out_img[c * ovol + o] = v
+
+
+# Output tile edge. Tiles keep the source footprint of a block in cache while the walk
+# crosses rotated planes: 16^3 tiles ran W1 about 1.5x faster than whole rows.
+TILE = 16
+
+
+@njit(**_JIT)
+def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+           img_linear, b):
+    od, oh, ow = out_shape
+    ty = (oh + TILE - 1) // TILE
+    tx = (ow + TILE - 1) // TILE
+    z0 = (b // (ty * tx)) * TILE
+    y0 = ((b // tx) % ty) * TILE
+    x0 = (b % tx) * TILE
+    for z in range(z0, min(z0 + TILE, od)):
+        for y in range(y0, min(y0 + TILE, oh)):
+            _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+                 img_linear, z, y, x0, min(x0 + TILE, ow))
+
+
+@njit(inline="always", **_JIT)
+def n_blocks(out_shape):
+    od, oh, ow = out_shape
+    return ((od + TILE - 1) // TILE) * ((oh + TILE - 1) // TILE) * ((ow + TILE - 1) // TILE)
+
+
+@njit(parallel=True, **_JIT)
+def warp(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+         img_linear):
+    """Resample ``img`` into ``out_img`` and ``lab`` into ``out_lab`` in one pass.
+
+    Args:
+        img: flat C-order source image (nc, D, H, W), any real dtype; nc may be 0.
+        lab: flat C-order source label (nl, D, H, W); nl may be 0.
+        m: (3, 4) float64 pull map (output index -> input index).
+        out_img: flat float32 output (nc, d, h, w).  out_lab: flat output (nl, d, h, w).
+        src_shape: (D, H, W).  out_shape: (d, h, w).
+        cval: image value outside the source.  lcval: label value outside.
+        prog: (n, 4) float64 intensity program run on each image value.
+        img_linear: trilinear image if True, else nearest.
+    """
+    for b in prange(n_blocks(out_shape)):
+        _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+               img_linear, b)
+
+
+@njit(**_JIT)
+def warp_serial(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+                img_linear):
+    """:func:`warp` on the calling thread (worker processes, nested parallelism)."""
+    for b in range(n_blocks(out_shape)):
+        _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
+               img_linear, b)
+
+
+@njit(parallel=True, **_JIT)
+def program_inplace(x, prog):
+    """Run the intensity program over a flat float32 array (exact-copy path)."""
+    for i in prange(x.shape[0]):
+        x[i] = np.float32(_run_program(prog, x[i], i))
+
+
+@njit(**_JIT)
+def program_inplace_serial(x, prog):
+    for i in range(x.shape[0]):
+        x[i] = np.float32(_run_program(prog, x[i], i))

@@ -1,0 +1,325 @@
+"""Geometric transforms: crops, affine, flips, 90-degree rotations, axis swaps.
+
+Each transform returns a pull map from its output grid to its input grid; ``Compose``
+multiplies them and resamples once. Scale factors are magnifications: ``s > 1`` makes
+structures larger in the output (zoom in). batchgenerators and MONAI scale the sampling
+coordinates instead, so their ``s`` is our ``1 / s``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from augment import matrices as mx
+from augment.base import (
+    Params,
+    Shape3,
+    SpatialTransform,
+    as_range,
+    check_probability,
+)
+
+F64 = NDArray[np.float64]
+CentreSampler = Callable[[np.random.Generator, Shape3, Shape3, dict[str, Any]], Any]
+
+
+def _three(value: Any, name: str) -> tuple[Any, Any, Any]:
+    if np.isscalar(value):
+        return (value, value, value)
+    v = tuple(value)
+    if len(v) != 3:
+        raise ValueError(f"{name} needs one value or three (z, y, x), got {value!r}")
+    return v  # type: ignore[return-value]
+
+
+def _size3(size: int | Sequence[int], name: str = "size") -> Shape3:
+    s = tuple(int(v) for v in _three(size, name))
+    if min(s) <= 0:
+        raise ValueError(f"{name} must be positive, got {size!r}")
+    return s  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class CropParams(Params):
+    start: NDArray[np.int64]  # (B, 3) first input index of the crop, may be negative
+    foreground: NDArray[np.bool_]  # (B,) whether the centre was drawn on the foreground
+
+
+class RandomCrop(SpatialTransform):
+    """Crop a patch of ``size`` at a random integer position.
+
+    Without foreground oversampling the start is uniform over ``[0, n - size]`` per axis
+    (centred with padding where the volume is smaller than the patch). With
+    ``foreground > 0``, that fraction of samples centres the patch on a voxel drawn from the
+    ``fg_points`` context (an ``(N, 3)`` array of foreground indices, as the cache stores
+    them) or, if absent, from ``label > 0``; such a patch may extend past the volume and
+    is padded, as in nnU-Net. ``centre_sampler`` replaces the centre choice entirely.
+
+    Args:
+        size: output patch size (d, h, w).
+        foreground: probability of a foreground-centred patch (nnU-Net uses 1/3).
+        centre_sampler: ``f(rng, in_shape, size, context) -> centre (3,)`` hook.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        *,
+        foreground: float = 0.0,
+        centre_sampler: CentreSampler | None = None,
+    ) -> None:
+        self.size = _size3(size)
+        self.foreground = check_probability(foreground, "foreground")
+        self.centre_sampler = centre_sampler
+
+    def out_shape(self, in_shape: Shape3) -> Shape3:
+        return self.size
+
+    def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> CropParams:
+        size = np.asarray(self.size)
+        n = np.asarray(in_shape)
+        fg = False
+        if self.centre_sampler is not None:
+            centre = np.asarray(self.centre_sampler(rng, in_shape, self.size, context), float)
+            start = np.floor(centre - (size - 1) / 2.0 + 1e-9).astype(np.int64)
+        else:
+            start = np.where(
+                n >= size,
+                [int(rng.integers(0, max(int(k), 0) + 1)) for k in (n - size)],
+                (n - size) // 2,
+            ).astype(np.int64)
+            if self.foreground > 0 and rng.random() < self.foreground:
+                points = _foreground_points(context)
+                if points is not None and len(points):
+                    p = np.asarray(points[int(rng.integers(len(points)))], dtype=np.int64)
+                    start = p - (size - 1) // 2
+                    fg = True
+        return CropParams(start=start[None].astype(np.int64), foreground=np.array([fg]))
+
+    def matrix(self, params: Params, in_shape: Shape3) -> F64:
+        assert isinstance(params, CropParams)
+        return mx.translation(params.start.astype(np.float64))
+
+
+def _foreground_points(context: dict[str, Any]) -> NDArray[np.int64] | None:
+    pts = context.get("fg_points")
+    if pts is not None:
+        return np.asarray(pts)
+    label = context.get("label")
+    if label is None:
+        return None
+    lab = np.asarray(label)
+    lab = lab[0] if lab.ndim == 4 else lab
+    return np.argwhere(lab > 0)
+
+
+@dataclass(frozen=True)
+class AffineParams(Params):
+    angles: F64  # (B, 3) radians about z, y, x
+    scale: F64  # (B, 3) magnification per axis
+    shear: F64  # (B, 6) see matrices.shear
+    translate: F64  # (B, 3) voxels, in the output grid
+
+
+class RandomAffine(SpatialTransform):
+    """Random rotation, scaling, shear and translation about the centre of the grid.
+
+    Args:
+        degrees: rotation range in degrees: ``a`` for U(-a, a) on every axis, a pair
+            ``(lo, hi)``, or three of either for axes (z, y, x).
+        scale: magnification range ``(lo, hi)`` (``s > 1`` zooms in), or three ranges.
+        isotropic: one scale factor for all axes.
+        shear: shear coefficient range ``c`` for U(-c, c) on all six coefficients.
+        translate: translation range in voxels (``t`` or three).
+        p: probability that a sample is transformed at all (others get the identity).
+        p_rotate, p_scale: per-sample probabilities of each part (nnU-Net style).
+    """
+
+    def __init__(
+        self,
+        degrees: float | Sequence[Any] = 0.0,
+        scale: Sequence[Any] | float = (1.0, 1.0),
+        *,
+        isotropic: bool = True,
+        shear: float | tuple[float, float] = 0.0,
+        translate: float | Sequence[float] = 0.0,
+        p: float = 1.0,
+        p_rotate: float = 1.0,
+        p_scale: float = 1.0,
+    ) -> None:
+        deg = _three(degrees, "degrees") if not _is_pair(degrees) else (degrees,) * 3
+        self.degrees = tuple(as_range(d, "degrees") for d in deg)
+        if np.isscalar(scale):
+            s = float(scale)  # type: ignore[arg-type]
+            scale = (min(s, 1.0 / s), max(s, 1.0 / s)) if s > 0 else scale
+        sc = (scale,) * 3 if _is_pair(scale) else _three(scale, "scale")
+        self.scale = tuple(as_range(s, "scale") for s in sc)  # type: ignore[arg-type]
+        if min(r[0] for r in self.scale) <= 0:
+            raise ValueError(f"scale factors must be positive, got {scale!r}")
+        self.isotropic = isotropic
+        self.shear = as_range(shear, "shear")
+        self.translate = tuple(as_range(t, "translate") for t in _three(translate, "translate"))
+        self.p = check_probability(p)
+        self.p_rotate = check_probability(p_rotate, "p_rotate")
+        self.p_scale = check_probability(p_scale, "p_scale")
+        if self.p > 0 and self._is_noop():
+            warnings.warn("RandomAffine is configured as a no-op", stacklevel=2)
+
+    def _is_noop(self) -> bool:
+        ranges = [*self.degrees, *self.scale, self.shear, *self.translate]
+        ident = [(0, 0)] * 3 + [(1, 1)] * 3 + [(0, 0)] * 4
+        return all(tuple(r) == i for r, i in zip(ranges, ident))
+
+    def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> AffineParams:
+        on = rng.random() < self.p
+        rot = on and rng.random() < self.p_rotate
+        scl = on and rng.random() < self.p_scale
+        angles = np.array([rng.uniform(*r) for r in self.degrees]) * (np.pi / 180.0)
+        if self.isotropic:
+            s = rng.uniform(*self.scale[0])
+            scale = np.array([s, s, s])
+        else:
+            scale = np.array([rng.uniform(*r) for r in self.scale])
+        shear = rng.uniform(*self.shear, size=6)
+        translate = np.array([rng.uniform(*r) for r in self.translate])
+        if not rot:
+            angles = np.zeros(3)
+        if not scl:
+            scale = np.ones(3)
+        if not on:
+            shear, translate = np.zeros(6), np.zeros(3)
+        return AffineParams(angles=angles[None], scale=scale[None], shear=shear[None],
+                            translate=translate[None])
+
+    def matrix(self, params: Params, in_shape: Shape3) -> F64:
+        assert isinstance(params, AffineParams)
+        linear = (mx.rotation(params.angles) @ mx.scaling(1.0 / params.scale)
+                  @ mx.shear(params.shear))
+        c = mx.centre(in_shape)
+        return mx.about(linear, c, c + params.translate)
+
+
+def _is_pair(v: Any) -> bool:
+    return (not np.isscalar(v)) and len(v) == 2 and all(np.isscalar(t) for t in v)
+
+
+@dataclass(frozen=True)
+class FlipParams(Params):
+    flip: NDArray[np.bool_]  # (B, 3)
+
+
+class RandomFlip(SpatialTransform):
+    """Mirror each axis in ``axes`` independently with probability ``p`` (exact)."""
+
+    def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float | Sequence[float] = 0.5) -> None:
+        self.axes = tuple(int(a) for a in axes)
+        if any(a not in (0, 1, 2) for a in self.axes):
+            raise ValueError(f"axes must be spatial axes among (0, 1, 2), got {axes!r}")
+        probs = [p] * len(self.axes) if np.isscalar(p) else list(p)  # type: ignore[list-item]
+        if len(probs) != len(self.axes):
+            raise ValueError(f"p needs one value or one per axis, got {p!r}")
+        self.p = tuple(check_probability(v) for v in probs)
+
+    def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> FlipParams:
+        flip = np.zeros(3, dtype=bool)
+        for a, pa in zip(self.axes, self.p):
+            flip[a] = rng.random() < pa
+        return FlipParams(flip=flip[None])
+
+    def matrix(self, params: Params, in_shape: Shape3) -> F64:
+        assert isinstance(params, FlipParams)
+        b = len(params.flip)
+        return mx.flip(params.flip, np.broadcast_to(np.asarray(in_shape, float), (b, 3)))
+
+
+@dataclass(frozen=True)
+class Rot90Params(Params):
+    k: NDArray[np.int64]  # (B,) quarter turns
+
+
+def rot90_matrix(k: int, axes: tuple[int, int], in_shape: Shape3) -> F64:
+    """Pull map equal to ``np.rot90(x, k, axes)`` when the output shape is the rotated shape.
+
+    For an output grid of the input's shape (square planes) it is exact about the centre.
+    """
+    a, b = axes
+    m = np.eye(4)
+    n = np.asarray(in_shape)
+    k %= 4
+    for _ in range(k):
+        # one turn: out[..i..j..] = in[..j, n_b - 1 - i..] on axes (a, b) of the current grid
+        t = np.eye(4)
+        t[a, a], t[a, b], t[a, 3] = 0.0, 1.0, 0.0
+        t[b, b], t[b, a], t[b, 3] = 0.0, -1.0, n[b] - 1.0
+        m = m @ t
+        n = n.copy()
+        n[a], n[b] = n[b], n[a]
+    return m
+
+
+class RandomRot90(SpatialTransform):
+    """Rotate by ``k * 90`` degrees in the plane of ``axes`` (k uniform in ``ks``), exact.
+
+    The output grid keeps the input shape, so the plane should be square (a cubic patch);
+    then the result equals ``np.rot90``. Otherwise the corners are padded.
+    """
+
+    def __init__(self, axes: tuple[int, int] = (1, 2), ks: Sequence[int] = (0, 1, 2, 3),
+                 p: float = 1.0) -> None:
+        if len(axes) != 2 or axes[0] == axes[1] or any(a not in (0, 1, 2) for a in axes):
+            raise ValueError(f"axes must be two distinct spatial axes, got {axes!r}")
+        self.axes = (int(axes[0]), int(axes[1]))
+        self.ks = tuple(int(k) % 4 for k in ks)
+        self.p = check_probability(p)
+
+    def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> Rot90Params:
+        k = int(self.ks[int(rng.integers(len(self.ks)))]) if rng.random() < self.p else 0
+        return Rot90Params(k=np.array([k], dtype=np.int64))
+
+    def matrix(self, params: Params, in_shape: Shape3) -> F64:
+        assert isinstance(params, Rot90Params)
+        out = []
+        for k in params.k:
+            m = rot90_matrix(int(k), self.axes, in_shape)
+            rotated = np.array(in_shape, dtype=float)
+            if int(k) % 2:
+                rotated[[self.axes[0], self.axes[1]]] = rotated[[self.axes[1], self.axes[0]]]
+            # re-centre: the rotated grid's centre onto the output grid's centre
+            shift = mx.centre(rotated) - mx.centre(in_shape)
+            out.append(m @ mx.translation(shift))
+        return np.stack(out)
+
+
+@dataclass(frozen=True)
+class SwapParams(Params):
+    order: NDArray[np.int64]  # (B, 3): output axis j reads input axis order[j]
+
+
+class RandomSwapAxes(SpatialTransform):
+    """Randomly permute the axes in ``axes`` (DSB2017's swap), exact; they must be equal in size."""
+
+    def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 1.0) -> None:
+        self.axes = tuple(int(a) for a in axes)
+        if len(set(self.axes)) != len(self.axes) or any(a not in (0, 1, 2) for a in self.axes):
+            raise ValueError(f"axes must be distinct spatial axes, got {axes!r}")
+        self.p = check_probability(p)
+
+    def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> SwapParams:
+        sizes = {in_shape[a] for a in self.axes}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"RandomSwapAxes needs equal sizes on axes {self.axes}, got shape {in_shape}")
+        order = np.arange(3)
+        if rng.random() < self.p:
+            order[list(self.axes)] = np.asarray(self.axes)[rng.permutation(len(self.axes))]
+        return SwapParams(order=order[None].astype(np.int64))
+
+    def matrix(self, params: Params, in_shape: Shape3) -> F64:
+        assert isinstance(params, SwapParams)
+        return mx.permutation(params.order).reshape(-1, 4, 4)

@@ -1,0 +1,103 @@
+"""Intensity transforms: fused program == post-pass definition; sampling; noise statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import augment
+from augment.kernels import program as pg
+from augment.warp import warp_numpy
+
+
+def test_noise_is_standard_normal_and_thread_independent():
+    z = pg.noise_reference(1234, np.arange(200_000))
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+    assert abs(np.mean(z**3)) < 0.03 and abs(np.mean(z**4) - 3.0) < 0.1
+    other = pg.noise_reference(1235, np.arange(200_000))
+    assert abs(np.corrcoef(z, other)[0, 1]) < 0.01
+    # kernel (parallel and serial) draws exactly the reference numbers
+    x = np.zeros((2, 10, 11, 12), np.float32)
+    prog = pg.op(pg.NOISE, 1.0, 99.0)
+    eye = np.eye(4)
+    a, _ = warp_numpy(x, None, eye, (10, 11, 12), program=prog)
+    m = eye.copy()
+    m[0, 3] = 1e-7  # not an exact map: through the interpolating kernel
+    b, _ = warp_numpy(x, None, m, (10, 11, 12), program=prog, parallel=False)
+    ref = pg.noise_reference(99, np.arange(x.size)).reshape(x.shape)
+    np.testing.assert_allclose(a, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", [
+    augment.Window(-100, 300),
+    augment.Normalize("zscore", mean=40.0, std=80.0, clip=(-100.0, 200.0)),
+    augment.Normalize("range", range=(-50.0, 150.0)),
+    augment.RandomBrightness((0.8, 1.2), p=1.0),
+    augment.RandomBrightness((-0.1, 0.1), p=1.0, additive=True),
+    augment.RandomContrast((0.7, 1.3), p=1.0, centre=50.0, preserve_range=False),
+])
+def test_fused_program_equals_apply(transform):
+    rng = np.random.default_rng(0)
+    x = rng.normal(50, 120, (1, 6, 7, 8)).astype(np.float32)
+    p = transform.sample(rng)
+    prog = transform.program(p, None)
+    assert prog is not None
+    np.testing.assert_allclose(pg.run_reference(prog, x), transform.apply(x, p),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gamma_on_known_range_and_patch_range():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (1, 5, 5, 5)).astype(np.float32)
+    g = augment.RandomGamma((0.5, 2.0), p=1.0)
+    p = g.sample(rng)
+    prog = g.program(p, (0.0, 1.0))
+    gamma = float(p.gamma[0])
+    np.testing.assert_allclose(pg.run_reference(prog, x), x.astype(np.float64) ** gamma,
+                               rtol=1e-6)
+    assert g.program(p, None) is None  # needs the patch's range: runs after the warp
+    lo, hi = float(x.min()), float(x.max())
+    np.testing.assert_allclose(g.apply(x, p), lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma,
+                               rtol=1e-5)
+
+
+def test_gamma_sampling_balances_below_and_above_one():
+    g = augment.RandomGamma((0.7, 1.5), p=1.0)
+    rng = np.random.default_rng(2)
+    gs = np.array([float(g.sample(rng).gamma[0]) for _ in range(2000)])
+    assert 0.4 < (gs < 1).mean() < 0.6
+    assert gs.min() >= 0.7 and gs.max() <= 1.5
+
+
+def test_probability_gates_give_identity_params():
+    rng = np.random.default_rng(3)
+    t = augment.RandomNoise(p=0.25)
+    ps = [t.sample(rng) for _ in range(4000)]
+    active = np.array([bool(p.active[0]) for p in ps])
+    assert 0.22 < active.mean() < 0.28
+    assert all(float(p.std[0]) == 0.0 for p, a in zip(ps, active) if not a)
+    assert all(len(t.program(p, None)) == 0 for p, a in zip(ps, active) if not a)
+
+
+def test_contrast_about_patch_mean_preserves_range():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (1, 6, 6, 6)).astype(np.float32)
+    c = augment.RandomContrast((1.5, 1.5), p=1.0)
+    p = c.sample(rng)
+    y = c.apply(x, p)
+    assert y.min() >= x.min() - 1e-6 and y.max() <= x.max() + 1e-6
+    assert c.program(p, None) is None
+
+
+def test_bad_intensity_arguments():
+    with pytest.raises(ValueError, match="low < high"):
+        augment.Window(10, 5)
+    with pytest.raises(ValueError, match="gamma"):
+        augment.RandomGamma((0.0, 1.0))
+    with pytest.raises(ValueError, match="p must be"):
+        augment.RandomNoise(p=1.5)
+    with pytest.raises(ValueError, match="std"):
+        augment.Normalize(mean=1.0, std=0.0)
+    with pytest.warns(UserWarning, match="no-op"):
+        augment.RandomBrightness((1.0, 1.0), p=0.5)

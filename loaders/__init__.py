@@ -1,0 +1,77 @@
+"""Volume I/O, dataset layouts, the zarr volume cache and the phantom dataset.
+
+Arrays are (z, y, x) as ``SimpleITK.GetArrayFromImage`` returns them; spacing, origin and
+direction are stored in the same order (see ``loaders.volume``).
+
+    >>> import loaders
+    >>> cases = loaders.phantom.write_msd_dataset("data/phantom", n_train=8, seed=0)
+    >>> cache = loaders.VolumeCache("data/phantom.zarr")
+    >>> cache.build(cases, label_map=loaders.liver_label)
+    >>> patch = cache.read_region(cases[0].id, ((0, 0, 0), (64, 128, 128)))
+"""
+
+from __future__ import annotations
+
+from loaders import phantom
+from loaders.cache import BuildReport, CaseInfo, VolumeCache
+from loaders.cases import Case, LabelMap, apply_label_map, liver_label, read_case
+from loaders.chunkstore import Region
+from loaders.errors import (
+    CacheError,
+    CaseError,
+    DatasetError,
+    LoaderError,
+    VolumeError,
+    VolumeNotFoundError,
+)
+from loaders.layouts import (
+    case_id_from_path,
+    lits_cases,
+    load_dataset_json,
+    msd_cases,
+    pair_cases,
+    sliver_cases,
+)
+from loaders.volume import (
+    SUPPORTED_SUFFIXES,
+    Volume,
+    dicom_series,
+    read_volume,
+    reorient,
+    resample,
+    write_array,
+    write_volume,
+)
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "BuildReport",
+    "CacheError",
+    "Case",
+    "CaseError",
+    "CaseInfo",
+    "DatasetError",
+    "LabelMap",
+    "LoaderError",
+    "Region",
+    "Volume",
+    "VolumeCache",
+    "VolumeError",
+    "VolumeNotFoundError",
+    "apply_label_map",
+    "case_id_from_path",
+    "dicom_series",
+    "liver_label",
+    "lits_cases",
+    "load_dataset_json",
+    "msd_cases",
+    "pair_cases",
+    "phantom",
+    "read_case",
+    "read_volume",
+    "reorient",
+    "resample",
+    "sliver_cases",
+    "write_array",
+    "write_volume",
+]

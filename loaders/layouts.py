@@ -1,0 +1,299 @@
+"""Dataset layouts: MSD / nnU-Net, LiTS, SLIVER07 and plain (image, label) pair lists.
+
+Every function returns a list of ``Case`` sorted by id, after checking that the files it
+names exist. Nothing is read here beyond file names and dataset.json; reading and the
+image/label consistency checks happen in ``read_case`` (and so in ``VolumeCache.build``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from loaders.cases import Case
+from loaders.errors import DatasetError
+from loaders.volume import volume_suffix
+
+__all__ = [
+    "case_id_from_path",
+    "load_dataset_json",
+    "lits_cases",
+    "msd_cases",
+    "pair_cases",
+    "sliver_cases",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def case_id_from_path(path: PathLike) -> str:
+    """A case id from a file name: the name without its volume suffix, with characters
+    outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
+    name = Path(path).name
+    suffix = volume_suffix(name)
+    if suffix and name.lower().endswith(suffix):
+        name = name[: -len(suffix)]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
+    return name or "case"
+
+
+def _inside(root: Path, rel: Any, where: Path, what: str) -> Path:
+    """``root / rel`` after checking that ``rel`` is a relative path staying inside root.
+
+    The check is lexical (``..`` components), so a symlinked sub-folder is still allowed.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise DatasetError(where, f"{what} must be a non-empty path string, got {rel!r}")
+    if os.path.isabs(rel) or Path(rel).drive:
+        raise DatasetError(
+            where, f"{what} {rel!r} is absolute; paths must be relative to the dataset root {root}"
+        )
+    full = os.path.normpath(os.path.join(root, rel))
+    if os.path.commonpath([full, os.path.normpath(root)]) != os.path.normpath(root):
+        raise DatasetError(where, f"{what} {rel!r} escapes the dataset root {root}")
+    return Path(full)
+
+
+def _check_exist(cases: Iterable[Case], where: Path) -> None:
+    missing = [
+        str(p) for c in cases for p in (c.image, c.label) if p is not None and not p.exists()
+    ]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DatasetError(
+            where, f"{len(missing)} listed file(s) do not exist: {', '.join(missing[:5])}{more}"
+        )
+
+
+def _unique(cases: list[Case], where: Path) -> list[Case]:
+    seen: dict[str, Case] = {}
+    for c in cases:
+        if c.id in seen:
+            raise DatasetError(
+                where, f"duplicate case id {c.id!r}: {seen[c.id].image} and {c.image}"
+            )
+        seen[c.id] = c
+    return sorted(cases, key=lambda c: c.id)
+
+
+def load_dataset_json(root: PathLike) -> dict[str, Any]:
+    """Read and minimally validate ``root/dataset.json`` (a JSON object).
+
+    Raises:
+        DatasetError: missing file, malformed JSON (with line and column), not an object.
+    """
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(path, "no dataset.json (not an MSD / nnU-Net dataset folder?)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            path, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(path, f"not UTF-8 text: {exc}") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(path, f"top level must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
+    """Cases of a Medical Segmentation Decathlon or nnU-Net (v1/v2) dataset folder.
+
+    MSD / nnU-Net v1: dataset.json lists ``"training": [{"image": ..., "label": ...}]``
+    and ``"test": [...]`` with paths relative to root. nnU-Net v2 (no ``"training"`` list):
+    labels are ``labelsTr/<id><file_ending>`` and images ``imagesTr/<id>_0000<file_ending>``
+    (single channel only); test images ``imagesTs/<id>_0000<file_ending>``.
+
+    Args:
+        root: the dataset folder holding dataset.json.
+        split: ``"training"`` (labelled) or ``"test"`` (images only, label None).
+
+    Returns:
+        The cases sorted by id; the id is the image file name without suffix (and without
+        nnU-Net's ``_0000`` channel suffix).
+
+    Raises:
+        DatasetError: malformed dataset.json, wrong entry types, a path that is absolute or
+            escapes root, duplicate ids, listed files that do not exist, no cases.
+    """
+    if split not in ("training", "test"):
+        raise ValueError(f"split must be 'training' or 'test', got {split!r}")
+    root = Path(root)
+    meta = load_dataset_json(root)
+    where = root / "dataset.json"
+    if "training" in meta or "test" in meta:
+        entries = meta.get(split, [])
+        if not isinstance(entries, list):
+            raise DatasetError(where, f'"{split}" must be a list, got {type(entries).__name__}')
+        cases = []
+        for i, e in enumerate(entries):
+            if split == "test":
+                img_rel = e["image"] if isinstance(e, dict) and "image" in e else e
+                lab = None
+            else:
+                if not isinstance(e, dict) or "image" not in e or "label" not in e:
+                    raise DatasetError(
+                        where,
+                        f'"training"[{i}] must be an object with "image" and "label", got {e!r}',
+                    )
+                img_rel = e["image"]
+                lab = _inside(root, e["label"], where, f'"training"[{i}]["label"]')
+            img = _inside(
+                root, img_rel, where, f'"{split}"[{i}]' + ("" if split == "test" else '["image"]')
+            )
+            cases.append(Case(case_id_from_path(img), img, lab))
+    else:
+        ending = meta.get("file_ending")
+        if not isinstance(ending, str) or not ending.startswith("."):
+            raise DatasetError(
+                where,
+                'neither a "training" list (MSD) nor a "file_ending" '
+                f"(nnU-Net v2) found; file_ending={ending!r}",
+            )
+        channels = meta.get("channel_names", meta.get("modality", {"0": "?"}))
+        if not isinstance(channels, dict) or len(channels) != 1:
+            raise DatasetError(
+                where, f"only single-channel datasets are supported, got channel_names={channels!r}"
+            )
+        cases = []
+        if split == "training":
+            for lab in sorted((root / "labelsTr").glob(f"*{ending}")):
+                cid = lab.name[: -len(ending)]
+                cases.append(Case(cid, root / "imagesTr" / f"{cid}_0000{ending}", lab))
+        else:
+            for img in sorted((root / "imagesTs").glob(f"*_0000{ending}")):
+                cases.append(Case(img.name[: -len(ending) - 5], img, None))
+    if not cases:
+        raise DatasetError(where, f"no {split} cases listed")
+    cases = _unique(cases, where)
+    _check_exist(cases, where)
+    return cases
+
+
+def _numbered(root: Path, pattern: str) -> dict[int, Path]:
+    rx = re.compile(pattern, re.IGNORECASE)
+    found: dict[int, Path] = {}
+    for p in sorted(root.rglob("*")):
+        m = rx.match(p.name)
+        if m is None or not p.is_file():
+            continue
+        n = int(m.group(1))
+        if n in found:
+            raise DatasetError(root, f"two files for number {n}: {found[n]} and {p}")
+        found[n] = p
+    return found
+
+
+def _root_dir(root: PathLike) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(root, "no such dataset folder")
+    return root
+
+
+def lits_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
+    """Cases of the LiTS layout: ``volume-N.nii[.gz]`` with ``segmentation-N.nii[.gz]``
+    anywhere under root (e.g. in "Training Batch 1" / "Training Batch 2").
+
+    Args:
+        root: the dataset folder (searched recursively).
+        require_labels: a volume without a segmentation is an error (otherwise its case
+            has ``label=None``).
+
+    Returns:
+        Cases ``lits_NNN`` sorted by N. LiTS labels are 1 liver, 2 tumour: pass
+        ``label_map=liver_label`` to the cache for liver = label >= 1.
+    """
+    root = _root_dir(root)
+    vols = _numbered(root, r"^volume-(\d+)\.nii(\.gz)?$")
+    segs = _numbered(root, r"^segmentation-(\d+)\.nii(\.gz)?$")
+    return _pair_numbered(root, vols, segs, "lits", require_labels, "volume-N.nii")
+
+
+def sliver_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
+    """Cases of the SLIVER07 layout: ``liver-origNNN.mhd`` with ``liver-segNNN.mhd``
+    (MetaImage headers next to their .raw data) anywhere under root.
+
+    Args:
+        root: the dataset folder (searched recursively).
+        require_labels: an image without a segmentation is an error (otherwise its case
+            has ``label=None``, like the SLIVER07 test cases).
+
+    Returns:
+        Cases ``sliver_NNN`` sorted by number; labels are 0/1.
+    """
+    root = _root_dir(root)
+    vols = _numbered(root, r"^liver-orig(\d+)\.(mhd|mha)$")
+    segs = _numbered(root, r"^liver-seg(\d+)\.(mhd|mha)$")
+    return _pair_numbered(root, vols, segs, "sliver", require_labels, "liver-origNNN.mhd")
+
+
+def _pair_numbered(
+    root: Path,
+    vols: dict[int, Path],
+    segs: dict[int, Path],
+    prefix: str,
+    require_labels: bool,
+    pattern: str,
+) -> list[Case]:
+    if not vols:
+        raise DatasetError(root, f"no {pattern} files found under the folder")
+    orphans = sorted(set(segs) - set(vols))
+    if orphans:
+        raise DatasetError(
+            segs[orphans[0]], f"segmentation without an image (numbers {orphans[:10]})"
+        )
+    unlabelled = sorted(set(vols) - set(segs))
+    if unlabelled and require_labels:
+        raise DatasetError(
+            vols[unlabelled[0]],
+            f"{len(unlabelled)} image(s) without a segmentation (numbers {unlabelled[:10]})",
+        )
+    return [Case(f"{prefix}_{n:03d}", vols[n], segs.get(n)) for n in sorted(vols)]
+
+
+def pair_cases(
+    pairs: Iterable[Sequence[PathLike | None]],
+    *,
+    ids: Sequence[str] | None = None,
+) -> list[Case]:
+    """Cases from a plain list of ``(image, label)`` pairs (label may be None).
+
+    Args:
+        pairs: ``(image, label)`` or ``(image,)`` items.
+        ids: case ids, one per pair; by default the image file names without suffix.
+
+    Returns:
+        The cases in the given order.
+
+    Raises:
+        DatasetError: malformed pair, missing file, duplicate id.
+    """
+    cases = []
+    items = list(pairs)
+    if ids is not None and len(ids) != len(items):
+        raise ValueError(f"got {len(ids)} ids for {len(items)} pairs")
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)) or len(item) not in (1, 2):
+            raise DatasetError(None, f"pair {i} must be (image, label) or (image,), got {item!r}")
+        image = Path(item[0])  # type: ignore[arg-type]
+        label = Path(item[1]) if len(item) == 2 and item[1] is not None else None  # type: ignore[arg-type]
+        cid = ids[i] if ids is not None else case_id_from_path(image)
+        cases.append(Case(cid, image, label))
+    seen: dict[str, Path] = {}
+    for c in cases:
+        if c.id in seen:
+            raise DatasetError(
+                c.image, f"duplicate case id {c.id!r} (also {seen[c.id]}); pass ids="
+            )
+        seen[c.id] = c.image
+        for p in (c.image, c.label):
+            if p is not None and not p.exists():
+                raise DatasetError(p, "no such file (listed in the pair list)")
+    return cases

@@ -131,3 +131,19 @@ def test_discriminator_channels_last_3d():
     cl = torch.channels_last_3d
     got = d_cl.eval()(img.contiguous(memory_format=cl), mask.contiguous(memory_format=cl))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_training_step():
+    cl = torch.channels_last_3d
+    net = UNet3D(in_channels=1, num_classes=2, base_width=8, depth=4, deep_supervision=True)
+    net = net.cuda().to(memory_format=cl)
+    d = Discriminator3D(mask_channels=2, base_width=8).cuda().to(memory_format=cl)
+    x = torch.randn(2, 1, 32, 32, 32, device="cuda").contiguous(memory_format=cl)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = net(x)
+        score = d(x, outs[0].softmax(1))
+        loss = sum(o.float().square().mean() for o in outs) + score.float().mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

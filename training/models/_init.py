@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
-def he_init_(module: nn.Module, *, negative_slope: float, generator) -> None:
+def he_init_(module: nn.Module, *, negative_slope: float, generator: torch.Generator) -> None:
     """Initialise convolutions with He (Kaiming) normal weights and zero biases, norms to 1/0.
 
     Args:

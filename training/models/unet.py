@@ -111,35 +111,31 @@ class UNet3D(nn.Module):
         widths = [min(base_width * 2**i, max_width) for i in range(depth)]
         self.widths = tuple(widths)
 
+        def stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+            convs = [
+                ConvBlock(
+                    c_in if j == 0 else c_out,
+                    c_out,
+                    stride=stride if j == 0 else 1,
+                    dropout=dropout,
+                    negative_slope=negative_slope,
+                )
+                for j in range(convs_per_stage)
+            ]
+            return nn.Sequential(*convs)
+
         with torch.random.fork_rng(devices=[]):
-            self.encoder = nn.ModuleList()
-            for i, w in enumerate(widths):
-                c_in = in_channels if i == 0 else widths[i - 1]
-                convs = [
-                    ConvBlock(
-                        c_in,
-                        w,
-                        stride=1 if i == 0 else 2,
-                        dropout=dropout,
-                        negative_slope=negative_slope,
-                    )
-                ]
-                convs += [
-                    ConvBlock(w, w, dropout=dropout, negative_slope=negative_slope)
-                    for _ in range(convs_per_stage - 1)
-                ]
-                self.encoder.append(nn.Sequential(*convs))
-            self.upsample = nn.ModuleList()
-            self.decoder = nn.ModuleList()
-            for i in reversed(range(depth - 1)):
-                w = widths[i]
-                self.upsample.append(nn.ConvTranspose3d(widths[i + 1], w, 2, stride=2))
-                convs = [ConvBlock(2 * w, w, dropout=dropout, negative_slope=negative_slope)]
-                convs += [
-                    ConvBlock(w, w, dropout=dropout, negative_slope=negative_slope)
-                    for _ in range(convs_per_stage - 1)
-                ]
-                self.decoder.append(nn.Sequential(*convs))
+            self.encoder = nn.ModuleList(
+                stage(in_channels if i == 0 else widths[i - 1], w, 1 if i == 0 else 2)
+                for i, w in enumerate(widths)
+            )
+            self.upsample = nn.ModuleList(
+                nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2)
+                for i in reversed(range(depth - 1))
+            )
+            self.decoder = nn.ModuleList(
+                stage(2 * widths[i], widths[i], 1) for i in reversed(range(depth - 1))
+            )
             # Only the heads in use exist, so DDP never meets a parameter without a gradient.
             head_widths = widths[:-1] if deep_supervision else widths[:1]
             self.heads = nn.ModuleList(nn.Conv3d(w, num_classes, 1) for w in head_widths)

@@ -1,0 +1,174 @@
+"""ArrayReader (zarr v3 region reads without zarr) against numpy slicing and zarr itself."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from loaders import CacheError
+from loaders.chunkstore import ArrayReader, ChunkLRU, parse_region
+
+SHAPE = (13, 17, 19)
+
+
+def source(dtype) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 200, size=SHAPE).astype(dtype)
+    arr[:4, :5, :6] = 0  # a chunk equal to the fill value: absent from the store
+    arr[8:, 10:, 12:] = 0  # and a whole shard
+    return arr
+
+
+LAYOUTS = {
+    "sharded-blosc": dict(
+        chunks=(4, 5, 6),
+        shards=(8, 10, 12),
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    ),
+    "chunked-blosc": dict(
+        chunks=(4, 5, 6), compressors=BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+    ),
+    "zarr-defaults": dict(chunks=(4, 5, 6)),
+    "sharded-zstd": dict(chunks=(4, 5, 6), shards=(8, 10, 12), compressors=ZstdCodec()),
+}
+FAST = {"sharded-blosc": True, "chunked-blosc": True, "zarr-defaults": False, "sharded-zstd": False}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arrays")
+    out = {}
+    for dtype in (np.int16, np.uint8, np.float32):
+        arr = source(dtype)
+        for name, kw in LAYOUTS.items():
+            path = root / f"{name}-{np.dtype(dtype).name}"
+            z = zarr.create_array(str(path), shape=SHAPE, dtype=dtype, fill_value=0, **kw)
+            z[...] = arr
+            out[name, np.dtype(dtype).name] = (path, arr)
+    return out
+
+
+boxes = st.tuples(*[st.tuples(st.integers(0, n - 1), st.integers(1, n)) for n in SHAPE]).map(
+    lambda t: ([min(a, b - 1) for a, b in t], [max(a + 1, b) for a, b in t])
+)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32"])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(box=boxes, threads=st.sampled_from([1, 2]), budget=st.sampled_from([0, 1 << 20]))
+def test_read_into_matches_numpy(stores, layout, dtype, box, threads, budget):
+    path, arr = stores[layout, dtype]
+    reader = ArrayReader(path, lru=ChunkLRU(budget))
+    assert reader.uses_zarr is not FAST[layout]
+    assert reader.shape == SHAPE and reader.dtype == arr.dtype
+    start, stop = box
+    out = np.full([b - a for a, b in zip(start, stop, strict=True)], 77, arr.dtype)
+    with ThreadPoolExecutor(2) as pool:
+        reader.read_into(start, stop, out, pool=pool, threads=threads)
+    expected = arr[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_fast_path_reads_what_zarr_reads(stores):
+    path, arr = stores["sharded-blosc", "int16"]
+    out = np.empty(SHAPE, np.int16)
+    ArrayReader(path).read_into((0, 0, 0), SHAPE, out)
+    np.testing.assert_array_equal(out, zarr.open_array(str(path), mode="r")[...])
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_lru_keeps_to_its_budget_and_hits(stores):
+    path, arr = stores["sharded-blosc", "int16"]
+    chunk_bytes = 4 * 5 * 6 * 2
+    lru = ChunkLRU(3 * chunk_bytes)
+    reader = ArrayReader(path, lru=lru)
+    out = np.empty(SHAPE, np.int16)
+    reader.read_into((0, 0, 0), SHAPE, out)
+    stats = lru.stats()
+    assert stats["nbytes"] <= 3 * chunk_bytes and stats["entries"] == 3
+    small = np.empty((2, 2, 2), np.int16)
+    reader.read_into((9, 11, 7), (11, 13, 9), small)  # one chunk, decoded once ...
+    before = lru.stats()["hits"]
+    reader.read_into((9, 11, 7), (11, 13, 9), small)  # ... then served from the LRU
+    assert lru.stats()["hits"] == before + 1
+    np.testing.assert_array_equal(small, arr[9:11, 11:13, 7:9])
+    cached = lru.get((str(path), (2, 2, 1)))
+    assert cached is not None and not cached.flags.writeable
+
+
+def test_lru_evicts_least_recently_used():
+    lru = ChunkLRU(300)
+    a, b, c = (np.zeros(100, np.uint8) for _ in range(3))
+    lru.put("a", a)
+    lru.put("b", b)
+    lru.put("c", c)
+    assert lru.get("a") is a  # a is now the most recent
+    lru.put("d", np.zeros(100, np.uint8))
+    assert lru.get("b") is None and lru.get("a") is a and lru.get("c") is c
+    lru.put("huge", np.zeros(1000, np.uint8))  # larger than the budget: not kept
+    assert lru.get("huge") is None and lru.stats()["nbytes"] == 300
+    with pytest.raises(ValueError):
+        ChunkLRU(-1)
+
+
+def test_parse_region():
+    shape = (10, 20, 30)
+    assert parse_region((slice(2, 5), slice(None), slice(-3, 40)), shape) == (
+        (2, 0, -3),
+        (5, 20, 40),
+    )
+    assert parse_region(((1, 2, 3), (4, 5, 6)), shape) == ((1, 2, 3), (4, 5, 6))
+    assert parse_region((np.array([1, 2, 3]), [4, 5, 6]), shape) == ((1, 2, 3), (4, 5, 6))
+    with pytest.raises(ValueError, match="step 2"):
+        parse_region((slice(0, 4, 2), slice(None), slice(None)), shape)
+    with pytest.raises(ValueError, match="3 slices or"):
+        parse_region((slice(0, 4), slice(None)), shape)
+    with pytest.raises(ValueError, match="before start"):
+        parse_region(((5, 0, 0), (4, 1, 1)), shape)
+    with pytest.raises(ValueError, match="integers"):
+        parse_region(((0.5, 0, 0), (4, 1, 1)), shape)
+
+
+def test_corrupt_or_truncated_shard_is_reported(stores, tmp_path):
+    path, _ = stores["sharded-blosc", "int16"]
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    shard = copy / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the shard index
+    shard.write_bytes(bytes(data))
+    out = np.empty((2, 2, 2), np.int16)
+    with pytest.raises(CacheError, match="checksum mismatch") as err:
+        ArrayReader(copy).read_into((0, 0, 0), (2, 2, 2), out)
+    assert str(shard) in str(err.value)
+    shard.write_bytes(bytes(data[:20]))
+    with pytest.raises(CacheError, match="truncated"):
+        ArrayReader(copy).read_into((0, 0, 0), (2, 2, 2), out)
+
+
+def test_array_removed_under_a_reader(stores, tmp_path):
+    path, _ = stores["sharded-blosc", "int16"]
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    reader = ArrayReader(copy)
+    shutil.rmtree(copy)
+    with pytest.raises(CacheError, match="removed while open"):
+        reader.read_into((0, 0, 0), (2, 2, 2), np.empty((2, 2, 2), np.int16))
+    with pytest.raises(CacheError, match="array metadata missing"):
+        ArrayReader(copy)
+
+
+def test_rejects_non_3d_arrays(tmp_path):
+    zarr.create_array(str(tmp_path / "a2"), shape=(4, 4), dtype="int16")
+    with pytest.raises(CacheError, match="3D numeric array"):
+        ArrayReader(tmp_path / "a2")

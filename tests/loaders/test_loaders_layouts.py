@@ -1,0 +1,308 @@
+"""Dataset layouts (MSD / nnU-Net, LiTS, SLIVER07, pairs), read_case and label maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from loaders import (
+    Case,
+    CaseError,
+    DatasetError,
+    apply_label_map,
+    lits_cases,
+    liver_label,
+    load_dataset_json,
+    msd_cases,
+    pair_cases,
+    read_case,
+    sliver_cases,
+)
+
+IMG = (np.arange(4 * 5 * 6) % 50).reshape(4, 5, 6).astype(np.int16)
+LAB = np.zeros((4, 5, 6), np.uint8)
+LAB[1:3, 1:4, 2:5] = 1
+LAB[2, 2, 3] = 2
+
+
+@pytest.fixture
+def msd_root(tmp_path, make_volume_file):
+    root = tmp_path / "Task03_Liver"
+    for i in range(2):
+        make_volume_file(f"Task03_Liver/imagesTr/liver_{i}.nii.gz", IMG)
+        make_volume_file(f"Task03_Liver/labelsTr/liver_{i}.nii.gz", LAB)
+    make_volume_file("Task03_Liver/imagesTs/liver_9.nii.gz", IMG)
+    meta = {
+        "name": "Liver",
+        "labels": {"0": "background", "1": "liver", "2": "cancer"},
+        "modality": {"0": "CT"},
+        "training": [
+            {"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"}
+            for i in range(2)
+        ],
+        "test": ["./imagesTs/liver_9.nii.gz"],
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def write_json(root, meta):
+    (root / "dataset.json").write_text(json.dumps(meta) if not isinstance(meta, str) else meta)
+    return root / "dataset.json"
+
+
+def test_msd_cases(msd_root):
+    cases = msd_cases(msd_root)
+    assert [c.id for c in cases] == ["liver_0", "liver_1"]
+    assert cases[0].image == msd_root / "imagesTr" / "liver_0.nii.gz"
+    assert cases[0].label == msd_root / "labelsTr" / "liver_0.nii.gz"
+    test = msd_cases(msd_root, split="test")
+    assert [(c.id, c.label) for c in test] == [("liver_9", None)]
+    assert load_dataset_json(msd_root)["labels"]["1"] == "liver"
+
+
+def test_malformed_dataset_json(msd_root):
+    path = write_json(msd_root, '{"training": [\n  {"image": "a", }\n]}')
+    with pytest.raises(DatasetError, match=r"malformed JSON: .* line 2 column") as err:
+        msd_cases(msd_root)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {"image": "../outside/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"},
+            "escapes the dataset root",
+        ),
+        (
+            {"image": "./imagesTr/../../elsewhere.nii.gz", "label": "./labelsTr/liver_0.nii.gz"},
+            "escapes the dataset root",
+        ),
+        ({"image": "/etc/passwd", "label": "./labelsTr/liver_0.nii.gz"}, "is absolute"),
+        ({"image": "./imagesTr/liver_0.nii.gz"}, 'must be an object with "image" and "label"'),
+        ({"image": 3, "label": "./labelsTr/liver_0.nii.gz"}, "must be a non-empty path string"),
+        ("./imagesTr/liver_0.nii.gz", 'must be an object with "image"'),
+    ],
+)
+def test_bad_training_entries(msd_root, entry, message):
+    path = write_json(msd_root, {"training": [entry]})
+    with pytest.raises(DatasetError, match=message) as err:
+        msd_cases(msd_root)
+    assert str(path) in str(err.value)
+
+
+def test_dataset_json_structure_errors(msd_root, tmp_path):
+    write_json(msd_root, ["not", "an", "object"])
+    with pytest.raises(DatasetError, match="top level must be a JSON object"):
+        msd_cases(msd_root)
+    write_json(msd_root, {"training": {"image": "x"}})
+    with pytest.raises(DatasetError, match='"training" must be a list'):
+        msd_cases(msd_root)
+    write_json(msd_root, {"training": []})
+    with pytest.raises(DatasetError, match="no training cases"):
+        msd_cases(msd_root)
+    write_json(msd_root, {"name": "no lists, no file_ending"})
+    with pytest.raises(DatasetError, match="file_ending"):
+        msd_cases(msd_root)
+    with pytest.raises(DatasetError, match="no dataset.json") as err:
+        msd_cases(tmp_path / "empty")
+    assert "dataset.json" in str(err.value)
+
+
+def test_listed_file_missing(msd_root):
+    path = write_json(
+        msd_root,
+        {
+            "training": [
+                {"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_7.nii.gz"}
+            ]
+        },
+    )
+    with pytest.raises(DatasetError, match="1 listed file") as err:
+        msd_cases(msd_root)
+    assert str(path) in str(err.value) and "liver_7.nii.gz" in str(err.value)
+
+
+def test_duplicate_ids(msd_root):
+    entry = {"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}
+    write_json(msd_root, {"training": [entry, entry]})
+    with pytest.raises(DatasetError, match="duplicate case id 'liver_0'"):
+        msd_cases(msd_root)
+
+
+def test_nnunet_v2_layout(tmp_path, make_volume_file):
+    root = tmp_path / "Dataset003_Liver"
+    for cid in ("liver_000", "liver_001"):
+        make_volume_file(f"Dataset003_Liver/imagesTr/{cid}_0000.nii.gz", IMG)
+        make_volume_file(f"Dataset003_Liver/labelsTr/{cid}.nii.gz", LAB)
+    make_volume_file("Dataset003_Liver/imagesTs/liver_100_0000.nii.gz", IMG)
+    meta = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "liver": 1},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+    }
+    write_json(root, meta)
+    cases = msd_cases(root)
+    assert [c.id for c in cases] == ["liver_000", "liver_001"]
+    assert cases[1].image.name == "liver_001_0000.nii.gz"
+    assert [c.id for c in msd_cases(root, split="test")] == ["liver_100"]
+    write_json(root, {**meta, "channel_names": {"0": "T1", "1": "T2"}})
+    with pytest.raises(DatasetError, match="single-channel"):
+        msd_cases(root)
+    (root / "imagesTr" / "liver_001_0000.nii.gz").unlink()
+    write_json(root, meta)
+    with pytest.raises(DatasetError, match="liver_001_0000.nii.gz"):
+        msd_cases(root)
+
+
+def test_lits_layout(tmp_path, make_volume_file):
+    make_volume_file("lits/Training Batch 1/volume-0.nii", IMG)
+    make_volume_file("lits/Training Batch 1/segmentation-0.nii", LAB)
+    make_volume_file("lits/Training Batch 2/volume-12.nii", IMG)
+    make_volume_file("lits/Training Batch 2/segmentation-12.nii", LAB)
+    make_volume_file("lits/Training Batch 2/volume-3.nii.gz", IMG)
+    with pytest.raises(DatasetError, match=r"1 image\(s\) without a segmentation \(numbers \[3\]"):
+        lits_cases(tmp_path / "lits")
+    cases = lits_cases(tmp_path / "lits", require_labels=False)
+    assert [c.id for c in cases] == ["lits_000", "lits_003", "lits_012"]
+    assert cases[2].label is not None and cases[2].label.name == "segmentation-12.nii"
+    assert cases[1].label is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no volume-N.nii files") as err:
+        lits_cases(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(err.value)
+    with pytest.raises(DatasetError, match="no such dataset folder"):
+        lits_cases(tmp_path / "absent")
+
+
+def test_sliver_layout(tmp_path, make_volume_file):
+    for n in (1, 2):
+        make_volume_file(f"sliver/liver-orig{n:03d}.mhd", IMG)
+        make_volume_file(f"sliver/liver-seg{n:03d}.mhd", LAB)
+    make_volume_file("sliver/liver-seg007.mhd", LAB)
+    with pytest.raises(DatasetError, match=r"segmentation without an image \(numbers \[7\]"):
+        sliver_cases(tmp_path / "sliver")
+    (tmp_path / "sliver" / "liver-seg007.mhd").unlink()
+    cases = sliver_cases(tmp_path / "sliver")
+    assert [c.id for c in cases] == ["sliver_001", "sliver_002"]
+    image, label = read_case(cases[0])
+    np.testing.assert_array_equal(image.array, IMG)
+    np.testing.assert_array_equal(label.array, LAB)
+
+
+def test_pair_cases(tmp_path, make_volume_file):
+    a = make_volume_file("a/scan one.nii.gz", IMG)
+    b = make_volume_file("b/seg.nii.gz", LAB)
+    cases = pair_cases([(a, b), (b,)], ids=None)
+    assert [c.id for c in cases] == ["scan_one", "seg"]
+    assert cases[1].label is None
+    with pytest.raises(DatasetError, match="no such file") as err:
+        pair_cases([(a, tmp_path / "missing.nii.gz")])
+    assert "missing.nii.gz" in str(err.value)
+    with pytest.raises(DatasetError, match="duplicate case id 'scan_one'"):
+        pair_cases([(a, b), (a, None)])
+    assert [c.id for c in pair_cases([(a, b), (a, None)], ids=["x", "y"])] == ["x", "y"]
+    with pytest.raises(DatasetError, match=r"must be \(image, label\)"):
+        pair_cases([str(a)])
+
+
+def test_case_ids_are_checked():
+    with pytest.raises(DatasetError, match="invalid case id 'a/b'"):
+        Case("a/b", "x.nii.gz")
+    with pytest.raises(DatasetError, match="invalid case id ''"):
+        Case("", "x.nii.gz")
+
+
+# ---------------------------------------------------------------------------- read_case
+GEOM = {"spacing_xyz": (0.8, 0.8, 2.5), "origin_xyz": (-10.0, -20.0, 30.0)}
+
+
+def test_read_case(make_volume_file):
+    img = make_volume_file("i.nii.gz", IMG, **GEOM)
+    lab = make_volume_file("l.nii.gz", LAB, **GEOM)
+    image, label = read_case(Case("c", img, lab))
+    np.testing.assert_array_equal(image.array, IMG)
+    np.testing.assert_array_equal(label.array, LAB)
+    assert label.dtype == np.uint8 and label.spacing == image.spacing
+    _, mapped = read_case(Case("c", img, lab), label_map=liver_label)
+    np.testing.assert_array_equal(mapped.array, (LAB >= 1).astype(np.uint8))
+    _, mapped = read_case(Case("c", img, lab), label_map={2: 1})
+    np.testing.assert_array_equal(mapped.array, (LAB == 2).astype(np.uint8))
+    image, label = read_case(Case("c", img, None))
+    assert label is None
+
+
+def test_image_label_shape_mismatch(make_volume_file):
+    img = make_volume_file("i.nii.gz", IMG, **GEOM)
+    lab = make_volume_file("l.nii.gz", LAB[:, :4], **GEOM)
+    with pytest.raises(
+        CaseError,
+        match=r"label shape \(z, y, x\) \(4, 4, 6\) differs from the "
+        r"image's \(4, 5, 6\)",
+    ) as err:
+        read_case(Case("c", img, lab))
+    assert str(lab) in str(err.value) and str(img) in str(err.value)
+
+
+def test_spacing_and_origin_tolerances(make_volume_file):
+    img = make_volume_file("i.nii.gz", IMG, **GEOM)
+    close = make_volume_file(
+        "close.nii.gz", LAB, spacing_xyz=(0.8, 0.8, 2.5001), origin_xyz=(-10.0, -20.0, 30.001)
+    )
+    read_case(Case("c", img, close))  # within rtol 1e-3 and 0.01 mm
+    far = make_volume_file(
+        "far.nii.gz", LAB, spacing_xyz=(0.8, 0.8, 3.0), origin_xyz=GEOM["origin_xyz"]
+    )
+    with pytest.raises(CaseError, match="label spacing .* differs") as err:
+        read_case(Case("c", img, far))
+    assert str(far) in str(err.value)
+    shifted = make_volume_file(
+        "shift.nii.gz", LAB, spacing_xyz=GEOM["spacing_xyz"], origin_xyz=(-10.0, -19.5, 30.0)
+    )
+    with pytest.raises(CaseError, match=r"label origin .* differs .* beyond 0.01 mm"):
+        read_case(Case("c", img, shifted))
+    with pytest.raises(CaseError):
+        read_case(Case("c", img, shifted), origin_atol=0.1)
+    read_case(Case("c", img, shifted), origin_atol=1.0)
+    flipped = make_volume_file("flip.nii.gz", LAB, **GEOM, direction_xyz=np.diag([-1.0, -1.0, 1.0]))
+    with pytest.raises(CaseError, match="label direction"):
+        read_case(Case("c", img, flipped))
+
+
+def test_empty_label(make_volume_file):
+    img = make_volume_file("i.nii.gz", IMG)
+    empty = make_volume_file("e.nii.gz", np.zeros_like(LAB))
+    with pytest.raises(CaseError, match="label is empty") as err:
+        read_case(Case("c", img, empty))
+    assert str(empty) in str(err.value)
+    _, label = read_case(Case("c", img, empty), allow_empty_label=True)
+    assert not label.array.any()
+    lab = make_volume_file("l.nii.gz", LAB)
+    with pytest.raises(CaseError, match="after the label map"):
+        read_case(Case("c", img, lab), label_map={5: 1})
+
+
+def test_canonical_and_spacing_apply_to_both(make_volume_file):
+    flip = np.diag([-1.0, 1.0, 1.0])
+    img = make_volume_file("i.nii.gz", IMG, direction_xyz=flip, spacing_xyz=(1.0, 1.0, 2.0))
+    lab = make_volume_file("l.nii.gz", LAB, direction_xyz=flip, spacing_xyz=(1.0, 1.0, 2.0))
+    image, label = read_case(Case("c", img, lab), canonical=True, spacing=(1.0, 1.0, 1.0))
+    assert image.shape == label.shape == (8, 5, 6)
+    np.testing.assert_array_equal(label.array[::2], LAB[:, :, ::-1])
+    assert np.allclose(image.direction, np.eye(3))
+    assert image.array.dtype == np.int16 and label.array.dtype == np.uint8
+
+
+def test_apply_label_map():
+    lab = np.array([[[0, 1, 2, 3]]], np.uint8)
+    np.testing.assert_array_equal(apply_label_map(lab, None), lab)
+    np.testing.assert_array_equal(apply_label_map(lab, liver_label), [[[0, 1, 1, 1]]])
+    np.testing.assert_array_equal(apply_label_map(lab, {1: 1, 3: 2}), [[[0, 1, 0, 2]]])
+    with pytest.raises(ValueError, match="0..255"):
+        apply_label_map(lab, lambda a: a.astype(np.int32) * 100)
+    with pytest.raises(ValueError, match="changed the shape"):
+        apply_label_map(lab, lambda a: a[0])

@@ -87,6 +87,10 @@ def _shapes(x: Batch) -> NDArray[np.int64]:
     return np.asarray([t.shape[1:] for t in x], dtype=np.int64).reshape(-1, 3)
 
 
+def _channels(x: Batch) -> int:
+    return int(x.shape[1]) if isinstance(x, torch.Tensor) else int(x[0].shape[0])
+
+
 def _sample(x: Batch, b: int) -> torch.Tensor:
     return x[b]
 
@@ -116,8 +120,6 @@ def _batch_matrices(matrix: Any, batch: int) -> NDArray[np.float64]:
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
     usable = triton_available() and (device.type == "cuda" or _interpreting())
@@ -176,6 +178,8 @@ def warp_torch(
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     if label_mode not in ("nearest", "linear_onehot"):
         raise ValueError(f"label_mode must be 'nearest' or 'linear_onehot', got {label_mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_order(image_order)
     shape = check_out_shape(out_shape)
     ref = imgs if imgs is not None else labs
@@ -217,7 +221,7 @@ def _exact_batch(imgs: Batch | None, labs: Batch | None, exact: list[mx.ExactMap
     out_img = out_lab = None
     if imgs is not None:
         first = _first(imgs)
-        out_img = torch.empty((len(exact), int(first.shape[0]), *shape), dtype=torch.float32,
+        out_img = torch.empty((len(exact), _channels(imgs), *shape), dtype=torch.float32,
                               device=first.device)
         for b, em in enumerate(exact):
             tk.exact_copy(_sample(imgs, b), em, shape, cval, out_img[b])
@@ -226,7 +230,7 @@ def _exact_batch(imgs: Batch | None, labs: Batch | None, exact: list[mx.ExactMap
         out_img = out_img.to(out_dtype)
     if labs is not None:
         first = _first(labs)
-        out_lab = torch.empty((len(exact), int(first.shape[0]), *shape), dtype=first.dtype,
+        out_lab = torch.empty((len(exact), _channels(labs), *shape), dtype=first.dtype,
                               device=first.device)
         fill = torch.tensor(label_cval).to(first.dtype).item()
         for b, em in enumerate(exact):

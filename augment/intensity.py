@@ -122,7 +122,8 @@ class Normalize(IntensityTransform):
         if ab is not None:
             return x * ab[0] + ab[1]
         if self.mode == "zscore":
-            return (x - x.mean()) / (x.std() + self.eps)
+            std = x.std() if xp is np else x.std(correction=0)  # population std on both
+            return (x - x.mean()) / (std + self.eps)
         lo, hi = _minmax(x)
         return (x - lo) / max(hi - lo, self.eps)
 

@@ -144,11 +144,8 @@ def _trilinear_checked(img, base, iz, iy, ix, nz, ny, nx, tz, ty, tx, fill):
 @njit(**_JIT)
 def _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
          img_linear, z, y, x0, x1):
-    """Resample output voxels (z, y, x0:x1) of every channel. Arrays are flat, C order.
-
-    Kept out of the parallel driver: inside a prange body numba's parfor pass made the same
-    loop about 5x slower. Flat offsets instead of 4D indexing, and a branch for the common
-    single-channel case: each about 2x faster.
+    """Resample output voxels (z, y, x0:x1) of every channel: the general path (any channel
+    count, nearest images, per-voxel intensity program, borders). Arrays are flat, C order.
     """
     nz, ny, nx = src_shape
     od, oh, ow = out_shape
@@ -172,48 +169,35 @@ def _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcva
         hi = x1 - 1
     row = (z * oh + y) * ow
     # interior: every tap inside, no checks
-    if nc == 1 and nl == 1 and img_linear and not has_prog:
-        for x in range(lo, hi + 1):
-            cz = bz + dz * x
-            cy = by + dy * x
-            cx = bx + dx * x
+    for x in range(lo, hi + 1):
+        cz = bz + dz * x
+        cy = by + dy * x
+        cx = bx + dx * x
+        o = row + x
+        if nl > 0:
+            r = int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)
+            for c in range(nl):
+                out_lab[c * ovol + o] = lab[c * svol + r]
+        if img_linear:
             iz = int(cz)
             iy = int(cy)
             ix = int(cx)
-            out_lab[row + x] = lab[int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)]
-            out_img[row + x] = _trilinear(img, iz * sz + iy * sy + ix, sy, sz,
-                                          np.float32(cz - iz), np.float32(cy - iy),
-                                          np.float32(cx - ix))
-    else:
-        for x in range(lo, hi + 1):
-            cz = bz + dz * x
-            cy = by + dy * x
-            cx = bx + dx * x
-            o = row + x
-            if nl > 0:
-                r = int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)
-                for c in range(nl):
-                    out_lab[c * ovol + o] = lab[c * svol + r]
-            if img_linear:
-                iz = int(cz)
-                iy = int(cy)
-                ix = int(cx)
-                wz = np.float32(cz - iz)
-                wy = np.float32(cy - iy)
-                wx = np.float32(cx - ix)
-                p = iz * sz + iy * sy + ix
-                for c in range(nc):
-                    v = _trilinear(img, c * svol + p, sy, sz, wz, wy, wx)
-                    if has_prog:
-                        v = np.float32(_run_program(prog, v, c * ovol + o))
-                    out_img[c * ovol + o] = v
-            elif nc > 0:
-                r = int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)
-                for c in range(nc):
-                    v = np.float32(img[c * svol + r])
-                    if has_prog:
-                        v = np.float32(_run_program(prog, v, c * ovol + o))
-                    out_img[c * ovol + o] = v
+            wz = np.float32(cz - iz)
+            wy = np.float32(cy - iy)
+            wx = np.float32(cx - ix)
+            p = iz * sz + iy * sy + ix
+            for c in range(nc):
+                v = _trilinear(img, c * svol + p, sy, sz, wz, wy, wx)
+                if has_prog:
+                    v = np.float32(_run_program(prog, v, c * ovol + o))
+                out_img[c * ovol + o] = v
+        elif nc > 0:
+            r = int(cz + 0.5) * sz + int(cy + 0.5) * sy + int(cx + 0.5)
+            for c in range(nc):
+                v = np.float32(img[c * svol + r])
+                if has_prog:
+                    v = np.float32(_run_program(prog, v, c * ovol + o))
+                out_img[c * ovol + o] = v
     # border spans: [x0, lo) and (hi, x1), every tap checked
     for x in range(x0, x1):
         if x >= lo and x <= hi:
@@ -259,35 +243,152 @@ def _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcva
                 out_img[c * ovol + o] = v
 
 
-# Output tile edge. Tiles keep the source footprint of a block in cache while the walk
-# crosses rotated planes: 16^3 tiles ran W1 about 1.5x faster than whole rows.
-TILE = 16
+# Output tiles (z, y, x): a tile's source footprint stays in cache while the walk crosses
+# rotated planes (16^3 about 10% faster than whole rows on W1).
+TILE = (16, 16, 16)
+
+@njit(**_JIT)
+def _program_span(out, prog, start, stop, base):
+    """Run ``prog`` over ``out[start:stop]`` op by op (flat output index = base + i)."""
+    for k in range(prog.shape[0]):
+        code = int(prog[k, 0])
+        a = prog[k, 1]
+        b = prog[k, 2]
+        if code == AFFINE:
+            fa = np.float32(a)
+            fb = np.float32(b)
+            for i in range(start, stop):
+                out[i] = out[i] * fa + fb
+        elif code == CLIP:
+            fa = np.float32(a)
+            fb = np.float32(b)
+            for i in range(start, stop):
+                out[i] = min(max(out[i], fa), fb)
+        elif code == GAMMA:
+            c = prog[k, 3]
+            for i in range(start, stop):
+                t = (float(out[i]) - b) / (c - b)
+                t = min(max(t, 0.0), 1.0)
+                out[i] = np.float32(b + (c - b) * t**a)
+        elif code == NOISE:
+            seed = int(b)
+            for i in range(start, stop):
+                out[i] = np.float32(out[i] + a * _normal(seed, base + i))
+
+
+@njit(inline="always", **_JIT)
+def _tile_inside(m, za, zb, ya, yb, xa, xb, fz, fy, fx):
+    """Whether every trilinear tap of the output box [za..zb] x [ya..yb] x [xa..xb] is inside
+    the source (0 <= c < n - 1 on each axis), checked at the 8 corners with a margin: the
+    map is affine, so the corners bound the box. About 10% faster than per-row spans."""
+    eps = 1e-6
+    for cz in (za, zb):
+        for cy in (ya, yb):
+            for cx in (xa, xb):
+                pz = m[0, 0] * cz + m[0, 1] * cy + m[0, 2] * cx + m[0, 3]
+                py = m[1, 0] * cz + m[1, 1] * cy + m[1, 2] * cx + m[1, 3]
+                px = m[2, 0] * cz + m[2, 1] * cy + m[2, 2] * cx + m[2, 3]
+                if not (pz >= eps and py >= eps and px >= eps and pz < fz - 1.0 - eps
+                        and py < fy - 1.0 - eps and px < fx - 1.0 - eps):
+                    return False
+    return True
 
 
 @njit(**_JIT)
 def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-           img_linear, b):
+           img_linear, b, tile):
+    """Resample output tile ``b``. Single-channel trilinear image (+ nearest label) rows run
+    an inline loop: as a call per row the same loop ran about 1.5x slower."""
     od, oh, ow = out_shape
-    ty = (oh + TILE - 1) // TILE
-    tx = (ow + TILE - 1) // TILE
-    z0 = (b // (ty * tx)) * TILE
-    y0 = ((b // tx) % ty) * TILE
-    x0 = (b % tx) * TILE
-    for z in range(z0, min(z0 + TILE, od)):
-        for y in range(y0, min(y0 + TILE, oh)):
-            _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-                 img_linear, z, y, x0, min(x0 + TILE, ow))
+    tz, ty, tx = tile
+    ny_ = (oh + ty - 1) // ty
+    nx_ = (ow + tx - 1) // tx
+    z0 = (b // (ny_ * nx_)) * tz
+    y0 = ((b // nx_) % ny_) * ty
+    x0 = (b % nx_) * tx
+    x1 = min(x0 + tx, ow)
+    if not (nc == 1 and nl <= 1 and img_linear):
+        for z in range(z0, min(z0 + tz, od)):
+            for y in range(y0, min(y0 + ty, oh)):
+                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
+                     prog, img_linear, z, y, x0, x1)
+        return
+    nz, ny, nx = src_shape
+    sy = nx
+    sz = ny * nx
+    fz, fy, fx = float(nz), float(ny), float(nx)
+    dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
+    has_prog = prog.shape[0] > 0
+    z1 = min(z0 + tz, od)
+    y1 = min(y0 + ty, oh)
+    inside = _tile_inside(m, z0, z1 - 1, y0, y1 - 1, x0, x1 - 1, fz, fy, fx)
+    for z in range(z0, z1):
+        for y in range(y0, y1):
+            bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+            by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+            bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+            if inside:
+                lo = x0
+                hi = x1 - 1
+            else:
+                lo0, hi0 = _interior_span(bz, dz, fz, x0, x1)
+                lo1, hi1 = _interior_span(by, dy, fy, x0, x1)
+                lo2, hi2 = _interior_span(bx, dx, fx, x0, x1)
+                lo = max(lo0, max(lo1, lo2))
+                hi = min(hi0, min(hi1, hi2))
+            if hi < lo:
+                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
+                     prog, img_linear, z, y, x0, x1)
+                continue
+            if lo > x0:
+                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
+                     prog, img_linear, z, y, x0, lo)
+            if hi + 1 < x1:
+                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
+                     prog, img_linear, z, y, hi + 1, x1)
+            row = (z * oh + y) * ow
+            if nl == 1:
+                for x in range(lo, hi + 1):
+                    cz = bz + dz * x
+                    cy = by + dy * x
+                    cx = bx + dx * x
+                    iz = int(cz)
+                    iy = int(cy)
+                    ix = int(cx)
+                    tz = cz - iz
+                    ty = cy - iy
+                    tx = cx - ix
+                    q = iz * sz + iy * sy + ix
+                    # nearest from the same base: floor(c + 0.5) == floor(c) + (frac >= 0.5)
+                    r = q + (sz if tz >= 0.5 else 0) + (sy if ty >= 0.5 else 0) + (tx >= 0.5)
+                    out_lab[row + x] = lab[r]
+                    out_img[row + x] = _trilinear(img, q, sy, sz, np.float32(tz),
+                                                  np.float32(ty), np.float32(tx))
+            else:
+                for x in range(lo, hi + 1):
+                    cz = bz + dz * x
+                    cy = by + dy * x
+                    cx = bx + dx * x
+                    iz = int(cz)
+                    iy = int(cy)
+                    ix = int(cx)
+                    out_img[row + x] = _trilinear(img, iz * sz + iy * sy + ix, sy, sz,
+                                                  np.float32(cz - iz), np.float32(cy - iy),
+                                                  np.float32(cx - ix))
+            if has_prog:
+                _program_span(out_img, prog, row + lo, row + hi + 1, 0)
 
 
 @njit(inline="always", **_JIT)
-def n_blocks(out_shape):
+def n_blocks(out_shape, tile):
     od, oh, ow = out_shape
-    return ((od + TILE - 1) // TILE) * ((oh + TILE - 1) // TILE) * ((ow + TILE - 1) // TILE)
+    tz, ty, tx = tile
+    return ((od + tz - 1) // tz) * ((oh + ty - 1) // ty) * ((ow + tx - 1) // tx)
 
 
 @njit(parallel=True, **_JIT)
 def warp(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-         img_linear):
+         img_linear, tile=TILE):
     """Resample ``img`` into ``out_img`` and ``lab`` into ``out_lab`` in one pass.
 
     Args:
@@ -300,18 +401,18 @@ def warp(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcva
         prog: (n, 4) float64 intensity program run on each image value.
         img_linear: trilinear image if True, else nearest.
     """
-    for b in prange(n_blocks(out_shape)):
+    for b in prange(n_blocks(out_shape, tile)):
         _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-               img_linear, b)
+               img_linear, b, tile)
 
 
 @njit(**_JIT)
 def warp_serial(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-                img_linear):
+                img_linear, tile=TILE):
     """:func:`warp` on the calling thread (worker processes, nested parallelism)."""
-    for b in range(n_blocks(out_shape)):
+    for b in range(n_blocks(out_shape, tile)):
         _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-               img_linear, b)
+               img_linear, b, tile)
 
 
 @njit(parallel=True, **_JIT)

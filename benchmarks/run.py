@@ -1,0 +1,115 @@
+"""``python -m benchmarks.run [w1 w2 ...] [--quick] [--json PATH]``: one table, one plot.
+
+Runs the named workloads (all by default) on what this machine has, prints one table,
+writes ``benchmarks/results/<machine>-<date>.json`` (or ``--json PATH``) and a PNG plot
+beside it. Figures are ratios against a baseline measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+from benchmarks.common import Result, machine_info, with_ratios
+
+WORKLOADS = {
+    "w1": "benchmarks.w1",
+    "w2": "benchmarks.w2",
+    "w3": "benchmarks.w3",
+    "w4": "benchmarks.w4",
+    "w5": "benchmarks.w5",
+}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("workload", "name", "value", "unit", "baseline", "ratio")]
+    for r in results:
+        value = "nan" if r.value != r.value else f"{r.value:,.2f}"
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
+        rows.append((r.workload, r.name, value, r.unit, r.baseline or "", ratio))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {r.workload}/{r.name}: {r.note}" for r in results if r.note.startswith("failed")]
+    return "\n".join(lines + (["", "failures:", *notes] if notes else []))
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        if r.value == r.value and r.value > 0:
+            groups.setdefault((r.workload, r.unit), []).append(r)
+    if not groups:
+        return
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 0.5 + 0.45 * rows * max(
+        len(v) for v in groups.values()) + 1.5 * rows), squeeze=False)
+    for ax, ((workload, unit), rs) in zip(axes.flat, sorted(groups.items())):
+        ax.barh([r.name for r in rs], [r.value for r in rs], color="tab:blue")
+        ax.set_title(f"{workload} ({unit})")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("workloads", nargs="*", help=f"any of {sorted(WORKLOADS)} (default all)")
+    parser.add_argument("--quick", action="store_true", help="small repeats, each under ~20 s")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    names = args.workloads or list(WORKLOADS)
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}")
+
+    results: list[Result] = []
+    for name in names:
+        try:
+            module = importlib.import_module(WORKLOADS[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != WORKLOADS[name]:
+                raise
+            print(f"[{name}] not available in this checkout", file=sys.stderr)
+            continue
+        print(f"[{name}] running{' (quick)' if args.quick else ''} ...", file=sys.stderr,
+              flush=True)
+        results.extend(module.run(quick=args.quick))
+    results = with_ratios(results)
+
+    print(format_table(results))
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.json or RESULTS_DIR / f"{platform.node() or 'machine'}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine_info(), "date": stamp, "quick": args.quick,
+               "results": [r.as_dict() for r in results]}
+    out.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    print(f"\nresults: {out}")
+    if not args.no_plot:
+        png = out.with_suffix(".png")
+        plot(results, png)
+        print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""W1 spatial: 128^3 patches of image + label from a 200x256x256 source.
+
+Rotation U(-15, 15) degrees about each axis, isotropic scale U(0.85, 1.25), crop centre
+uniform over the valid range, flip p=0.5 per axis; linear image, nearest label. Every way
+runs the same parameter stream and is checked for the same kind of output before timing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import augment
+from benchmarks.common import Result, median_seconds
+
+SOURCE = (200, 256, 256)
+PATCH = (128, 128, 128)
+
+
+def make_source(shape: tuple[int, int, int] = SOURCE, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipsoid 'organ' in noise: float32 image (HU-like) and uint8 label."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    c = np.asarray(shape) / 2.0
+    r = np.asarray(shape) / 3.5
+    inside = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 < 1
+    img = rng.normal(0.0, 20.0, shape).astype(np.float32)
+    img[inside] += 60.0
+    return img, inside.astype(np.uint8)
+
+
+def w1_pipeline(patch: tuple[int, int, int] = PATCH, intensity: bool = False) -> augment.Compose:
+    ts: list[Any] = [
+        augment.RandomCrop(patch),
+        augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
+        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+    ]
+    if intensity:
+        ts += [augment.Window(-200, 250), augment.RandomGamma((0.7, 1.5), p=0.3),
+               augment.RandomNoise((0.0, 0.1), p=0.1), augment.RandomContrast((0.75, 1.25), p=0.15)]
+    return augment.Compose(ts)
+
+
+def _per_patch(fn: Callable[[int], object], n: int, repeats: int) -> float:
+    """Patches per second from the median time of ``repeats`` runs of ``n`` patches."""
+    counter = iter(range(10**9))
+
+    def batch() -> None:
+        for _ in range(n):
+            fn(next(counter))
+
+    return n / median_seconds(batch, repeats=repeats, warmup=1)
+
+
+def augment_way(img: np.ndarray, lab: np.ndarray, intensity: bool = False
+                ) -> Callable[[int], object]:
+    aug = w1_pipeline(intensity=intensity)
+
+    def run(i: int) -> object:
+        return aug(image=img, label=lab, rng=augment.sample_rng(0, 0, i))
+
+    return run
+
+
+def scipy_way(img: np.ndarray, lab: np.ndarray) -> Callable[[int], object]:
+    """Hand-written scipy.ndimage pipeline: the same matrices, order 1 image, 0 label."""
+    import scipy.ndimage as ndi
+
+    aug = w1_pipeline()
+    img64 = img  # scipy works in float64 internally either way
+
+    def run(i: int) -> object:
+        params = aug.sample(augment.sample_rng(0, 0, i), img.shape)
+        m = aug.matrix(params)[0]
+        a = ndi.affine_transform(img64, m, output_shape=PATCH, order=1, mode="constant",
+                                 prefilter=False)
+        b = ndi.affine_transform(lab, m, output_shape=PATCH, order=0, mode="constant")
+        return a, b
+
+    return run
+
+
+def check_output(out: object) -> None:
+    """Every way must give a 128^3 float image and a {0, 1} label."""
+    if isinstance(out, dict):
+        image, label = out["image"], out["label"]
+    else:
+        image, label = out  # type: ignore[misc]
+    image, label = np.asarray(image), np.asarray(label)
+    if image.shape[-3:] != PATCH or label.shape[-3:] != PATCH:
+        raise AssertionError(f"wrong output shapes {image.shape} {label.shape}")
+    if not np.issubdtype(image.dtype, np.floating) or not set(np.unique(label)) <= {0, 1}:
+        raise AssertionError(f"wrong output kinds {image.dtype} {np.unique(label)}")
+
+
+def compile_seconds() -> tuple[float, float]:
+    """First-call time of a fresh process with an empty numba cache, then with that cache."""
+    code = ("import time, numpy as np; t = time.perf_counter(); import augment; "
+            "augment.Compose([augment.RandomAffine(10), augment.Window(0, 1)])("
+            "image=np.zeros((8, 8, 8), np.float32), label=np.zeros((8, 8, 8), np.uint8), "
+            "rng=np.random.default_rng(0)); print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        times = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True)
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+    return times[0], times[1]
+
+
+def run(quick: bool = False) -> list[Result]:
+    import numba
+
+    from benchmarks import peers
+
+    n, repeats = (3, 3) if quick else (8, 5)
+    img, lab = make_source()
+    results: list[Result] = []
+    all_threads = numba.config.NUMBA_NUM_THREADS
+    ways: list[tuple[str, Callable[[int], object], int]] = [
+        ("augment-cpu-1thread", augment_way(img, lab), 1),
+        ("augment-cpu-1thread+intensity", augment_way(img, lab, intensity=True), 1),
+        (f"augment-cpu-{all_threads}threads", augment_way(img, lab), all_threads),
+        ("scipy-1thread", scipy_way(img, lab), 1),
+    ]
+    for name, fn in peers.w1_ways(img, lab, w1_pipeline(), PATCH):
+        ways.append((name, fn, 1))
+    for name, fn, threads in ways:
+        numba.set_num_threads(threads)
+        try:
+            check_output(fn(10**6))
+            rate = _per_patch(fn, 1 if name.startswith(("scipy", "peer")) and quick else n,
+                              repeats)
+        except Exception as exc:  # a peer that breaks is reported, not fatal
+            results.append(Result("w1", name, float("nan"), "patches/s", note=f"failed: {exc}"))
+            continue
+        finally:
+            numba.set_num_threads(all_threads)
+        base = "scipy-1thread" if name != "scipy-1thread" else None
+        if name.endswith("+intensity"):
+            base = "augment-cpu-1thread"
+        elif name.endswith("threads") and name != "augment-cpu-1thread":
+            base = "augment-cpu-1thread"
+        results.append(Result("w1", name, round(rate, 2), "patches/s", baseline=base,
+                              note=f"{threads} thread(s)"))
+    ours = next((r for r in results if r.name == "augment-cpu-1thread"), None)
+    for peer in [r for r in results if r.name.startswith("peer-") and r.value == r.value]:
+        if ours is not None:
+            results.append(Result("w1", f"augment-cpu-1thread-vs-{peer.name}", ours.value,
+                                  "patches/s", baseline=peer.name, note="same value as above"))
+    cold, warm = compile_seconds()
+    results.append(Result("w1", "numba-first-call-cold-cache", round(cold, 2), "s",
+                          note="fresh process, empty NUMBA_CACHE_DIR"))
+    results.append(Result("w1", "numba-first-call-warm-cache", round(warm, 2), "s",
+                          baseline="numba-first-call-cold-cache",
+                          note="second process, cache=True kernels loaded from disk"))
+    return results
+

@@ -46,8 +46,12 @@ FIX_ONE = float(1 << 32)
 META_FIXED = 5  # img_off, lab_off, D, H, W, then 12 fixed-point matrix words, then program
 META_PROG = META_FIXED + 12
 
-# (TY, TX, num_warps) tried by the tuner; the first is the default.
-CONFIGS: tuple[tuple[int, int, int], ...] = ((2, 64, 4), (1, 128, 4), (4, 32, 4), (4, 64, 8))
+# (TY, TX, num_warps, VEC) tried by the tuner; the first is the default. TX = 32 with
+# rows spread over warps gives every lane its own x and each thread several rows, which
+# spreads the per-tile setup (about 250 instructions of int64 arithmetic) over more voxels.
+Config = tuple[int, int, int, int]
+CONFIGS: tuple[Config, ...] = ((16, 32, 4, 0), (8, 32, 4, 0), (32, 32, 8, 0), (8, 64, 4, 0),
+                               (8, 64, 4, 1))
 TUNE_MIN_VOXELS = 1 << 21
 
 if (AFFINE, CLIP, GAMMA, NOISE) != (0, 1, 2, 3):  # the kernel compares opcodes to literals
@@ -130,11 +134,45 @@ def _ltap(p, m, fill, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _label(lab_c, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7, nx, sz, wz, wy, wx,
+           cls_ptr, LAB_ONEHOT: tl.constexpr, N_CLS: tl.constexpr, MASKED: tl.constexpr):
+    """One label channel: nearest, or the first class of highest trilinear indicator."""
+    if LAB_ONEHOT:
+        pq = lab_c + q
+        l0 = _ltap(pq, m0, lcval, MASKED)
+        l1 = _ltap(pq + 1, m1, lcval, MASKED)
+        l2 = _ltap(pq + nx, m2, lcval, MASKED)
+        l3 = _ltap(pq + nx + 1, m3, lcval, MASKED)
+        l4 = _ltap(pq + sz, m4, lcval, MASKED)
+        l5 = _ltap(pq + sz + 1, m5, lcval, MASKED)
+        l6 = _ltap(pq + sz + nx, m6, lcval, MASKED)
+        l7 = _ltap(pq + sz + nx + 1, m7, lcval, MASKED)
+        best = tl.full(wx.shape, -1.0, tl.float32)
+        lv = tl.full(wx.shape, 0, tl.int64)
+        for k in tl.static_range(N_CLS):
+            ck = tl.load(cls_ptr + k)
+            w = _lerp8((l0 == ck).to(tl.float32), (l1 == ck).to(tl.float32),
+                       (l2 == ck).to(tl.float32), (l3 == ck).to(tl.float32),
+                       (l4 == ck).to(tl.float32), (l5 == ck).to(tl.float32),
+                       (l6 == ck).to(tl.float32), (l7 == ck).to(tl.float32), wz, wy, wx)
+            better = w > best
+            best = tl.where(better, w, best)
+            lv = tl.where(better, ck, lv)
+    else:
+        if MASKED:
+            lv = tl.where(inside, tl.load(lab_c + r, mask=inside, other=0).to(tl.int32), lcval)
+        else:
+            lv = tl.load(lab_c + r)
+    return lv
+
+
+@triton.jit
 def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
-          out_off, flat0, store_mask, ovol, cval, lcval,
+          out_off, store_mask, ovol, cval, lcval,
           NC: tl.constexpr, NL: tl.constexpr, N_OPS: tl.constexpr, LINEAR: tl.constexpr,
           LAB_ONEHOT: tl.constexpr, N_CLS: tl.constexpr, MASKED: tl.constexpr,
           EVEN: tl.constexpr):
+    """Resample one tile given its 32.32 fixed-point source coordinates ``vz, vy, vx``."""
     svol = nz * ny * nx
     sz = ny * nx
     # trilinear taps: integer part (high word) and weight (low word) of each coordinate
@@ -142,9 +180,9 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
         iz = (vz >> 32).to(tl.int32)
         iy = (vy >> 32).to(tl.int32)
         ix = (vx >> 32).to(tl.int32)
-        wz = (vz - (iz.to(tl.int64) << 32)).to(tl.float32) * 2.3283064365386963e-10
-        wy = (vy - (iy.to(tl.int64) << 32)).to(tl.float32) * 2.3283064365386963e-10
-        wx = (vx - (ix.to(tl.int64) << 32)).to(tl.float32) * 2.3283064365386963e-10
+        wz = vz.to(tl.uint32).to(tl.float32) * 2.3283064365386963e-10
+        wy = vy.to(tl.uint32).to(tl.float32) * 2.3283064365386963e-10
+        wx = vx.to(tl.uint32).to(tl.float32) * 2.3283064365386963e-10
         q = (iz * ny + iy) * nx + ix
         z0 = (iz >= 0) & (iz < nz)
         z1 = (iz >= -1) & (iz < nz - 1)
@@ -160,6 +198,19 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
         m5 = z1 & y0 & x1
         m6 = z1 & y1 & x0
         m7 = z1 & y1 & x1
+    else:
+        q = 0
+        m0 = 0
+        m1 = 0
+        m2 = 0
+        m3 = 0
+        m4 = 0
+        m5 = 0
+        m6 = 0
+        m7 = 0
+        wz = 0
+        wy = 0
+        wx = 0
     # nearest taps: floor(c + 0.5) is the high word of c + 2**31
     if (NC > 0 and not LINEAR) or (NL > 0 and not LAB_ONEHOT):
         rz = ((vz + 2147483648) >> 32).to(tl.int32)
@@ -167,7 +218,15 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
         rx = ((vx + 2147483648) >> 32).to(tl.int32)
         r = (rz * ny + ry) * nx + rx
         inside = (rz >= 0) & (rz < nz) & (ry >= 0) & (ry < ny) & (rx >= 0) & (rx < nx)
+    else:
+        r = 0
+        inside = 0
 
+    # the first label channel is loaded before any store: the compiler cannot move a load
+    # past a store that might alias it, and this keeps all taps of a voxel in flight at once
+    if NL > 0:
+        lab0 = _label(lab_b, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7, nx, sz,
+                      wz, wy, wx, cls_ptr, LAB_ONEHOT, N_CLS, MASKED)
     for c in tl.static_range(NC):
         p = img_b + c * svol
         if LINEAR:
@@ -183,41 +242,18 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
         else:
             v = _tap(p + r, inside, cval, MASKED)
         if N_OPS > 0:
-            v = _program(v, meta_b, flat0 + c * ovol, N_OPS)
+            v = _program(v, meta_b, out_off + c * ovol, N_OPS)
         dst = oimg_b + c * ovol + out_off
         if EVEN:
             tl.store(dst, v.to(oimg_b.dtype.element_ty))
         else:
             tl.store(dst, v.to(oimg_b.dtype.element_ty), mask=store_mask)
-
     for c in tl.static_range(NL):
-        p = lab_b + c * svol
-        if LAB_ONEHOT:
-            pq = p + q
-            l0 = _ltap(pq, m0, lcval, MASKED)
-            l1 = _ltap(pq + 1, m1, lcval, MASKED)
-            l2 = _ltap(pq + nx, m2, lcval, MASKED)
-            l3 = _ltap(pq + nx + 1, m3, lcval, MASKED)
-            l4 = _ltap(pq + sz, m4, lcval, MASKED)
-            l5 = _ltap(pq + sz + 1, m5, lcval, MASKED)
-            l6 = _ltap(pq + sz + nx, m6, lcval, MASKED)
-            l7 = _ltap(pq + sz + nx + 1, m7, lcval, MASKED)
-            best = tl.full(wx.shape, -1.0, tl.float32)
-            lv = tl.full(wx.shape, 0, tl.int32)
-            for k in tl.static_range(N_CLS):
-                ck = tl.load(cls_ptr + k)
-                w = _lerp8((l0 == ck).to(tl.float32), (l1 == ck).to(tl.float32),
-                           (l2 == ck).to(tl.float32), (l3 == ck).to(tl.float32),
-                           (l4 == ck).to(tl.float32), (l5 == ck).to(tl.float32),
-                           (l6 == ck).to(tl.float32), (l7 == ck).to(tl.float32), wz, wy, wx)
-                better = w > best
-                best = tl.where(better, w, best)
-                lv = tl.where(better, ck, lv)
+        if c == 0:
+            lv = lab0
         else:
-            if MASKED:
-                lv = tl.where(inside, tl.load(p + r, mask=inside, other=0).to(tl.int32), lcval)
-            else:
-                lv = tl.load(p + r)
+            lv = _label(lab_b + c * svol, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7,
+                        nx, sz, wz, wy, wx, cls_ptr, LAB_ONEHOT, N_CLS, MASKED)
         dst = olab_b + c * ovol + out_off
         if EVEN:
             tl.store(dst, lv.to(olab_b.dtype.element_ty))
@@ -225,12 +261,15 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
             tl.store(dst, lv.to(olab_b.dtype.element_ty), mask=store_mask)
 
 
-@triton.jit
+# The output shape stays unspecialised: specialised (ow % 16 == 0), Triton vectorises the
+# stores and lays lanes out 2-4 voxels apart along x, which spreads each gather over more
+# cache lines. ``VEC`` brings the specialised width back (``ow_s``) for the tuner to try.
+@triton.jit(do_not_specialize=["od", "oh", "ow", "tiles_y", "tiles_x"])
 def warp_kernel(img_ptr, lab_ptr, out_img_ptr, out_lab_ptr, meta_ptr, cls_ptr,
-                od, oh, ow, tiles_y, tiles_x, meta_stride, cval, lcval,
+                od, oh, ow, ow_s, tiles_y, tiles_x, meta_stride, cval, lcval,
                 NC: tl.constexpr, NL: tl.constexpr, N_OPS: tl.constexpr,
                 LINEAR: tl.constexpr, LAB_ONEHOT: tl.constexpr, N_CLS: tl.constexpr,
-                TY: tl.constexpr, TX: tl.constexpr, EVEN: tl.constexpr):
+                TY: tl.constexpr, TX: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr):
     """Resample tile ``program_id(0)`` of sample ``program_id(1)``.
 
     ``meta`` row of a sample (int64): image and label element offsets relative to
@@ -274,9 +313,9 @@ def warp_kernel(img_ptr, lab_ptr, out_img_ptr, out_lab_ptr, meta_ptr, cls_ptr,
     bz = mz0 * zz + mz1 * yy0 + mz2 * xx0 + mz3
     by = my0 * zz + my1 * yy0 + my2 * xx0 + my3
     bx = mx0 * zz + mx1 * yy0 + mx2 * xx0 + mx3
-    vz = bz + mz1 * jy + mz2 * jx
-    vy = by + my1 * jy + my2 * jx
-    vx = bx + mx1 * jy + mx2 * jx
+    vz = (bz + mz1 * jy) + mz2 * jx
+    vy = (by + my1 * jy) + my2 * jx
+    vx = (bx + mx1 * jy) + mx2 * jx
 
     # exact bounds of the tile's coordinates: the extremes sit at its corners
     ey = TY - 1
@@ -291,20 +330,24 @@ def warp_kernel(img_ptr, lab_ptr, out_img_ptr, out_lab_ptr, meta_ptr, cls_ptr,
                 & (lo_y >= 0) & (hi_y < ((ny - 1).to(tl.int64) << 32))
                 & (lo_x >= 0) & (hi_x < ((nx - 1).to(tl.int64) << 32)))
 
+    if VEC:
+        width = ow_s
+    else:
+        width = ow
     yy = y0 + jy
     xx = x0 + jx
-    ovol = od * oh * ow
-    out_off = (z * oh + yy) * ow + xx
+    ovol = od * oh * width
+    out_off = (z * oh + yy) * width + xx
     store_mask = (yy < oh) & (xx < ow)
     oimg_b = out_img_ptr + b.to(tl.int64) * (NC * ovol)
     olab_b = out_lab_ptr + b.to(tl.int64) * (NL * ovol)
     if interior:
         _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
-              out_off, out_off, store_mask, ovol, cval, lcval, NC, NL, N_OPS, LINEAR,
+              out_off, store_mask, ovol, cval, lcval, NC, NL, N_OPS, LINEAR,
               LAB_ONEHOT, N_CLS, False, EVEN)
     else:
         _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
-              out_off, out_off, store_mask, ovol, cval, lcval, NC, NL, N_OPS, LINEAR,
+              out_off, store_mask, ovol, cval, lcval, NC, NL, N_OPS, LINEAR,
               LAB_ONEHOT, N_CLS, True, EVEN)
 
 
@@ -371,31 +414,39 @@ def to_device(a: NDArray[Any], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-_TUNED: dict[tuple[Any, ...], tuple[int, int, int]] = {}
+_TUNED: dict[tuple[Any, ...], Config] = {}
 
 
-def env_config() -> tuple[int, int, int] | None:
-    """``AUGMENT_TRITON_CONFIG="TY,TX,num_warps"`` fixes the launch shape (experiments)."""
+def as_config(cfg: Sequence[int]) -> Config:
+    """``(TY, TX, num_warps[, VEC])`` -> a full config; TY, TX powers of two."""
+    vals = tuple(int(v) for v in cfg)
+    if len(vals) not in (3, 4) or any(v <= 0 or v & (v - 1) for v in vals[:3]):
+        raise ValueError(f"config must be (TY, TX, num_warps[, VEC]) powers of two, got {cfg!r}")
+    return (vals[0], vals[1], vals[2], vals[3] if len(vals) == 4 else 0)
+
+
+def env_config() -> Config | None:
+    """``AUGMENT_TRITON_CONFIG="TY,TX,num_warps[,VEC]"`` fixes the launch (experiments)."""
     raw = os.environ.get("AUGMENT_TRITON_CONFIG")
     if not raw:
         return None
-    ty, tx, nw = (int(v) for v in raw.split(","))
-    return ty, tx, nw
+    return as_config([int(v) for v in raw.split(",")])
 
 
 def launch(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, int, int],
-           batch: int, consts: dict[str, Any], config: tuple[int, int, int]) -> None:
+           batch: int, consts: dict[str, Any], config: Config) -> None:
     """Queue one :func:`warp_kernel` launch over the whole batch."""
-    ty, tx, nw = config
+    ty, tx, nw, vec = config
     od, oh, ow = out_shape
     tiles_y, tiles_x = -(-oh // ty), -(-ow // tx)
     grid = (od * tiles_y * tiles_x, batch)
-    warp_kernel[grid](*args, od, oh, ow, tiles_y, tiles_x, *tail, TY=ty, TX=tx,
-                      EVEN=(oh % ty == 0 and ow % tx == 0), num_warps=nw, **consts)
+    warp_kernel[grid](*args, od, oh, ow, ow, tiles_y, tiles_x, *tail, TY=ty, TX=tx,
+                      EVEN=(oh % ty == 0 and ow % tx == 0), VEC=bool(vec), num_warps=nw,
+                      **consts)
 
 
 def _tune(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, int, int],
-          batch: int, consts: dict[str, Any]) -> tuple[int, int, int]:
+          batch: int, consts: dict[str, Any]) -> Config:
     """The fastest of :data:`CONFIGS` on this launch (CUDA events, best of 3 after one)."""
     best, best_t = CONFIGS[0], float("inf")
     for cfg in CONFIGS:
@@ -414,7 +465,7 @@ def _tune(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, in
     return best
 
 
-def tuned_configs() -> dict[tuple[Any, ...], tuple[int, int, int]]:
+def tuned_configs() -> dict[tuple[Any, ...], Config]:
     """The configurations chosen so far, by launch signature (for reports)."""
     return dict(_TUNED)
 
@@ -432,7 +483,7 @@ def warp_batch(
     out_dtype: torch.dtype = torch.float32,
     label_mode: str = "nearest",
     classes: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: Sequence[int] | None = None,
     tune: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Resample a batch in one Triton launch; the signature of
@@ -446,8 +497,9 @@ def warp_batch(
         out_shape: ``(d, h, w)``.
         image_order, cval, label_cval, programs, out_dtype, label_mode, classes: as the
             torch fallback.
-        config: ``(TY, TX, num_warps)``; default: env ``AUGMENT_TRITON_CONFIG``, else the
-            one tuned once per launch signature on large launches, else ``CONFIGS[0]``.
+        config: ``(TY, TX, num_warps[, VEC])``; default: env ``AUGMENT_TRITON_CONFIG``,
+            else the one tuned once per launch signature on large launches, else
+            ``CONFIGS[0]``.
         tune: allow that one-off tuning.
 
     Returns:
@@ -508,7 +560,7 @@ def warp_batch(
     consts = {"NC": nc, "NL": nl, "N_OPS": int(prog.shape[1]), "LINEAR": image_order == 1,
               "LAB_ONEHOT": onehot, "N_CLS": int(cls.numel()) if onehot else 0}
 
-    cfg = config or env_config()
+    cfg = as_config(config) if config is not None else env_config()
     if cfg is None:
         key = (str(device), str(ref.dtype), str(None if lab is None else lab.dtype),
                str(out_dtype), tuple(sorted(consts.items())), (od, oh, ow), batch)

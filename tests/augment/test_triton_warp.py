@@ -112,7 +112,7 @@ SCRIPT = textwrap.dedent("""
                               config=(8, 16, 1))
     res["a/img"], res["a/lab"] = img.numpy(), lab.numpy()
     img, _ = trw.warp_batch(torch.from_numpy(a["img"]), None, a["m"], tuple(a["out"]),
-                            cval=-0.75, config=(4, 16, 1))
+                            cval=-0.75, config=(4, 16, 1, 1))
     res["a/img_only"] = img.numpy()
     _, lab = trw.warp_batch(None, torch.from_numpy(a["lab"]), a["m"], tuple(a["out"]),
                             label_cval=5, config=(8, 8, 1))
@@ -167,10 +167,11 @@ def _compile(**kw):
 
     sig = {"img_ptr": kw.pop("img", "*fp32"), "lab_ptr": kw.pop("lab", "*u8"),
            "out_img_ptr": kw.pop("out", "*fp32"), "out_lab_ptr": "*u8", "meta_ptr": "*i64",
-           "cls_ptr": "*i64", "od": "i32", "oh": "i32", "ow": "i32", "tiles_y": "i32",
-           "tiles_x": "i32", "meta_stride": "i32", "cval": "fp32", "lcval": "i32"}
+           "cls_ptr": "*i64", "od": "i32", "oh": "i32", "ow": "i32", "ow_s": "i32",
+           "tiles_y": "i32", "tiles_x": "i32", "meta_stride": "i32", "cval": "fp32",
+           "lcval": "i32"}
     consts = {"NC": 1, "NL": 1, "N_OPS": 0, "LINEAR": True, "LAB_ONEHOT": False, "N_CLS": 0,
-              "TY": 2, "TX": 64, "EVEN": True, **kw}
+              "TY": 2, "TX": 64, "EVEN": True, "VEC": False, **kw}
     sig.update({k: "constexpr" for k in consts})
     try:
         src = ASTSource(fn=warp_kernel, signature=sig, constexprs=consts)
@@ -187,7 +188,7 @@ def test_triton_kernel_compiles_for_sm90():
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except Exception as e:  # pragma: no cover - builds without the NVIDIA backend
         pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
-    for kw in ({}, {"out": "*bf16", "TY": 4, "TX": 64},
+    for kw in ({}, {"out": "*bf16", "TY": 16, "TX": 32, "VEC": True},
                {"img": "*i16", "lab": "*i16", "N_OPS": 4, "EVEN": False},
                {"img": "*bf16", "NC": 2, "NL": 0, "LINEAR": False, "N_OPS": 2},
                {"img": "*fp16", "LAB_ONEHOT": True, "N_CLS": 3}):

@@ -7,7 +7,8 @@ superior), so one seed gives the same anatomy at every resolution; the grid only
 how finely it is sampled. What is in it:
 
 - a superelliptic body outline with subcutaneous fat, a muscle wall and an abdominal
-  cavity whose texture mixes bowel-like soft tissue, visceral fat and a few gas pockets;
+  cavity whose texture mixes soft tissue, visceral fat, enhancing bowel (liver-like
+  intensities) and a few gas pockets;
 - the liver: a smooth union of three deformed ellipsoids (right lobe, left lobe, caudate)
   under the diaphragm dome, with bright intrahepatic vessels (labelled liver, as in LiTS)
   and 0-3 hypodense tumours (label 2);
@@ -276,6 +277,7 @@ def _draw_anatomy(cv: _Canvas, rng: np.random.Generator, *, tumours: bool) -> No
     fat_mm, muscle_mm = u(8, 28), u(8, 14)
     body_phase = u(0, 2 * math.pi)
     fat_hu, muscle_hu, cavity_hu = u(-110, -85), u(40, 60), u(20, 35)
+    bowel_hu = u(85, 125)  # enhancing bowel wall / stomach: liver-like on purpose
     # --- diaphragm dome: the liver and spleen lie below it, lung bases above
     z_dome = u(55, 95)
     # --- liver
@@ -344,7 +346,8 @@ def _draw_anatomy(cv: _Canvas, rng: np.random.Generator, *, tumours: bool) -> No
     cv.paint(full, deeper(full, 0.0), fat_hu, label=0)
     cv.paint(full, deeper(full, fat_mm), muscle_hu, label=0)
     cavity = deeper(full, wall)
-    # cavity texture: bowel-like soft tissue with visceral fat where the field is low
+    # cavity texture: soft tissue with visceral fat where the field is low and enhancing
+    # bowel where it is high
     texture = _smooth_field(rng, full, (-200, -200, -220), (200, 200, 220), cell=22.0)
     # lung bases above the dome (not in the mediastinum); only the top slabs can hold lung
     lg = cv.box((z_dome - 90.0, -1e9, -1e9), (1e9, 1e9, 1e9))
@@ -355,10 +358,12 @@ def _draw_anatomy(cv: _Canvas, rng: np.random.Generator, *, tumours: bool) -> No
         lung = cavity[lg.slices] & ~dome_below(lg, 0.0) & ~mediastinum
         lung_val = (lung, lung_hu + 40.0 * texture[lg.slices])
     visceral_fat = texture < -0.8
+    bowel = texture > 0.8
     texture *= 25.0
     texture += cavity_hu
     np.copyto(texture, np.float32(fat_hu + 10.0), where=visceral_fat)
-    del visceral_fat
+    np.copyto(texture, np.float32(bowel_hu), where=bowel)
+    del visceral_fat, bowel
     cv.paint(full, cavity, texture, label=0)
     del texture
     if lg is not None and lung_val is not None:
@@ -588,8 +593,9 @@ def write_msd_dataset(
             return msd_cases(root)
         if not overwrite:
             raise DatasetError(
-                f"{ds_json}: holds a different dataset (phantom config {existing!r}, "
-                f"requested {config!r}); pass overwrite=True to replace it"
+                ds_json,
+                f"holds a different dataset (phantom config {existing!r}, requested "
+                f"{config!r}); pass overwrite=True to replace it",
             )
         ds_json.unlink()
     jobs: list[tuple[Path, Path | None, int, int, int, tuple[int, int, int], bool]] = []

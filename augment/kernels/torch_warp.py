@@ -116,10 +116,11 @@ def noise(seed: torch.Tensor | int, flat_index: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)
 
 
-def pad_programs(programs: Sequence[NDArray[np.float64]]) -> NDArray[np.float64]:
-    """Stack per-sample programs ``(n_b, 4)`` into ``(B, max n_b, 4)``, padding with the
-    identity ``AFFINE(1, 0)`` (exact in every backend)."""
-    n = max((len(p) for p in programs), default=0)
+def pad_programs(programs: Sequence[NDArray[np.float64]], length: int = 0
+                 ) -> NDArray[np.float64]:
+    """Stack per-sample programs ``(n_b, 4)`` into ``(B, max(max n_b, length), 4)``,
+    padding with the identity ``AFFINE(1, 0)`` (exact in every backend)."""
+    n = max(max((len(p) for p in programs), default=0), length)
     out = np.zeros((len(programs), n, 4), dtype=np.float64)
     out[:, :, 0] = AFFINE
     out[:, :, 1] = 1.0

@@ -53,6 +53,9 @@ Config = tuple[int, int, int, int]
 CONFIGS: tuple[Config, ...] = ((16, 32, 4, 0), (8, 32, 4, 0), (32, 32, 8, 0), (8, 64, 4, 0),
                                (8, 64, 4, 1))
 TUNE_MIN_VOXELS = 1 << 21
+# Programs are padded (identity ops) to a multiple of this, so the few lengths random
+# intensity pipelines produce share compiled kernels.
+OPS_BUCKET = 4
 
 if (AFFINE, CLIP, GAMMA, NOISE) != (0, 1, 2, 3):  # the kernel compares opcodes to literals
     raise ImportError("augment.kernels.program opcodes changed; update the Triton kernel")
@@ -415,6 +418,8 @@ def to_device(a: NDArray[Any], device: torch.device) -> torch.Tensor:
 
 
 _TUNED: dict[tuple[Any, ...], Config] = {}
+# (signature key, config, best ms) of every tuning run, for reports
+TUNE_LOG: list[tuple[tuple[Any, ...], Config, float]] = []
 
 
 def as_config(cfg: Sequence[int]) -> Config:
@@ -446,7 +451,7 @@ def launch(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, i
 
 
 def _tune(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, int, int],
-          batch: int, consts: dict[str, Any]) -> Config:
+          batch: int, consts: dict[str, Any], key: tuple[Any, ...]) -> Config:
     """The fastest of :data:`CONFIGS` on this launch (CUDA events, best of 3 after one)."""
     best, best_t = CONFIGS[0], float("inf")
     for cfg in CONFIGS:
@@ -460,6 +465,7 @@ def _tune(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, in
             stop.synchronize()  # host sync: tuning only, once per kernel signature
             times.append(start.elapsed_time(stop))
         t = min(times[1:])
+        TUNE_LOG.append((key, cfg, t))
         if t < best_t:
             best, best_t = cfg, t
     return best
@@ -506,7 +512,7 @@ def warp_batch(
         ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype``, ``(B, L, d, h, w)`` in the
         label dtype; None where the input was None.
     """
-    from augment.kernels.torch_warp import as_programs, label_classes, pack
+    from augment.kernels.torch_warp import as_programs, label_classes, pack, pad_programs
 
     if images is None and labels is None:
         raise ValueError("give images, labels, or both")
@@ -537,6 +543,8 @@ def warp_batch(
     if m.shape != (batch, 3, 4):
         raise ValueError(f"expected ({batch}, 3, 4) matrices, got {m.shape}")
     prog = as_programs(programs, batch) if img is not None else np.zeros((batch, 0, 4))
+    if prog.shape[1] % OPS_BUCKET:
+        prog = pad_programs(list(prog), -(-prog.shape[1] // OPS_BUCKET) * OPS_BUCKET)
     od, oh, ow = (int(s) for s in out_shape)
     ovol = od * oh * ow
     svol = int(shapes.prod(axis=1).max())
@@ -562,12 +570,14 @@ def warp_batch(
 
     cfg = as_config(config) if config is not None else env_config()
     if cfg is None:
+        # the program length and class count hardly change the best tile: not in the key
+        shape_consts = {k: v for k, v in consts.items() if k not in ("N_OPS", "N_CLS")}
         key = (str(device), str(ref.dtype), str(None if lab is None else lab.dtype),
-               str(out_dtype), tuple(sorted(consts.items())), (od, oh, ow), batch)
+               str(out_dtype), tuple(sorted(shape_consts.items())), (od, oh, ow), batch)
         cfg = _TUNED.get(key)
         if cfg is None:
             if tune and device.type == "cuda" and batch * ovol >= TUNE_MIN_VOXELS:
-                cfg = _TUNED[key] = _tune(args, tail, (od, oh, ow), batch, consts)
+                cfg = _TUNED[key] = _tune(args, tail, (od, oh, ow), batch, consts, key)
             else:
                 cfg = CONFIGS[0]
     launch(args, tail, (od, oh, ow), batch, consts, cfg)

@@ -76,7 +76,7 @@ __all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache"]
 CACHE_FORMAT = 1
 CACHE_CHUNKS: tuple[int, int, int] = (32, 64, 64)
 """Inner chunk shape (z, y, x) of the image and label arrays (see the module docstring)."""
-_BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
+_BLOSC: dict[str, Any] = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
 _PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
 _STATS_SAMPLE = 2_000_000  # voxels used for intensity percentiles (a regular stride)
 _MANIFEST_EVERY_S = 1.0  # how often a running build publishes finished cases
@@ -393,8 +393,8 @@ def _fingerprint(options: dict[str, Any], sources: dict[str, SourceDigest | None
         "chunks": CACHE_CHUNKS,
         "codec": _BLOSC,
         "options": options,
-        "image": sources["image"]["sha256"] if sources["image"] else None,  # type: ignore[index]
-        "label": sources["label"]["sha256"] if sources["label"] else None,  # type: ignore[index]
+        "image": sources["image"]["sha256"] if sources["image"] else None,
+        "label": sources["label"]["sha256"] if sources["label"] else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -439,6 +439,23 @@ class VolumeCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_state()
+
+    def close(self) -> None:
+        """Release this process's memory maps, decoded chunks and decoding threads (the
+        cache stays usable: they come back on the next read)."""
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        self._lru.clear()
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
+
+    def __enter__(self) -> VolumeCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"VolumeCache({str(self.root)!r}, cases={len(self.cases)}, complete={self.complete})"
@@ -488,11 +505,11 @@ class VolumeCache:
 
     def shape(self, case: str) -> tuple[int, int, int]:
         """Array shape (z, y, x) of a case."""
-        return tuple(self._entry(case)["shape"])  # type: ignore[return-value]
+        return tuple(self._entry(case)["shape"])
 
     def spacing(self, case: str) -> tuple[float, float, float]:
         """Voxel spacing (z, y, x) in mm of a case."""
-        return tuple(self._entry(case)["spacing"])  # type: ignore[return-value]
+        return tuple(self._entry(case)["spacing"])
 
     def has_label(self, case: str) -> bool:
         return bool(self._entry(case)["has_label"])
@@ -508,9 +525,9 @@ class VolumeCache:
         bbox = e["fg_bbox"]
         info = CaseInfo(
             id=case,
-            shape=tuple(e["shape"]),  # type: ignore[arg-type]
-            spacing=tuple(e["spacing"]),  # type: ignore[arg-type]
-            origin=tuple(e["origin"]),  # type: ignore[arg-type]
+            shape=tuple(e["shape"]),
+            spacing=tuple(e["spacing"]),
+            origin=tuple(e["origin"]),
             direction=np.array(e["direction"], dtype=np.float64),
             dtype=np.dtype(e["dtype"]),
             has_label=bool(e["has_label"]),
@@ -534,7 +551,7 @@ class VolumeCache:
 
         path = self.root / e["dir"] / name
         try:
-            arr = np.asarray(zarr.open_array(str(path), mode="r")[...], dtype=dtype)
+            arr: np.ndarray = np.asarray(zarr.open_array(str(path), mode="r")[...], dtype=dtype)
         except FileNotFoundError:
             raise CacheError(path, "missing (cache rebuilt or removed?); call refresh()") from None
         arr.setflags(write=False)
@@ -745,7 +762,12 @@ class VolumeCache:
                     continue
                 name = f"{c.id}@{fp[:12]}-{uuid.uuid4().hex[:6]}"
                 jobs.append(_Job(c, str(root), name, fp, sources[c.id], options, label_map))
-            manifest = {"format": CACHE_FORMAT, "complete": False, "options": options, "cases": old}
+            manifest: dict[str, Any] = {
+                "format": CACHE_FORMAT,
+                "complete": False,
+                "options": options,
+                "cases": old,
+            }
             _write_manifest(root, manifest)
             built, errors, voxel_bytes = [], [], 0
             last_write = time.perf_counter()

@@ -22,6 +22,7 @@ from collections.abc import Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numcodecs import blosc
@@ -49,7 +50,9 @@ def parse_region(
     Raises:
         ValueError: not 3 axes, a step other than 1, non-integer bounds, stop < start.
     """
-    items = tuple(region)
+    items: tuple[Any, ...] = tuple(region)
+    start: list[Any]
+    stop: list[Any]
     if len(items) == 3 and all(isinstance(s, slice) for s in items):
         start, stop = [], []
         for ax, s in enumerate(items):
@@ -72,7 +75,7 @@ def parse_region(
         raise ValueError(f"region bounds must be integers, got {region!r}")
     if any(e < s for s, e in zip(a, b, strict=True)):
         raise ValueError(f"region stop {b} is before start {a}")
-    return a, b  # type: ignore[return-value]
+    return (a[0], a[1], a[2]), (b[0], b[1], b[2])
 
 
 @dataclass(slots=True)
@@ -153,8 +156,8 @@ def _bytes_codec_ok(codec: dict, itemsize: int) -> bool:
 
 @dataclass(frozen=True)
 class _Layout:
-    chunk_shape: tuple[int, int, int]  # the decoded unit (inner chunk when sharded)
-    shard_shape: tuple[int, int, int] | None  # None: one file per chunk
+    chunk_shape: tuple[int, ...]  # the decoded unit (inner chunk when sharded)
+    shard_shape: tuple[int, ...] | None  # None: one file per chunk
     index_at_end: bool = True
     index_crc: bool = True
 
@@ -189,7 +192,7 @@ def _fast_layout(meta: dict, dtype: np.dtype) -> _Layout | None:
             )
         else:
             inner_codecs = codecs
-            layout = _Layout(outer, None)  # type: ignore[arg-type]
+            layout = _Layout(outer, None)
         if len(layout.chunk_shape) != 3 or len(inner_codecs) != 2:
             return None
         if not _bytes_codec_ok(inner_codecs[0], dtype.itemsize):
@@ -239,7 +242,7 @@ class ArrayReader:
             raise CacheError(
                 meta_path, f"expected a 3D numeric array, got data_type {dt!r} and shape {shape}"
             )
-        self.shape: tuple[int, int, int] = shape  # type: ignore[assignment]
+        self.shape: tuple[int, int, int] = shape
         self.fill_value = np.array(meta.get("fill_value", 0) or 0).astype(self.dtype)
         self._disk_dtype = self.dtype.newbyteorder("<")  # what the bytes codec stores
         self._layout = _fast_layout(meta, self._disk_dtype)
@@ -251,10 +254,10 @@ class ArrayReader:
         self._zarr = None
 
     @property
-    def chunk_shape(self) -> tuple[int, int, int]:
+    def chunk_shape(self) -> tuple[int, ...]:
         """The decoded unit: the inner chunk shape when sharded."""
         if self._layout is None:
-            return tuple(self._zarr_array().chunks)  # type: ignore[return-value]
+            return tuple(self._zarr_array().chunks)
         return self._layout.chunk_shape
 
     @property

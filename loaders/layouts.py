@@ -283,7 +283,7 @@ def pair_cases(
         if isinstance(item, (str, os.PathLike)) or len(item) not in (1, 2):
             raise DatasetError(None, f"pair {i} must be (image, label) or (image,), got {item!r}")
         image = Path(item[0])  # type: ignore[arg-type]
-        label = Path(item[1]) if len(item) == 2 and item[1] is not None else None  # type: ignore[arg-type]
+        label = Path(item[1]) if len(item) == 2 and item[1] is not None else None
         cid = ids[i] if ids is not None else case_id_from_path(image)
         cases.append(Case(cid, image, label))
     seen: dict[str, Path] = {}

@@ -204,7 +204,7 @@ def _resolve_shape(shape: tuple[int, int, int] | str) -> tuple[int, int, int]:
     out = tuple(int(n) for n in shape)
     if len(out) != 3 or min(out) < 8:
         raise ValueError(f"phantom shape must be 3 sizes >= 8 (z, y, x), got {shape!r}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def generate_case(
@@ -241,7 +241,7 @@ def generate_case(
         spc = tuple(float(s) for s in spacing)  # type: ignore[assignment]
         if len(spc) != 3 or not all(math.isfinite(s) and s > 0 for s in spc):
             raise ValueError(f"spacing must be 3 positive numbers (z, y, x) in mm, got {spacing!r}")
-    cv = _Canvas(shp, spc)  # type: ignore[arg-type]
+    cv = _Canvas(shp, spc)
     _draw_anatomy(cv, rng, tumours=tumours)
 
     nrng = np.random.default_rng(noise_ss)
@@ -264,7 +264,7 @@ def generate_case(
     outside = cv.axes[1][:, None] ** 2 + cv.axes[2][None, :] ** 2 > fov_r**2
     out[:, outside] = PAD_HU
     cv.label[:, outside] = 0
-    return out, cv.label, spc  # type: ignore[return-value]
+    return out, cv.label, spc
 
 
 def _draw_anatomy(cv: _Canvas, rng: np.random.Generator, *, tumours: bool) -> None:

@@ -309,3 +309,15 @@ def test_volume_validates_its_fields():
         Volume(np.zeros((2, 2, 2)), spacing=(1.0, 0.0, 1.0))
     vol = Volume(np.zeros((2, 3, 4)), spacing=[1, 2, 3])
     assert vol.spacing == (1.0, 2.0, 3.0) and not vol.direction.flags.writeable
+
+
+def test_multi_member_gzip_nifti_is_complete(tmp_path):
+    # e.g. bgzip output: the last member's length field is not the file's length
+    write_array(ARRAY, tmp_path / "one.nii")
+    raw = (tmp_path / "one.nii").read_bytes()
+    half = len(raw) // 2
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    np.testing.assert_array_equal(read_volume(tmp_path / "two.nii.gz").array, ARRAY)
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[:half]))
+    with pytest.raises(VolumeError, match="truncated NIfTI"):
+        read_volume(tmp_path / "cut.nii.gz")

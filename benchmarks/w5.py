@@ -1,0 +1,188 @@
+"""W5 cache read: a random 160^3 region (a 128^3 patch plus rotation margin) of a
+200x512x512 int16 CT volume.
+
+Ways, all reading the same sequence of random regions of the same phantom volume (page
+cache warm: every file was just written and read once):
+- ``zarr-cache``: ``loaders.VolumeCache.read_region``, decoded-chunk LRU off, one thread;
+  ``zarr-cache-2threads`` decodes on two threads; ``zarr-cache-lru`` keeps the default
+  256 MiB LRU of decoded chunks (regions of one volume overlap, so most chunks are hits);
+- ``npy-memmap``: an uncompressed .npy opened with ``mmap_mode="r"``, region copied out;
+- ``zarr-defaults``: ``zarr.create_array`` with its default chunks and codecs, sliced;
+- ``nifti-gz-whole``: read the whole .nii.gz with SimpleITK, then crop.
+
+Figures: ms per region (median), bytes on disk of the image, and the cache build
+throughput (MB of voxels per second, one worker process, from the .nii.gz sources).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from benchmarks.common import Result, median_seconds
+from loaders import VolumeCache, pair_cases, read_volume, write_array
+from loaders.cache import CACHE_CHUNKS
+from loaders.phantom import generate_case
+
+FULL = ((200, 512, 512), (160, 160, 160))
+QUICK = ((100, 256, 256), (80, 80, 80))
+WORKLOAD = "w5"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(quick: bool = False) -> list[Result]:
+    """Run W5; ``quick`` uses a 100x256x256 volume and 80^3 regions (about 10 s)."""
+    shape, region = QUICK if quick else FULL
+    repeats, nifti_repeats = (21, 3) if quick else (41, 5)
+    size = f"{'x'.join(map(str, shape))} int16 phantom, random {region[0]}^3 regions"
+    if quick:
+        size += " (quick: smaller volume and regions than the full 200x512x512 / 160^3)"
+    results: list[Result] = []
+
+    def add(name: str, value: float, unit: str, baseline: str | None, note: str) -> None:
+        results.append(Result(WORKLOAD, name, value, unit, baseline, note=f"{note}; {size}"))
+
+    with tempfile.TemporaryDirectory(prefix="w5-") as tmp_name:
+        tmp = Path(tmp_name)
+        image, label, spacing = generate_case(0, shape=shape)
+        nii = write_array(image, tmp / "ct.nii.gz", spacing=spacing)
+        seg = write_array(label, tmp / "ct_seg.nii.gz", spacing=spacing)
+        np.save(tmp / "ct.npy", image)
+        defaults = zarr.create_array(str(tmp / "defaults.zarr"), shape=shape, dtype=image.dtype)
+        defaults[...] = image
+
+        t0 = time.perf_counter()
+        report = VolumeCache(tmp / "cache").build(
+            pair_cases([(nii, seg)], ids=["ct"]), workers=1, progress=False
+        )
+        build_s = time.perf_counter() - t0
+
+        caches = {
+            "zarr-cache": VolumeCache(tmp / "cache", cache_bytes=0),
+            "zarr-cache-2threads": VolumeCache(tmp / "cache", cache_bytes=0, threads=2),
+            "zarr-cache-lru": VolumeCache(tmp / "cache"),
+        }
+        memmap = np.load(tmp / "ct.npy", mmap_mode="r")
+        zd = zarr.open_array(str(tmp / "defaults.zarr"), mode="r")
+
+        def box(s: tuple[int, ...]) -> tuple[slice, slice, slice]:
+            return (
+                slice(s[0], s[0] + region[0]),
+                slice(s[1], s[1] + region[1]),
+                slice(s[2], s[2] + region[2]),
+            )
+
+        def cache_way(cache: VolumeCache) -> Callable[[tuple[int, ...]], Any]:
+            return lambda s: cache.read_region("ct", box(s))
+
+        ways: dict[str, Callable[[tuple[int, ...]], Any]] = {
+            **{name: cache_way(c) for name, c in caches.items()},
+            "npy-memmap": lambda s: np.array(memmap[box(s)]),
+            "zarr-defaults": lambda s: zd[box(s)],
+            "nifti-gz-whole": lambda s: read_volume(nii).array[box(s)],
+        }
+        rng = np.random.default_rng(5)
+        starts = [
+            tuple(int(rng.integers(0, n - r + 1)) for n, r in zip(shape, region, strict=True))
+            for _ in range(64)
+        ]
+        for name, fn in ways.items():  # same answer everywhere before timing anything
+            if not np.array_equal(fn(starts[0]), image[box(starts[0])]):
+                raise AssertionError(f"w5: {name} read a wrong region")
+
+        def cycling(fn: Callable[[tuple[int, ...]], Any]) -> Callable[[], Any]:
+            regions = itertools.cycle(starts)  # every call reads the next random region
+            return lambda: fn(next(regions))
+
+        ms = {
+            name: 1e3
+            * median_seconds(
+                cycling(fn), nifti_repeats if name == "nifti-gz-whole" else repeats, warmup=2
+            )
+            for name, fn in ways.items()
+        }
+        for c in caches.values():
+            c.close()
+
+        chunks = "x".join(map(str, CACHE_CHUNKS))
+        cache_note = f"sharded, {chunks} chunks, blosc lz4 + byte shuffle"
+        add(
+            "zarr-cache",
+            ms["zarr-cache"],
+            "ms",
+            "zarr-defaults",
+            f"{cache_note}, LRU off, 1 thread; ratio = speed-up over zarr defaults (goal >= 5)",
+        )
+        add(
+            "zarr-cache-2threads",
+            ms["zarr-cache-2threads"],
+            "ms",
+            "zarr-cache",
+            "chunks decoded on 2 threads, LRU off",
+        )
+        add(
+            "zarr-cache-lru",
+            ms["zarr-cache-lru"],
+            "ms",
+            "zarr-cache",
+            "256 MiB LRU of decoded chunks, 64 regions cycling (mostly hits)",
+        )
+        add(
+            "npy-memmap",
+            ms["npy-memmap"],
+            "ms",
+            "zarr-cache",
+            "uncompressed .npy memmap; ratio = how much faster than the cache (goal <= 5)",
+        )
+        add(
+            "zarr-defaults",
+            ms["zarr-defaults"],
+            "ms",
+            None,
+            f"zarr.create_array defaults: chunks {'x'.join(map(str, zd.chunks))}, "
+            f"{type(zd.compressors[0]).__name__ if zd.compressors else 'no codec'}",
+        )
+        add(
+            "nifti-gz-whole",
+            ms["nifti-gz-whole"],
+            "ms",
+            "zarr-cache",
+            "SimpleITK reads the whole .nii.gz, then crop",
+        )
+
+        case_dir = next(p for p in (tmp / "cache").iterdir() if p.name.startswith("ct@"))
+        sizes = {
+            "npy-memmap-bytes": (tmp / "ct.npy").stat().st_size,
+            "zarr-cache-bytes": _dir_bytes(case_dir / "image"),
+            "zarr-defaults-bytes": _dir_bytes(tmp / "defaults.zarr"),
+            "nifti-gz-bytes": nii.stat().st_size,
+        }
+        raw = sizes["npy-memmap-bytes"]
+        for name, nbytes in sizes.items():
+            add(
+                name,
+                float(nbytes),
+                "bytes",
+                None if name == "npy-memmap-bytes" else "npy-memmap-bytes",
+                f"image on disk: {nbytes / raw:.2f}x the raw bytes"
+                + (" (goal <= 0.8)" if name == "zarr-cache-bytes" else ""),
+            )
+        add(
+            "cache-build",
+            report.voxel_bytes / 1e6 / build_s,
+            "MB/s",
+            None,
+            "VolumeCache.build, 1 worker: read + check the .nii.gz pair, statistics, encode, "
+            "write; MB of image + label voxels per second per core",
+        )
+    return results

@@ -759,6 +759,7 @@ class VolumeCache:
                     and (root / prev["dir"]).is_dir()
                 ):
                     kept.append(c.id)
+                    old[c.id] = {**prev, "sources": sources[c.id]}  # fresh stat signatures
                     continue
                 name = f"{c.id}@{fp[:12]}-{uuid.uuid4().hex[:6]}"
                 jobs.append(_Job(c, str(root), name, fp, sources[c.id], options, label_map))

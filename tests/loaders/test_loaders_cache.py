@@ -272,6 +272,8 @@ def test_incremental_rebuild(tmp_path, dataset):
     # a new mtime with the same contents: the content fingerprint keeps the case
     os.utime(dataset[0].image, ns=(10**18, 10**18))
     assert cache.build(dataset, workers=1, progress=False).built == ()
+    sources = json.loads((root / "zarr.json").read_text())["attributes"]["voxaug_cache"]["cases"]
+    assert str(10**18) in sources["phantom_000"]["sources"]["image"]["stat"]  # not hashed again
 
     # change one source: only that case is rebuilt, the others keep their folders
     changed = dataset[1]

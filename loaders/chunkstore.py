@@ -277,7 +277,10 @@ class ArrayReader:
         with self._shard_lock:
             for m, _ in self._shards.values():
                 if m is not None:
-                    m.close()
+                    try:
+                        m.close()
+                    except BufferError:  # a read in another thread still uses it: GC later
+                        pass
             self._shards.clear()
 
     def __del__(self) -> None:
@@ -311,6 +314,8 @@ class ArrayReader:
                 return got
             try:
                 m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file
+                raise CacheError(fpath, "shard file is empty (truncated?)") from None
             finally:
                 os.close(fd)
             per = [s // c for s, c in zip(layout.shard_shape, layout.chunk_shape, strict=True)]
@@ -368,6 +373,9 @@ class ArrayReader:
         if buf is None:
             return None
         dest = scratch if scratch is not None else np.empty(self.chunk_shape, self._disk_dtype)
+        # blosc1 header: bytes 4-8 hold the decoded size; a short one would leave stale data
+        if len(buf) < 16 or int.from_bytes(buf[4:8], "little") != dest.nbytes:
+            raise CacheError(self.path, f"chunk {cidx} is corrupt (bad blosc header)")
         try:
             blosc.decompress(buf, dest)
         except (RuntimeError, ValueError) as exc:

@@ -154,6 +154,27 @@ def test_corrupt_or_truncated_shard_is_reported(stores, tmp_path):
     shard.write_bytes(bytes(data[:20]))
     with pytest.raises(CacheError, match="truncated"):
         ArrayReader(copy).read_into((0, 0, 0), (2, 2, 2), out)
+    shard.write_bytes(b"")
+    with pytest.raises(CacheError, match="empty"):
+        ArrayReader(copy).read_into((0, 0, 0), (2, 2, 2), out)
+
+
+def test_corrupt_chunk_bytes_are_reported(stores, tmp_path):
+    path, _ = stores["chunked-blosc", "int16"]
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    chunk = copy / "c" / "1" / "1" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[4] ^= 0x01  # the decoded size in the blosc header
+    chunk.write_bytes(bytes(data))
+    out = np.empty((2, 2, 2), np.int16)
+    with pytest.raises(CacheError, match=r"chunk \(1, 1, 1\) is corrupt") as err:
+        ArrayReader(copy).read_into((4, 5, 6), (6, 7, 8), out)
+    assert str(copy) in str(err.value)
+    data[4] ^= 0x01
+    chunk.write_bytes(bytes(data[:40]))  # header intact, payload cut short
+    with pytest.raises(CacheError, match="cannot decode chunk"):
+        ArrayReader(copy).read_into((4, 5, 6), (6, 7, 8), out)
 
 
 def test_array_removed_under_a_reader(stores, tmp_path):

@@ -1,0 +1,316 @@
+"""``PatchSampler``: one training patch per (epoch, index), read from the cache region it needs.
+
+Per sample, everything random comes from the generator ``augment.sample_rng(seed, epoch,
+index)``: the case (uniform or weighted), the patch centre (uniform, or with probability
+``foreground`` on a foreground voxel from the cache's stored sample, as nnU-Net; or
+DSB2017-style around a target with ``augment.TargetCrop``), then the parameters of the rest
+of the ``Compose``. The sampler maps the corners of the output patch through the sample's
+pull map; their bounding box plus the interpolation taps (floor and floor + 1), clipped to
+the volume, is the only region read from the cache. The ``Compose`` then runs on that
+region with ``offset`` and ``in_shape``, which shifts the matrix by the region's offset, so
+the patch equals the one augmenting the whole volume would give: taps outside the volume
+read the ``Compose``'s ``cval`` / ``label_cval`` either way, which is why no padding value
+is needed (the region is clipped, never padded). A whole volume is never read for a patch.
+
+    sampler = PatchSampler(VolumeCache(root), augment.Compose([
+        augment.RandomCrop(128), augment.RandomAffine(15, (0.85, 1.25)),
+        augment.RandomFlip(p=0.5), augment.Window(-200, 250)], cval=-1024))
+    out = sampler.sample(epoch=0, index=7)   # image (1, 128, 128, 128) float32, label uint8
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+import augment
+from augment import matrices as mx
+from augment.compose import ComposeParams
+from augment.spatial import CropParams, RandomCrop
+from augment.target_crop import TargetCrop
+from loaders.cache import VolumeCache
+
+__all__ = ["Draw", "PatchSampler", "clip_box", "footprint"]
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]
+# Corner coordinates within this distance of an integer count as that integer, so that the
+# floor taken here can never disagree with the kernel's by float rounding.
+_EPS = 1e-6
+
+
+def footprint(matrix: ArrayLike, out_shape: Sequence[int], *, margin: int = 0) -> Box:
+    """The source box an output patch samples from, before clipping to the volume.
+
+    Args:
+        matrix: ``(3, 4)`` / ``(4, 4)`` pull map (output index -> source index).
+        out_shape: ``(d, h, w)`` of the output patch.
+        margin: extra voxels on every side.
+
+    Returns:
+        ``(start, stop)``, half-open integer triples: every trilinear tap (floor(c) and
+        floor(c) + 1 per axis) and every nearest tap of every output voxel lies inside.
+    """
+    corners = np.stack(
+        np.meshgrid(*[[0, n - 1] for n in out_shape], indexing="ij"), axis=-1
+    ).reshape(-1, 3)
+    src = mx.apply_points(matrix, corners)
+    lo = np.floor(src.min(axis=0) - _EPS).astype(np.int64) - int(margin)
+    hi = np.floor(src.max(axis=0) + _EPS).astype(np.int64) + 2 + int(margin)
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
+
+
+def clip_box(box: Box, shape: Sequence[int]) -> Box:
+    """``box`` intersected with the volume; never empty: where they do not meet, one voxel
+    of the volume that no tap touches (the output is then all fill values)."""
+    lo = [min(max(a, 0), n - 1) for a, n in zip(box[0], shape, strict=True)]
+    hi = [max(min(b, n), a + 1) for a, b, n in zip(lo, box[1], shape, strict=True)]
+    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What one sample drew: its case, the Compose parameters, and the target (z, y, x, d)
+    its TargetCrop was centred on (None for random crops)."""
+
+    case: str
+    params: ComposeParams
+    target: NDArray[np.float64] | None = None
+
+
+class PatchSampler:
+    """Patches of a ``VolumeCache`` augmented by a ``Compose``, one per (epoch, index).
+
+    The Compose's first spatial transform must be the crop: a ``RandomCrop`` (its size is
+    the patch size; where the patch goes is chosen here) or a ``TargetCrop`` (DSB2017). A
+    RandomCrop with its own ``centre_sampler`` keeps it (it gets the context ``fg_points``,
+    ``case`` and ``foreground`` (whether this sample should be foreground-centred)).
+    Pickles small (the cache pickles as its root), so spawned workers can take it.
+
+    Args:
+        cache: the volume cache.
+        compose: the augmentation; its ``cval`` is in the cache's units (use the air value,
+            e.g. -1024 HU, for CT, since regions near the border read it outside the volume).
+        cases: case ids to draw from (default: all of the cache's).
+        case_weights: relative probability of each case (a sequence aligned with ``cases``
+            or a mapping id -> weight); default uniform.
+        foreground: probability that a patch is centred on a foreground voxel (nnU-Net's
+            oversampling, 1/3); the class is drawn uniformly among the case's classes, then
+            a voxel among the cache's stored sample of that class. With a TargetCrop: the
+            probability of centring on one of the case's ``targets`` (else a random crop,
+            as DSB2017's negatives).
+        targets: for a TargetCrop, case id -> ``(N, 4)`` targets ``(z, y, x, diameter)`` in
+            voxels.
+        seed: run seed; sample ``index`` of ``epoch`` uses ``sample_rng(seed, epoch, index)``.
+        margin: voxels read beyond the interpolation footprint on every side.
+
+    Raises:
+        ValueError: no crop first in the Compose, a RandomCrop with its own ``foreground``,
+            unknown cases, bad weights or probabilities, patch shapes that vary by case.
+    """
+
+    def __init__(
+        self,
+        cache: VolumeCache,
+        compose: augment.Compose,
+        *,
+        cases: Sequence[str] | None = None,
+        case_weights: Sequence[float] | Mapping[str, float] | None = None,
+        foreground: float = 1 / 3,
+        targets: Mapping[str, ArrayLike] | None = None,
+        seed: int = 0,
+        margin: int = 0,
+    ) -> None:
+        if not isinstance(compose, augment.Compose):
+            raise TypeError(f"compose must be an augment.Compose, got {type(compose).__name__}")
+        self.cache = cache
+        self.compose = compose
+        self.cases = tuple(cache.cases if cases is None else cases)
+        if not self.cases:
+            raise ValueError(f"no cases to sample from (cache {cache.root} has {len(cache.cases)})")
+        missing = [c for c in self.cases if c not in cache]
+        if missing:
+            raise ValueError(f"cases not in the cache at {cache.root}: {missing[:5]}")
+        self.weights = _weights(case_weights, self.cases)
+        if not 0.0 <= foreground <= 1.0:
+            raise ValueError(f"foreground must be in [0, 1], got {foreground!r}")
+        self.foreground = float(foreground)
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        self.seed = int(seed)
+        if int(margin) < 0:
+            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        self.margin = int(margin)
+        if not compose.spatial or not isinstance(compose.spatial[0], (RandomCrop, TargetCrop)):
+            raise ValueError(
+                "PatchSampler needs a RandomCrop or TargetCrop as the first spatial transform "
+                f"of the Compose (the patch is a crop of the source), got {compose!r}"
+            )
+        self.crop = compose.spatial[0]
+        if isinstance(self.crop, RandomCrop) and self.crop.foreground > 0:
+            raise ValueError(
+                f"set foreground oversampling on the PatchSampler (foreground={foreground!r}), "
+                f"not on the RandomCrop (foreground={self.crop.foreground!r})"
+            )
+        self.targets = {k: _targets(v, k) for k, v in (targets or {}).items()}
+        shapes = {compose.out_shape(cache.shape(c)) for c in self.cases}
+        if len(shapes) != 1:
+            raise ValueError(f"the patch shape depends on the case: {sorted(shapes)}")
+        self.patch_shape: tuple[int, int, int] = shapes.pop()
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchSampler({len(self.cases)} cases, {self.compose!r}, "
+            f"foreground={self.foreground:.3g}, seed={self.seed})"
+        )
+
+    # -- drawing ------------------------------------------------------------------------
+    def draw(self, epoch: int, index: int) -> Draw:
+        """The case and the Compose parameters of sample ``index`` of ``epoch`` (no I/O
+        beyond the cache's small per-case metadata). Draw order from the sample's
+        generator: case, foreground or not, crop, the other transforms in list order."""
+        rng = augment.sample_rng(self.seed, epoch, index)
+        if self.weights is not None:
+            case = self.cases[int(rng.choice(len(self.cases), p=self.weights))]
+        else:
+            case = self.cases[int(rng.integers(len(self.cases)))]
+        shape = self.cache.shape(case)
+        want_fg = bool(rng.random() < self.foreground) if self.foreground > 0 else False
+        crop, target = self._crop_params(rng, case, shape, want_fg)
+        spatial = [crop]
+        cur = self.crop.out_shape(shape)
+        for t in self.compose.spatial[1:]:
+            spatial.append(t.sample(rng, cur))
+            cur = t.out_shape(cur)
+        intensity = tuple(t.sample(rng) for t in self.compose.intensity)
+        params = ComposeParams(
+            spatial=tuple(spatial),
+            intensity=intensity,
+            in_shape=np.asarray([shape], dtype=np.int64),
+        )
+        return Draw(case=case, params=params, target=target)
+
+    def _crop_params(
+        self, rng: np.random.Generator, case: str, shape: tuple[int, int, int], want_fg: bool
+    ) -> tuple[Any, NDArray[np.float64] | None]:
+        crop = self.crop
+        if isinstance(crop, TargetCrop):
+            tg = self.targets.get(case)
+            target = None
+            if want_fg and tg is not None and len(tg):
+                target = tg[int(rng.integers(len(tg)))]
+            return crop.sample(rng, shape, target=target), target
+        if crop.centre_sampler is not None:
+            info = self.cache.info(case)
+            return crop.sample(
+                rng, shape, fg_points=info.fg_indices, case=case, foreground=want_fg
+            ), None
+        size = np.asarray(crop.size, dtype=np.int64)
+        n = np.asarray(shape, dtype=np.int64)
+        if want_fg:
+            point = self._foreground_voxel(rng, case)
+            if point is not None:
+                start = point - (size - 1) // 2
+                return CropParams(start=start[None], foreground=np.array([True])), None
+        start = np.array(
+            [int(rng.integers(0, k + 1)) if k >= 0 else k // 2 for k in (n - size).tolist()],
+            dtype=np.int64,
+        )
+        return CropParams(start=start[None], foreground=np.array([False])), None
+
+    def _foreground_voxel(self, rng: np.random.Generator, case: str) -> NDArray[np.int64] | None:
+        info = self.cache.info(case)
+        if not len(info.fg_indices):
+            return None
+        classes = np.unique(info.fg_classes)
+        cls = classes[int(rng.integers(len(classes)))]
+        members = np.flatnonzero(info.fg_classes == cls)
+        return info.fg_indices[members[int(rng.integers(len(members)))]].astype(np.int64)
+
+    def region(self, case: str, params: ComposeParams) -> Box:
+        """The cache box (clipped to the volume) that the patch of ``params`` reads."""
+        m = self.compose.matrix(params)[0]
+        box = footprint(m, self.patch_shape, margin=self.margin)
+        return clip_box(box, self.cache.shape(case))
+
+    # -- reading and augmenting ---------------------------------------------------------
+    def sample_region(self, epoch: int, index: int) -> dict[str, Any]:
+        """The raw cache region of a sample, for augmentation elsewhere (GPU feeding).
+
+        Returns:
+            ``{"image": (1, rd, rh, rw) cache dtype (int16 for CT), "label": (1, rd, rh, rw)
+            uint8, "params": ComposeParams, "offset": (3,) int64 region start in the volume,
+            "in_shape": (3,) int64 volume shape, "case": id, "target": (4,) or None}``. Run
+            the Compose on it with ``params=``, ``offset=`` and ``in_shape=`` (numpy, or
+            batched torch tensors); the result is :meth:`sample`'s.
+        """
+        d = self.draw(epoch, index)
+        start, stop = self.region(d.case, d.params)
+        image = self.cache.read_region(d.case, (start, stop))
+        if self.cache.has_label(d.case):
+            label = self.cache.read_region(d.case, (start, stop), array="label")
+        else:
+            label = np.zeros(image.shape, np.uint8)
+        return {
+            "image": image[None],
+            "label": label[None],
+            "params": d.params,
+            "offset": np.asarray(start, np.int64),
+            "in_shape": np.asarray(self.cache.shape(d.case), np.int64),
+            "case": d.case,
+            "target": d.target,
+        }
+
+    def sample(self, epoch: int, index: int) -> dict[str, Any]:
+        """Sample ``index`` of ``epoch``: read its region and augment it.
+
+        Returns:
+            ``{"image": (1, d, h, w) float32, "label": (1, d, h, w) uint8, "case": id,
+            "params": ComposeParams, "offset": (3,) region start}``, plus the Compose's
+            ``"target"`` (in patch coordinates) and ``"coord"`` where a TargetCrop gives
+            them.
+        """
+        reg = self.sample_region(epoch, index)
+        extra = {} if reg["target"] is None else {"target": reg["target"]}
+        out = self.compose(
+            image=reg["image"],
+            label=reg["label"],
+            params=reg["params"],
+            offset=reg["offset"],
+            in_shape=reg["in_shape"],
+            **extra,
+        )
+        out["case"] = reg["case"]
+        out["offset"] = reg["offset"]
+        return out
+
+
+def _weights(
+    weights: Sequence[float] | Mapping[str, float] | None, cases: tuple[str, ...]
+) -> NDArray[np.float64] | None:
+    if weights is None:
+        return None
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - set(cases)
+        if unknown:
+            raise ValueError(f"case_weights names cases that are not sampled: {sorted(unknown)}")
+        w = np.array([float(weights.get(c, 0.0)) for c in cases])
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(cases),):
+            raise ValueError(
+                f"case_weights needs one weight per case ({len(cases)}), got shape {w.shape}"
+            )
+    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"case_weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    return w / w.sum()
+
+
+def _targets(value: ArrayLike, case: str) -> NDArray[np.float64]:
+    t = np.asarray(value, dtype=np.float64).reshape(-1, 4) if np.size(value) else np.zeros((0, 4))
+    if not np.isfinite(t).all():
+        raise ValueError(f"targets of case {case!r} must be finite (z, y, x, d) rows, got {t}")
+    return t

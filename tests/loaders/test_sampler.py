@@ -1,0 +1,196 @@
+"""PatchSampler: a patch from its cache region equals the patch from the whole volume, reads
+are bounded by the footprint, centres follow the foreground fraction, draws are keyed by
+(seed, epoch, index)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import augment
+from augment import matrices as mx
+from loaders import VolumeCache
+from loaders.phantom import write_msd_dataset
+from loaders.sampler import PatchSampler, clip_box, footprint
+
+PATCH = (15, 21, 19)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> VolumeCache:
+    """Two tiny phantom cases (24x40x40, liver and tumour labels)."""
+    root = tmp_path_factory.mktemp("sampler")
+    cases = write_msd_dataset(root / "ds", n_train=2, seed=3, size=(24, 40, 40))
+    cache = VolumeCache(root / "cache.zarr")
+    cache.build(cases, workers=1, progress=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def volumes(cache: VolumeCache) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {c: (cache.read(c), cache.read(c, array="label")) for c in cache.cases}
+
+
+def pipeline(patch=PATCH, **kw) -> augment.Compose:
+    return augment.Compose([
+        augment.RandomCrop(patch),
+        augment.RandomAffine(degrees=25, scale=(0.7, 1.3), shear=0.05),
+        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+        augment.Window(-200, 250), augment.RandomNoise((0.0, 0.1), p=0.5),
+        augment.RandomContrast((0.75, 1.25), p=0.5),
+    ], **kw)
+
+
+def test_region_patch_equals_whole_volume_patch(cache, volumes):
+    sampler = PatchSampler(cache, pipeline(cval=-1024), foreground=0.5, seed=11)
+    outside = 0
+    for i in range(40):
+        out = sampler.sample(0, i)
+        img, lab = volumes[out["case"]]
+        ref = sampler.compose(image=img, label=lab, params=out["params"])
+        assert out["image"].shape == (1, *PATCH) and out["image"].dtype == np.float32
+        assert out["label"].shape == (1, *PATCH) and out["label"].dtype == np.uint8
+        np.testing.assert_allclose(out["image"][0], ref["image"], rtol=1e-6, atol=1e-5)
+        np.testing.assert_array_equal(out["label"][0], ref["label"])
+        m = sampler.compose.matrix(out["params"])[0]
+        start, stop = footprint(m, PATCH)
+        outside += bool(np.any(np.asarray(start) < 0) or np.any(np.asarray(stop) > img.shape))
+    assert outside >= 5, "the draws should include patches that stick out of the volume"
+
+
+def test_reads_only_the_footprint(cache, volumes, monkeypatch):
+    sampler = PatchSampler(cache, pipeline(), foreground=0.5, seed=2)
+    reads: list[tuple[str, tuple, tuple, str]] = []
+    real = cache.read_region
+
+    def spy(case, region, *, array="image", **kw):
+        reads.append((case, tuple(region[0]), tuple(region[1]), array))
+        return real(case, region, array=array, **kw)
+
+    monkeypatch.setattr(cache, "read_region", spy)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in PATCH], indexing="ij"), -1)
+    grid = grid.reshape(-1, 3)
+    for i in range(10):
+        reads.clear()
+        d = sampler.draw(0, i)
+        out = sampler.sample(0, i)
+        assert [r[3] for r in reads] == ["image", "label"]
+        case, start, stop, _ = reads[0]
+        assert case == d.case and reads[1][1:3] == (start, stop)
+        shape = cache.shape(case)
+        # every tap of every output voxel, computed independently, clipped to the volume
+        c = mx.apply_points(sampler.compose.matrix(out["params"])[0], grid)
+        lo = np.clip(np.floor(c).min(0), 0, np.asarray(shape) - 1).astype(int)
+        hi = np.clip(np.floor(c).max(0) + 2, lo + 1, shape).astype(int)
+        assert np.all(np.asarray(start) <= lo) and np.all(np.asarray(stop) >= hi)
+        assert np.all(np.asarray(start) >= lo - 1) and np.all(np.asarray(stop) <= hi + 1)
+        assert np.prod(np.subtract(stop, start)) < np.prod(shape)
+
+
+def test_sample_region_then_compose_equals_sample(cache):
+    sampler = PatchSampler(cache, pipeline(cval=-1024), seed=5)
+    for i in range(4):
+        reg = sampler.sample_region(1, i)
+        assert reg["image"].dtype == np.int16 and reg["label"].dtype == np.uint8
+        again = sampler.compose(image=reg["image"], label=reg["label"], params=reg["params"],
+                                offset=reg["offset"], in_shape=reg["in_shape"])
+        out = sampler.sample(1, i)
+        np.testing.assert_array_equal(again["image"], out["image"])
+        np.testing.assert_array_equal(again["label"], out["label"])
+
+
+def test_draws_are_keyed_by_seed_epoch_index(cache):
+    sampler = PatchSampler(cache, pipeline(), seed=7)
+    a, b = sampler.sample(3, 9), sampler.sample(3, 9)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert a["params"].as_dict() == b["params"].as_dict()
+    assert sampler.draw(4, 9).params.as_dict() != a["params"].as_dict()
+    other = PatchSampler(cache, pipeline(), seed=8)
+    assert other.draw(3, 9).params.as_dict() != a["params"].as_dict()
+    clone = pickle.loads(pickle.dumps(sampler))
+    np.testing.assert_array_equal(clone.sample(3, 9)["image"], a["image"])
+
+
+def test_foreground_fraction_and_centres(cache, volumes):
+    odd = (9, 11, 13)  # odd sizes: the patch centre is a voxel and maps onto the chosen one
+    aug = augment.Compose([augment.RandomCrop(odd), augment.RandomAffine(degrees=30)])
+    always = PatchSampler(cache, aug, foreground=1.0, seed=1)
+    for i in range(12):
+        out = always.sample(0, i)
+        assert bool(out["params"].spatial[0].foreground[0])
+        assert out["label"][0][tuple((n - 1) // 2 for n in odd)] > 0
+    never = PatchSampler(cache, aug, foreground=0.0, seed=1)
+    for i in range(30):
+        d = never.draw(0, i)
+        start = d.params.spatial[0].start[0]
+        assert np.all(start >= 0) and np.all(start + odd <= cache.shape(d.case))
+    third = PatchSampler(cache, aug, seed=1)
+    n = 600
+    fg = sum(bool(third.draw(0, i).params.spatial[0].foreground[0]) for i in range(n))
+    assert abs(fg / n - 1 / 3) < 4 * np.sqrt(1 / 3 * 2 / 3 / n)
+
+
+def test_foreground_classes_are_balanced(cache):
+    aug = augment.Compose([augment.RandomCrop(PATCH)])
+    has_two = [c for c in cache.cases if len(np.unique(cache.info(c).fg_classes)) == 2]
+    if not has_two:
+        pytest.skip("the phantom cases drew no tumour")
+    counts = {1: 0, 2: 0}
+    sampler = PatchSampler(cache, aug, cases=has_two[:1], foreground=1.0, seed=0)
+    lab = cache.read(has_two[0], array="label")
+    for i in range(200):
+        start = sampler.draw(0, i).params.spatial[0].start[0]
+        centre = tuple(start + (np.asarray(PATCH) - 1) // 2)
+        counts[int(lab[centre])] += 1
+    assert 0.35 < counts[2] / 200 < 0.65, counts  # classes drawn uniformly, as nnU-Net
+
+
+def test_case_weights(cache):
+    a, b = cache.cases
+    sampler = PatchSampler(cache, pipeline(), case_weights={a: 1.0, b: 0.0})
+    assert {sampler.draw(0, i).case for i in range(20)} == {a}
+    sampler = PatchSampler(cache, pipeline(), case_weights=[1.0, 3.0])
+    share = np.mean([sampler.draw(0, i).case == b for i in range(400)])
+    assert 0.65 < share < 0.85
+
+
+def test_target_crop_patch(cache, volumes):
+    case = cache.cases[0]
+    target = np.array([12.0, 20.0, 18.0, 6.0])
+    tc = augment.TargetCrop(16, bound_size=2, scale=(0.8, 1.2), diameter_limits=(4, 12),
+                            pad_value=170, coord_stride=4)
+    aug = augment.Compose([tc])
+    sampler = PatchSampler(cache, aug, cases=[case], targets={case: [target]}, foreground=1.0)
+    img, lab = volumes[case]
+    for i in range(6):
+        out = sampler.sample(0, i)
+        ref = aug(image=img, label=lab, params=out["params"], target=target)
+        np.testing.assert_allclose(out["image"][0], ref["image"], atol=1e-4)
+        np.testing.assert_array_equal(out["label"][0], ref["label"])
+        np.testing.assert_allclose(out["target"], ref["target"])
+        np.testing.assert_allclose(out["coord"], ref["coord"])
+        assert np.all(out["target"][:3] >= 0) and np.all(out["target"][:3] < 16)
+
+
+def test_clip_box_never_empty():
+    assert clip_box(((-9, 2, 3), (-4, 5, 50)), (10, 10, 10)) == ((0, 2, 3), (1, 5, 10))
+    assert clip_box(((12, 0, 0), (20, 4, 4)), (10, 10, 10)) == ((9, 0, 0), (10, 4, 4))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(compose=augment.Compose([augment.RandomAffine(10), augment.RandomCrop(8)])),
+     "first spatial transform"),
+    (dict(compose=augment.Compose([augment.RandomCrop(8, foreground=0.3)])),
+     "not on the RandomCrop"),
+    (dict(cases=["nope"]), "not in the cache"),
+    (dict(case_weights=[1.0]), "one weight per case"),
+    (dict(case_weights=[0.0, 0.0]), "not all 0"),
+    (dict(foreground=1.5), "foreground must be in"),
+    (dict(seed=-1), "seed must be"),
+])
+def test_errors_name_the_problem(cache, bad, match):
+    kw = {"compose": augment.Compose([augment.RandomCrop(8)]), **bad}
+    with pytest.raises(ValueError, match=match):
+        PatchSampler(cache, **kw)

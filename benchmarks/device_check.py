@@ -4,6 +4,7 @@
     python benchmarks/device_check.py                      # every section
     python benchmarks/device_check.py --sections check,w1  # some of them
     python benchmarks/device_check.py --dry-run            # CPU, tiny sizes, torch path only
+    python benchmarks/device_check.py --interpret          # dry run, Triton interpreted (slow)
 
 Sections run in order; each is wrapped so that a failure prints its traceback and the
 rest still run. Every figure is printed as it is measured and again in a table at the
@@ -11,14 +12,15 @@ end; the rows go to ``--json`` (default ``$OUT/device_check.json`` when ``$OUT``
 
 - ``env``: versions, the GPU.
 - ``bandwidth``: device-to-device copy, GB/s (read + write).
+- ``w1``: W1 batched (8 x 128^3 from 200x256x256 float32 + uint8 sources on the device,
+  host-drawn W1 parameters): Triton float32 and bfloat16 output, the torch path on the
+  device, hand-written ``affine_grid`` + ``grid_sample``; patches/s, ratios, the goals.
+  It runs before ``check`` so that numba compiles in a background process meanwhile.
 - ``check``: the Triton kernel (and the torch path on the device) against the numba CPU
   path on fresh random inputs: float32 relative error (max |diff| / max |ref|) < 1e-5,
   labels >= 99.99% equal, programs with noise, bfloat16 output, float16 / bfloat16 / int16
   sources, a list of differently sized sources, nearest image, one-hot labels, an exact
   flip, scipy's float64 ``affine_transform``, and Compose on the device vs numpy.
-- ``w1``: W1 batched (8 x 128^3 from 200x256x256 float32 + uint8 sources on the device,
-  host-drawn W1 parameters): Triton float32 and bfloat16 output, the torch path on the
-  device, hand-written ``affine_grid`` + ``grid_sample``; patches/s, ratios, the goals.
 - ``compose``: ``Compose`` end to end on device batches (host sampling included).
 - ``peers``: MONAI and Kornia on the GPU where importable.
 
@@ -203,6 +205,98 @@ def section_bandwidth(ctx: Ctx) -> None:
     del src, dst
 
 
+@register("w1")
+def section_w1(ctx: Ctx) -> None:
+    from augment.kernels import torch_warp as tk
+    from benchmarks import w1_gpu as w
+
+    dev = ctx.device
+    if ctx.dry:
+        batch, src_shape, patch, n_b, reps = 2, (40, 48, 48), (24, 24, 24), 2, 2
+    else:
+        batch, src_shape, patch, n_b, reps = w.BATCH, w.SOURCE, w.PATCH, 12, 7
+    img, lab = w.make_sources(batch, src_shape, dev, ctx.seed)
+    compose = w.w1_compose(patch)
+    t0 = time.perf_counter()
+    mats = w.draw_matrices(compose, n_b, batch, src_shape, ctx.seed)
+    row("w1", "host parameter draw", (time.perf_counter() - t0) / (n_b * batch) * 1e6,
+        "us/sample")
+    rate: dict[str, float] = {}
+    outs: dict[str, Any] = {}
+
+    def measure(name: str, run: Callable[[int], Any], n: int, repeats: int) -> None:
+        t1 = time.perf_counter()
+        outs[name] = run(0)
+        ctx.sync()
+        first = time.perf_counter() - t1
+        times, host = w.time_batches(run, n, repeats, dev)
+        rate[name] = n * batch / statistics.median(times)
+        row("w1", name, rate[name], "patches/s",
+            note=f"median of {repeats}, {n} batches of {batch}; first call {first:.2f} s; "
+                 f"host {host * 1e6:.0f} us/call; spread {min(times) / max(times):.2f}")
+
+    if ctx.triton:
+        from augment.kernels import triton_warp as trw
+
+        for name, dt in (("triton-f32", torch.float32), ("triton-bf16", torch.bfloat16)):
+            attempt("w1", name, lambda name=name, dt=dt: measure(
+                name, lambda k: trw.warp_batch(img, lab, mats[k], patch, out_dtype=dt),
+                n_b, reps))
+        for key, cfg, ms in trw.TUNE_LOG:
+            out_dt = key[3].replace("torch.", "")
+            row("w1", f"tune {out_dt} TY,TX,warps,VEC={cfg}", batch * 1000.0 / ms, "patches/s",
+                note="one launch, best of 3")
+        for key, cfg in trw.tuned_configs().items():
+            row("w1", f"chosen config ({key[3].replace('torch.', '')})", str(cfg))
+    else:
+        row("w1", "triton", "skipped", note="dry run" if ctx.dry else "triton not importable")
+    attempt("w1", "torch-path", lambda: measure(
+        "torch-path", lambda k: tk.warp_batch(img, lab, mats[k], patch), min(n_b, 2),
+        max(2, reps // 3)))
+    lab_f = lab.float()  # converted once, outside the timing (a fair hand-written pipeline)
+    attempt("w1", "grid_sample", lambda: measure(
+        "grid_sample", lambda k: w.grid_sample_warp(img, lab_f, mats[k], patch),
+        min(n_b, 4), max(3, reps // 2)))
+
+    def agreement() -> None:
+        ref = outs.get("triton-f32") or outs.get("torch-path")
+        gs = outs.get("grid_sample")
+        if ref is None or gs is None:
+            return
+        e = rel_err(ref[0], gs[0])
+        a = agree(ref[1], gs[1])
+        row("w1", "engine vs grid_sample (same matrices) rel err", e, ok=e < 1e-3,
+            note="float32 normalised grid; a check of the matrix conversion")
+        row("w1", "engine vs grid_sample labels equal", a, ok=a > 0.999,
+            note="grid_sample rounds half to even")
+        if "triton-f32" in outs and "torch-path" in outs:
+            e = rel_err(outs["triton-f32"][0], outs["torch-path"][0])
+            row("w1", "triton vs torch path rel err", e, ok=e < REL_GOAL)
+    attempt("w1", "agreement", agreement)
+    ctx.store["w1_rate"] = rate
+
+    def goals() -> None:
+        f32, bf = rate.get("triton-f32"), rate.get("triton-bf16")
+        gs, tp = rate.get("grid_sample"), rate.get("torch-path")
+        if f32:
+            row("w1", "goal: triton-f32 >= 40,000 patches/s (H100)", f32, "patches/s",
+                ok=f32 >= W1_GOAL if not ctx.dry else None)
+        if f32 and gs:
+            row("w1", "ratio triton-f32 / grid_sample", f32 / gs, "x",
+                ok=f32 / gs >= GRID_RATIO_GOAL if not ctx.dry else None)
+        if f32 and bf:
+            row("w1", "ratio triton-bf16 / triton-f32", bf / f32, "x",
+                ok=bf / f32 >= BF16_RATIO_GOAL if not ctx.dry else None)
+        if tp and gs:
+            row("w1", "ratio torch-path / grid_sample", tp / gs, "x")
+        gbs = ctx.store.get("copy_gbs")
+        if f32 and gbs:
+            moved = f32 * float(np.prod(patch)) * 5.0 / 1e9
+            row("w1", "triton-f32 output write rate", moved, "GB/s",
+                note=f"{moved / gbs:.0%} of the device copy rate")
+    attempt("w1", "goals", goals)
+
+
 @register("check")
 def section_check(ctx: Ctx) -> None:
     import scipy.ndimage as ndi
@@ -381,98 +475,6 @@ def section_check(ctx: Ctx) -> None:
     attempt("check", "Compose", compose)
 
 
-@register("w1")
-def section_w1(ctx: Ctx) -> None:
-    from augment.kernels import torch_warp as tk
-    from benchmarks import w1_gpu as w
-
-    dev = ctx.device
-    if ctx.dry:
-        batch, src_shape, patch, n_b, reps = 2, (40, 48, 48), (24, 24, 24), 2, 2
-    else:
-        batch, src_shape, patch, n_b, reps = w.BATCH, w.SOURCE, w.PATCH, 12, 7
-    img, lab = w.make_sources(batch, src_shape, dev, ctx.seed)
-    compose = w.w1_compose(patch)
-    t0 = time.perf_counter()
-    mats = w.draw_matrices(compose, n_b, batch, src_shape, ctx.seed)
-    row("w1", "host parameter draw", (time.perf_counter() - t0) / (n_b * batch) * 1e6,
-        "us/sample")
-    rate: dict[str, float] = {}
-    outs: dict[str, Any] = {}
-
-    def measure(name: str, run: Callable[[int], Any], n: int, repeats: int) -> None:
-        t1 = time.perf_counter()
-        outs[name] = run(0)
-        ctx.sync()
-        first = time.perf_counter() - t1
-        times, host = w.time_batches(run, n, repeats, dev)
-        rate[name] = n * batch / statistics.median(times)
-        row("w1", name, rate[name], "patches/s",
-            note=f"median of {repeats}, {n} batches of {batch}; first call {first:.2f} s; "
-                 f"host {host * 1e6:.0f} us/call; spread {min(times) / max(times):.2f}")
-
-    if ctx.triton:
-        from augment.kernels import triton_warp as trw
-
-        for name, dt in (("triton-f32", torch.float32), ("triton-bf16", torch.bfloat16)):
-            attempt("w1", name, lambda name=name, dt=dt: measure(
-                name, lambda k: trw.warp_batch(img, lab, mats[k], patch, out_dtype=dt),
-                n_b, reps))
-        for key, cfg, ms in trw.TUNE_LOG:
-            out_dt = key[3].replace("torch.", "")
-            row("w1", f"tune {out_dt} TY,TX,warps,VEC={cfg}", batch * 1000.0 / ms, "patches/s",
-                note="one launch, best of 3")
-        for key, cfg in trw.tuned_configs().items():
-            row("w1", f"chosen config ({key[3].replace('torch.', '')})", str(cfg))
-    else:
-        row("w1", "triton", "skipped", note="dry run" if ctx.dry else "triton not importable")
-    attempt("w1", "torch-path", lambda: measure(
-        "torch-path", lambda k: tk.warp_batch(img, lab, mats[k], patch), min(n_b, 2),
-        max(2, reps // 3)))
-    lab_f = lab.float()  # converted once, outside the timing (a fair hand-written pipeline)
-    attempt("w1", "grid_sample", lambda: measure(
-        "grid_sample", lambda k: w.grid_sample_warp(img, lab_f, mats[k], patch),
-        min(n_b, 4), max(3, reps // 2)))
-
-    def agreement() -> None:
-        ref = outs.get("triton-f32") or outs.get("torch-path")
-        gs = outs.get("grid_sample")
-        if ref is None or gs is None:
-            return
-        e = rel_err(ref[0], gs[0])
-        a = agree(ref[1], gs[1])
-        row("w1", "engine vs grid_sample (same matrices) rel err", e, ok=e < 1e-3,
-            note="float32 normalised grid; a check of the matrix conversion")
-        row("w1", "engine vs grid_sample labels equal", a, ok=a > 0.999,
-            note="grid_sample rounds half to even")
-        if "triton-f32" in outs and "torch-path" in outs:
-            e = rel_err(outs["triton-f32"][0], outs["torch-path"][0])
-            row("w1", "triton vs torch path rel err", e, ok=e < REL_GOAL)
-    attempt("w1", "agreement", agreement)
-    ctx.store["w1_rate"] = rate
-
-    def goals() -> None:
-        f32, bf = rate.get("triton-f32"), rate.get("triton-bf16")
-        gs, tp = rate.get("grid_sample"), rate.get("torch-path")
-        if f32:
-            row("w1", "goal: triton-f32 >= 40,000 patches/s (H100)", f32, "patches/s",
-                ok=f32 >= W1_GOAL if not ctx.dry else None)
-        if f32 and gs:
-            row("w1", "ratio triton-f32 / grid_sample", f32 / gs, "x",
-                ok=f32 / gs >= GRID_RATIO_GOAL if not ctx.dry else None)
-        if f32 and bf:
-            row("w1", "ratio triton-bf16 / triton-f32", bf / f32, "x",
-                ok=bf / f32 >= BF16_RATIO_GOAL if not ctx.dry else None)
-        if tp and gs:
-            row("w1", "ratio torch-path / grid_sample", tp / gs, "x")
-        gbs = ctx.store.get("copy_gbs")
-        if f32 and gbs:
-            moved = f32 * float(np.prod(patch)) * 5.0 / 1e9
-            row("w1", "triton-f32 output write rate", moved, "GB/s",
-                note=f"{moved / gbs:.0%} of the device copy rate")
-    attempt("w1", "goals", goals)
-
-
 @register("compose")
 def section_compose(ctx: Ctx) -> None:
     from augment.rng import batch_rngs
@@ -566,6 +568,34 @@ def machine() -> dict[str, Any]:
     return info
 
 
+WARM_NUMBA = """
+import numpy as np
+from augment import matrices as mx
+from augment.kernels import program as pg
+from augment.warp import warp_numpy
+img = np.zeros((1, 6, 7, 8), np.float32)
+lab = np.zeros((1, 6, 7, 8), np.uint8)
+m = mx.to_3x4(mx.about(mx.rotation([0.1, 0.2, 0.3]), mx.centre((4, 5, 6)), mx.centre((6, 7, 8))))
+warp_numpy(img, lab, m, (4, 5, 6), program=pg.op(pg.NOISE, 0.1, 3))
+warp_numpy(img, None, m, (4, 5, 6))
+"""
+
+
+def warm_numba() -> Any:
+    """Compile the numba kernels into their on-disk cache in a background process, so the
+    ``check`` section loads them instead of compiling while the device waits."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    try:
+        return subprocess.Popen([sys.executable, "-c", WARM_NUMBA], cwd=str(ROOT), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except Exception:
+        traceback.print_exc()
+        return None
+
+
 def table() -> str:
     lines = [f"{'section':<10} {'name':<52} {'value':>14} {'unit':<10} {'ok':<5} note"]
     for r in ROWS:
@@ -590,7 +620,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds; sections that would start after this are skipped")
     ap.add_argument("--extra", action="append", default=[],
                     help="import this module first (it may @register more sections)")
+    ap.add_argument("--interpret", action="store_true",
+                    help="with --dry-run: the Triton kernel under TRITON_INTERPRET=1 on the CPU "
+                         "(slow; tests this script's Triton paths without a GPU)")
     args = ap.parse_args(argv)
+    if args.interpret:
+        if "triton" in sys.modules:
+            ap.error("--interpret must be set before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.dry_run = True
     try:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     except AttributeError:
@@ -609,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         say("no CUDA device: running the dry run (CPU, tiny sizes, torch path)")
     device = torch.device("cuda" if cuda and not args.dry_run else "cpu")
     use_triton = False
-    if not dry:
+    if not dry or args.interpret:
         from augment.torch_warp import triton_available
 
         use_triton = triton_available()
@@ -619,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 traceback.print_exc()
     ctx = Ctx(device=device, dry=dry, triton=use_triton, seed=args.seed, budget_s=args.budget)
+    warm = warm_numba() if ("check" in names and not dry) else None
     say(f"device_check: device={device} dry={dry} triton={use_triton} sections={names}")
     for name in names:
         if ctx.left() <= 0:
@@ -631,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if warm is not None and warm.poll() is None:
+        warm.kill()
+        warm.wait()
     say("\n" + table())
     fails = sum(1 for r in ROWS if r["ok"] is False)
     say(f"\n{len(ROWS)} rows, {fails} FAIL, {ctx.elapsed():.1f} s")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -361,10 +362,10 @@ def _sources(src: Any) -> tuple[torch.Tensor, NDArray[np.int64], NDArray[np.int6
     channels, and the tensors to keep alive until the launch is queued."""
     if isinstance(src, torch.Tensor):
         x = src if src.is_contiguous() else src.contiguous()
-        b, c = int(x.shape[0]), int(x.shape[1])
-        vol = int(np.prod(x.shape[1:]))
-        offsets = np.arange(b, dtype=np.int64) * vol
-        shapes = np.tile(np.asarray(x.shape[2:], dtype=np.int64), (b, 1))
+        b, c, d, h, w = x.shape
+        offsets = np.arange(b, dtype=np.int64) * (c * d * h * w)
+        shapes = np.empty((b, 3), dtype=np.int64)
+        shapes[:] = (d, h, w)
         return x, offsets, shapes, c, [x]
     parts = [s if s.is_contiguous() else s.contiguous() for s in src]
     ref = parts[0]
@@ -476,7 +477,29 @@ def tuned_configs() -> dict[tuple[Any, ...], Config]:
     return dict(_TUNED)
 
 
-def warp_batch(
+@dataclass
+class Prepared:
+    """One batch ready to launch: calling it queues the kernel and returns the outputs.
+
+    Calling it again re-runs the same launch into the same outputs (kernel-only timing).
+    """
+
+    args: tuple[Any, ...]
+    tail: tuple[Any, ...]
+    out_shape: tuple[int, int, int]
+    batch: int
+    consts: dict[str, Any]
+    config: Config
+    out_img: torch.Tensor | None
+    out_lab: torch.Tensor | None
+    keep: list[torch.Tensor] = field(default_factory=list)  # sources of a list, contiguous
+
+    def __call__(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        launch(self.args, self.tail, self.out_shape, self.batch, self.consts, self.config)
+        return self.out_img, self.out_lab
+
+
+def prepare(
     images: torch.Tensor | Sequence[torch.Tensor] | None,
     labels: torch.Tensor | Sequence[torch.Tensor] | None,
     matrices: Any,
@@ -491,27 +514,9 @@ def warp_batch(
     classes: torch.Tensor | None = None,
     config: Sequence[int] | None = None,
     tune: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Resample a batch in one Triton launch; the signature of
-    :func:`augment.kernels.torch_warp.warp_batch` plus launch settings.
-
-    Args:
-        images: ``(B, C, D, H, W)`` or a list of ``(C, D_b, H_b, W_b)`` tensors (float32,
-            float16, bfloat16, int16, ...), or None. A list is read in place.
-        labels: the same layout with an integer dtype, or None.
-        matrices: ``(B, 3, 4)`` / ``(B, 4, 4)`` float64 pull maps (host array).
-        out_shape: ``(d, h, w)``.
-        image_order, cval, label_cval, programs, out_dtype, label_mode, classes: as the
-            torch fallback.
-        config: ``(TY, TX, num_warps[, VEC])``; default: env ``AUGMENT_TRITON_CONFIG``,
-            else the one tuned once per launch signature on large launches, else
-            ``CONFIGS[0]``.
-        tune: allow that one-off tuning.
-
-    Returns:
-        ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype``, ``(B, L, d, h, w)`` in the
-        label dtype; None where the input was None.
-    """
+) -> Prepared:
+    """Everything :func:`warp_batch` does short of the launch: the per-sample table (one
+    async copy), the outputs, the launch configuration (tuned once per signature)."""
     from augment.kernels.torch_warp import as_programs, label_classes, pack, pad_programs
 
     if images is None and labels is None:
@@ -526,7 +531,7 @@ def warp_batch(
     if labels is not None:
         lab, loff, lshapes, nl, kept = _sources(labels)
         keep += kept
-        if img is not None and not np.array_equal(shapes, lshapes):
+        if img is not None and (shapes.shape != lshapes.shape or (shapes != lshapes).any()):
             raise ValueError(f"image and label shapes differ: {shapes.tolist()} vs "
                              f"{lshapes.tolist()}")
         shapes = lshapes
@@ -580,6 +585,45 @@ def warp_batch(
                 cfg = _TUNED[key] = _tune(args, tail, (od, oh, ow), batch, consts, key)
             else:
                 cfg = CONFIGS[0]
-    launch(args, tail, (od, oh, ow), batch, consts, cfg)
-    del keep  # the sources only need to live until the launch is queued
-    return out_img, out_lab
+    return Prepared(args, tail, (od, oh, ow), batch, consts, cfg, out_img, out_lab, keep)
+
+
+def warp_batch(
+    images: torch.Tensor | Sequence[torch.Tensor] | None,
+    labels: torch.Tensor | Sequence[torch.Tensor] | None,
+    matrices: Any,
+    out_shape: tuple[int, int, int],
+    *,
+    image_order: int = 1,
+    cval: float = 0.0,
+    label_cval: int = 0,
+    programs: Any = None,
+    out_dtype: torch.dtype = torch.float32,
+    label_mode: str = "nearest",
+    classes: torch.Tensor | None = None,
+    config: Sequence[int] | None = None,
+    tune: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Resample a batch in one Triton launch; the signature of
+    :func:`augment.kernels.torch_warp.warp_batch` plus launch settings.
+
+    Args:
+        images: ``(B, C, D, H, W)`` or a list of ``(C, D_b, H_b, W_b)`` tensors (float32,
+            float16, bfloat16, int16, ...), or None. A list is read in place.
+        labels: the same layout with an integer dtype, or None.
+        matrices: ``(B, 3, 4)`` / ``(B, 4, 4)`` float64 pull maps (host array).
+        out_shape: ``(d, h, w)``.
+        image_order, cval, label_cval, programs, out_dtype, label_mode, classes: as the
+            torch fallback.
+        config: ``(TY, TX, num_warps[, VEC])``; default: env ``AUGMENT_TRITON_CONFIG``,
+            else the one tuned once per launch signature on large launches, else
+            ``CONFIGS[0]``.
+        tune: allow that one-off tuning.
+
+    Returns:
+        ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype``, ``(B, L, d, h, w)`` in the
+        label dtype; None where the input was None.
+    """
+    return prepare(images, labels, matrices, out_shape, image_order=image_order, cval=cval,
+                   label_cval=label_cval, programs=programs, out_dtype=out_dtype,
+                   label_mode=label_mode, classes=classes, config=config, tune=tune)()

@@ -174,7 +174,8 @@ def affine_warp(
 
     Args:
         image: numpy ``(D, H, W)`` or ``(C, D, H, W)``; or a torch tensor ``(C, D, H, W)`` /
-            ``(B, C, D, H, W)`` (see :func:`augment.torch_warp.warp_torch`).
+            ``(B, C, D, H, W)``, or a list of ``(C, D_b, H_b, W_b)`` tensors (see
+            :func:`augment.torch_warp.affine_warp_torch`).
         matrix: ``(3, 4)`` / ``(4, 4)`` pull map (output index -> input index), or
             ``(B, 3, 4)`` for a batch of tensors.
         out_shape: ``(d, h, w)`` of the output.
@@ -191,7 +192,8 @@ def affine_warp(
     """
     order = check_order(order)
     shape = check_out_shape(out_shape)
-    if _is_torch(image):
+    if _is_torch(image) or (isinstance(image, (list, tuple)) and image
+                            and _is_torch(image[0])):
         from augment.torch_warp import affine_warp_torch
 
         return affine_warp_torch(image, matrix, shape, order=order, cval=cval, out=out)

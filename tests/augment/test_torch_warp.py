@@ -254,3 +254,14 @@ def test_bad_inputs_are_refused_with_the_value():
         warp_torch(x, None, m, (2, 2, 2), backend="cuda")
     with pytest.raises(ValueError, match="shapes differ"):
         warp_torch(x, torch.zeros(1, 1, 4, 4, 5, dtype=torch.uint8), m, (2, 2, 2))
+
+
+def test_affine_warp_takes_a_list_of_tensors():
+    rng = np.random.default_rng(20)
+    shapes = [(8, 9, 10), (11, 7, 9)]
+    xs = [torch.from_numpy(rng.normal(size=(1, *s)).astype(np.float32)) for s in shapes]
+    m = np.stack([random_matrix(rng, (5, 6, 7), s) for s in shapes])
+    got = augment.affine_warp(xs, m, (5, 6, 7))
+    assert got.shape == (2, 1, 5, 6, 7)
+    for i in range(2):
+        assert rel_err(got[i], augment.affine_warp(xs[i].numpy(), m[i], (5, 6, 7))) < REL

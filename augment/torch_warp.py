@@ -431,10 +431,10 @@ def compose_torch(
     result: dict[str, Any] = {"image": img, "label": lab, "params": params}
     extras = [compose._extras(m[b], src_shapes[b], out_shape, ctx[b])  # type: ignore[arg-type]
               for b in range(batch)]
-    targets = [e.get("target") for e in extras]
+    targets: list[Any] = [e.get("target") for e in extras]
     if any(t is not None for t in targets):
         result["target"] = (np.stack(targets) if all(t is not None for t in targets)
-                            else targets)  # type: ignore[arg-type]
+                            else targets)
     if "points" in extras[0]:
         result["points"] = [e["points"] for e in extras]
     if "coord" in extras[0]:

@@ -31,6 +31,7 @@ here (or in a module passed with ``--extra module``) and name it in ``--sections
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -239,9 +240,10 @@ def section_w1(ctx: Ctx) -> None:
         from augment.kernels import triton_warp as trw
 
         for name, dt in (("triton-f32", torch.float32), ("triton-bf16", torch.bfloat16)):
-            attempt("w1", name, lambda name=name, dt=dt: measure(
-                name, lambda k: trw.warp_batch(img, lab, mats[k], patch, out_dtype=dt),
-                n_b, reps))
+            def api(name: str = name, dt: torch.dtype = dt) -> None:
+                measure(name, lambda k: trw.warp_batch(img, lab, mats[k], patch, out_dtype=dt),
+                        n_b, reps)
+            attempt("w1", name, api)
 
             def kernel_only(name: str = name, dt: torch.dtype = dt) -> None:
                 ready = [trw.prepare(img, lab, mats[k], patch, out_dtype=dt)
@@ -317,9 +319,12 @@ def section_check(ctx: Ctx) -> None:
     from augment import matrices as mx
     from augment.compose import onehot_linear_numpy
     from augment.kernels import program as pg
-    from augment.torch_warp import warp_torch
-    from augment.warp import warp_numpy
+    from augment.torch_warp import warp_torch as _warp_torch
+    from augment.warp import warp_numpy as _warp_numpy
 
+    # Any: the checks index outputs that are only None when their input was None
+    warp_torch: Any = _warp_torch
+    warp_numpy: Any = _warp_numpy
     dev = ctx.device
     rng = np.random.default_rng(ctx.seed + 1)
     if ctx.dry:
@@ -345,7 +350,7 @@ def section_check(ctx: Ctx) -> None:
     except Exception as e:  # keep checking against the CPU torch path (CI-tested vs numba)
         traceback.print_exc()
         row("check", "numba reference", "error", ok=False, note=f"{type(e).__name__}: {e}"[:200])
-        warp_numpy = _cpu_torch_reference  # type: ignore[assignment]
+        warp_numpy = _cpu_torch_reference
         refs = [warp_numpy(img[i], lab[i], m[i], out_shape, cval=cval, program=progs[i])
                 for i in range(b)]
         plain = np.stack([warp_numpy(img[i], None, m[i], out_shape, cval=cval)[0]
@@ -642,10 +647,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--interpret must be set before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
         args.dry_run = True
-    try:
-        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
     for mod in args.extra:
         importlib.import_module(mod)
     names = list(SECTIONS) if args.sections == "all" else [
@@ -678,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         say(f"== {name} (t={ctx.elapsed():.1f} s)")
         t0 = time.perf_counter()
-        attempt(name, "section", lambda name=name: SECTIONS[name](ctx))
+        attempt(name, "section", functools.partial(SECTIONS[name], ctx))
         say(f"== {name} done in {time.perf_counter() - t0:.1f} s")
         if device.type == "cuda":
             torch.cuda.empty_cache()

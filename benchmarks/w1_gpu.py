@@ -97,8 +97,8 @@ def grid_sample_warp(img: torch.Tensor, lab_float: torch.Tensor | None,
         img ``(B, C, D, H, W)`` float32; lab_float ``(B, 1, D, H, W)`` float32 (converted
         once by the caller) -> ``(B, C, d, h, w)`` float32 and ``(B, 1, d, h, w)`` uint8.
     """
-    theta = torch.from_numpy(to_theta(m, tuple(img.shape[2:]), out_shape)).to(
-        img.device, torch.float32)
+    d, h, w = (int(n) for n in img.shape[2:])
+    theta = torch.from_numpy(to_theta(m, (d, h, w), out_shape)).to(img.device, torch.float32)
     grid = F.affine_grid(theta, [img.shape[0], 1, *out_shape], align_corners=True)
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     lab = None

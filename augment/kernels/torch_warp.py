@@ -215,10 +215,9 @@ class _Grid:
 
 def _coords(m: torch.Tensor, out_shape: tuple[int, int, int]) -> list[torch.Tensor]:
     d, h, w = out_shape
-    kw = {"dtype": torch.float64, "device": m.device}
-    z = torch.arange(d, **kw).view(1, d, 1, 1)  # type: ignore[arg-type]
-    y = torch.arange(h, **kw).view(1, 1, h, 1)  # type: ignore[arg-type]
-    x = torch.arange(w, **kw).view(1, 1, 1, w)  # type: ignore[arg-type]
+    z = torch.arange(d, dtype=torch.float64, device=m.device).view(1, d, 1, 1)
+    y = torch.arange(h, dtype=torch.float64, device=m.device).view(1, 1, h, 1)
+    x = torch.arange(w, dtype=torch.float64, device=m.device).view(1, 1, 1, w)
     out = []
     for k in range(3):
         col = [m[:, k, j].view(-1, 1, 1, 1) for j in range(4)]

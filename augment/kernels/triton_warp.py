@@ -564,7 +564,10 @@ def prepare(
     onehot = lab is not None and label_mode == "linear_onehot"
     if onehot and classes is None:
         classes = label_classes(pack(labels), int(label_cval))  # type: ignore[arg-type]
-    cls = classes.to(device=device, dtype=torch.int64).contiguous() if onehot else meta
+    cls = meta  # any int64 tensor: unused without one-hot labels
+    if onehot:
+        assert classes is not None
+        cls = classes.to(device=device, dtype=torch.int64).contiguous()
     dummy = out_img if out_img is not None else out_lab
     args = (img if img is not None else dummy, lab if lab is not None else dummy,
             dummy if out_img is None else out_img, dummy if out_lab is None else out_lab,

@@ -26,16 +26,21 @@ from the last build when their size and mtime are unchanged) and of the build op
 Cases whose fingerprint is unchanged are kept; new or changed ones are rebuilt; cases no
 longer listed are dropped.
 
-Chunking (measured with ``benchmarks/w5.py`` on a 200x512x512 int16 phantom, random 160^3
-regions, warm page cache, 2-core VM shared with other jobs; medians):
-- sharded (one shard file per array) 32x64x64 inner chunks, blosc lz4 clevel 5 + byte
-  shuffle, decoded here from a memory map: about 2-3x a .npy memmap, 0.43x the raw bytes;
-- the same chunks as one file per chunk: 2x slower (open/read/close per chunk);
-- 64^3, 24x64x64, 48x64x64 within noise of 32x64x64; 32^3 1.35x and 16x32x32 1.5x slower
-  (per-chunk overhead); 32x64x64 over-reads less for the smaller patches of anisotropic
-  scans;
-- lz4hc: about 10% faster decoding and 0.41x bytes but 25x slower encoding (40 MB/s);
-  zstd: 0.38x bytes, 5x slower decoding; no shuffle: 0.87x bytes; bit shuffle: 2x slower.
+Chunking and codec, measured on a 200x512x512 int16 phantom (``benchmarks/w5.py`` and
+the experiments behind it): random 160^3 regions, warm page cache, one thread, 2-core VM
+shared with other jobs, so compared by thread CPU time (medians):
+- sharded (one shard file per array), 32x64x64 inner chunks, blosc lz4 clevel 5 + byte
+  shuffle with 64 KiB blosc blocks, decoded here from a memory map: 0.43x the raw bytes,
+  about 2-2.5x the CPU of copying the region out of a .npy memmap;
+- blosc's automatic block size for these chunks is 256 KiB (the whole chunk): decoding
+  then ran 2.4x slower (38 vs 12-14 us per hot chunk, 3.8 vs 1.3 ms per region; the L2
+  cache is 512 KiB), hence the forced block size;
+- one file per chunk instead of one shard: 2x slower (an open/read/close per chunk);
+- 48x64x64, 64^3 and 32x96x96 within 10% of 32x64x64 for 160^3 regions; 32^3 1.3x and
+  16x64x64 1.1x slower (per-chunk overhead); for 96^3-128^3 regions 32x64x64 is within 5%
+  of the best and 64x128x128 1.5x slower; 32 slices suit anisotropic scans of few slices;
+- lz4hc: 0.41x bytes, no faster to decode, 25x slower to encode (40 MB/s); zstd: 0.38x
+  bytes, 5x slower decoding; no shuffle: 0.87x bytes; bit shuffle: 2x slower decoding.
 """
 
 from __future__ import annotations
@@ -76,7 +81,9 @@ __all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache"]
 CACHE_FORMAT = 1
 CACHE_CHUNKS: tuple[int, int, int] = (32, 64, 64)
 """Inner chunk shape (z, y, x) of the image and label arrays (see the module docstring)."""
-_BLOSC: dict[str, Any] = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
+# c-blosc scales a forced block size by the item size with a 64 KiB floor: 64 KiB blocks
+# for int16 and uint8 alike (see the module docstring for why not the automatic size).
+_BLOSC: dict[str, Any] = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle", "blocksize": 32768}
 _PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
 _STATS_SAMPLE = 2_000_000  # voxels used for intensity percentiles (a regular stride)
 _MANIFEST_EVERY_S = 1.0  # how often a running build publishes finished cases

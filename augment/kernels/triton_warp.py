@@ -49,9 +49,11 @@ META_PROG = META_FIXED + 12
 
 # (TY, TX, num_warps, VEC) tried by the tuner; the first is the default. TX = 32 with
 # rows spread over warps gives every lane its own x and each thread several rows, which
-# spreads the per-tile setup (about 250 instructions of int64 arithmetic) over more voxels.
+# spreads the per-tile setup (about 330 SASS instructions, mostly int64 arithmetic) over
+# more voxels: for sm_90, 16x32/4 warps is about 143 instructions per voxel (92
+# registers), 32x32/4 about 107 (146 registers, fewer resident warps).
 Config = tuple[int, int, int, int]
-CONFIGS: tuple[Config, ...] = ((16, 32, 4, 0), (8, 32, 4, 0), (32, 32, 8, 0), (8, 64, 4, 0),
+CONFIGS: tuple[Config, ...] = ((16, 32, 4, 0), (32, 32, 4, 0), (8, 32, 4, 0), (32, 32, 8, 0),
                                (8, 64, 4, 1))
 TUNE_MIN_VOXELS = 1 << 21
 # Programs are padded (identity ops) to a multiple of this, so the few lengths random

@@ -186,9 +186,10 @@ def _bbox(centre: Sequence[float], radii: Sequence[float], pad: float = 1.3):
     return lo, hi
 
 
-def _as_generator(seed: SeedLike) -> np.random.SeedSequence:
+def _seed_sequence(seed: SeedLike) -> np.random.SeedSequence:
+    """A SeedSequence from an int, a SeedSequence, or entropy drawn from a Generator."""
     if isinstance(seed, np.random.Generator):
-        return seed.bit_generator.seed_seq  # type: ignore[return-value]
+        return np.random.SeedSequence(seed.integers(0, 2**63, size=4).tolist())
     if isinstance(seed, np.random.SeedSequence):
         return seed
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
@@ -217,9 +218,10 @@ def generate_case(
     """Generate one synthetic abdominal CT case.
 
     Args:
-        seed: an int, ``SeedSequence`` or ``Generator``; the output is a pure function of
-            it (and of the other arguments). Three independent streams are spawned from it
-            (geometry, spacing, noise), so fixing ``spacing`` does not change the anatomy.
+        seed: an int or ``SeedSequence`` (the output is a pure function of it and the
+            other arguments), or a ``Generator`` (entropy is drawn from it). Three
+            independent streams are spawned from it (geometry, spacing, noise), so fixing
+            ``spacing`` does not change the anatomy.
         shape: grid shape (z, y, x) or a preset name from ``SIZES``.
         spacing: voxel spacing (z, y, x) in mm; by default drawn like a real scan covering
             a 360-410 mm field of view in-plane and 240-320 mm along z.
@@ -230,7 +232,12 @@ def generate_case(
         reconstruction circle), label uint8 of the same shape, spacing (z, y, x) in mm.
     """
     shp = _resolve_shape(shape)
-    geom_ss, spacing_ss, noise_ss = _as_generator(seed).spawn(3)
+    ss = _seed_sequence(seed)
+    # the children ss.spawn(3) would give, without advancing a caller's SeedSequence
+    geom_ss, spacing_ss, noise_ss = (
+        np.random.SeedSequence(ss.entropy, spawn_key=(*ss.spawn_key, k), pool_size=ss.pool_size)
+        for k in range(3)
+    )
     rng = np.random.default_rng(geom_ss)
     if spacing is None:
         srng = np.random.default_rng(spacing_ss)

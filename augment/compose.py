@@ -197,7 +197,8 @@ class Compose:
         """
         if image is None and label is None:
             raise ValueError("give an image, a label, or both")
-        if _is_torch(image if image is not None else label) or isinstance(image, list):
+        if _is_torch(image if image is not None else label) or isinstance(
+                image if image is not None else label, list):
             from augment.torch_warp import compose_torch
 
             return compose_torch(self, image=image, label=label, rng=rng, params=params,

@@ -120,6 +120,8 @@ def warp_numpy(
     from augment.kernels import cpu
 
     prog = prog_mod.empty() if program is None else np.ascontiguousarray(program, np.float64)
+    if image is not None and image.dtype == np.float16:
+        image = image.astype(np.float32)  # numba has no float16 arithmetic
     m = np.ascontiguousarray(mx.to_3x4(matrix))
     ref = image if image is not None else label
     assert ref is not None

@@ -179,3 +179,13 @@ def test_bad_out_buffer():
     with pytest.raises(ValueError, match="out must be"):
         augment.affine_warp(np.zeros((4, 4, 4), np.float32), np.eye(4), (2, 2, 2),
                             out=np.zeros((3, 3, 3), np.float32))
+
+
+def test_float16_source_is_computed_in_float32():
+    rng = np.random.default_rng(8)
+    src = rng.normal(size=(9, 10, 11)).astype(np.float16)
+    m = random_matrix(rng, (7, 7, 7), (9, 10, 11))
+    got = augment.affine_warp(src, m, (7, 7, 7))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, scipy_ref(src.astype(np.float32), m, (7, 7, 7), 1, 0.0),
+                               rtol=1e-5, atol=1e-5)

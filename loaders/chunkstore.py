@@ -246,6 +246,13 @@ class ArrayReader:
         self.fill_value = np.array(meta.get("fill_value", 0) or 0).astype(self.dtype)
         self._disk_dtype = self.dtype.newbyteorder("<")  # what the bytes codec stores
         self._layout = _fast_layout(meta, self._disk_dtype)
+        # inner chunks per shard along each axis (sharded layouts)
+        lay = self._layout
+        self._per_shard = (
+            tuple(s // c for s, c in zip(lay.shard_shape, lay.chunk_shape, strict=True))
+            if lay is not None and lay.shard_shape is not None
+            else (1, 1, 1)
+        )
         self.dtype = self.dtype.newbyteorder("=")
         self._lru = lru if lru is not None and lru.budget > 0 else None
         self._key = key if key is not None else str(self.path)
@@ -286,7 +293,7 @@ class ArrayReader:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter teardown
+        except Exception:  # interpreter teardown: nothing left to release
             pass
 
     # -- the fast path ------------------------------------------------------------------
@@ -357,13 +364,12 @@ class ArrayReader:
                 if not (self.path / "zarr.json").exists():
                     raise self._gone() from None
                 return None
-        per = [s // c for s, c in zip(layout.shard_shape, layout.chunk_shape, strict=True)]
-        sidx = tuple(c // p for c, p in zip(cidx, per, strict=True))
-        m, index = self._shard(sidx)
+        pz, py, px = self._per_shard
+        cz, cy, cx = cidx
+        m, index = self._shard((cz // pz, cy // py, cx // px))
         if m is None:
             return None
-        i, j, k = (c % p for c, p in zip(cidx, per, strict=True))
-        offset, nbytes = index[(i * per[1] + j) * per[2] + k]
+        offset, nbytes = index[((cz % pz) * py + cy % py) * px + cx % px]
         if offset == _EMPTY:
             return None
         return memoryview(m)[offset : offset + nbytes]
@@ -384,17 +390,21 @@ class ArrayReader:
 
     def _copy_chunks(self, tasks, out: np.ndarray) -> None:
         lru = self._lru
-        scratch = None if lru is not None else np.empty(self.chunk_shape, self._disk_dtype)
+        if lru is None:  # decode every chunk into one reused buffer
+            scratch = np.empty(self.chunk_shape, self._disk_dtype)
+            for cidx, src, dst in tasks:
+                arr = self._decode(cidx, scratch)
+                out[dst] = self.fill_value if arr is None else arr[src]
+            return
         for cidx, src, dst in tasks:
             key = (self._key, cidx)
-            arr = lru.get(key) if lru is not None else None
+            arr = lru.get(key)
             if arr is None:
-                arr = self._decode(cidx, scratch)
+                arr = self._decode(cidx, None)
                 if arr is None:
                     out[dst] = self.fill_value
                     continue
-                if lru is not None:
-                    lru.put(key, arr)
+                lru.put(key, arr)
             out[dst] = arr[src]
 
     # -- public -------------------------------------------------------------------------

@@ -189,7 +189,9 @@ class Compose:
             params: replay these instead of sampling.
             context: ``fg_points``, ``target`` ((z, y, x, d) for TargetCrop), ``points``
                 ((N, 3) source indices to map into the patch), ``offset`` (the arrays are a
-                region of the source starting at this index).
+                region of the source starting at this index), ``out_image`` /
+                ``out_label`` (numpy: C-contiguous ``(C, d, h, w)`` float32 / label-dtype
+                arrays the patch is written into, e.g. shared memory).
 
         Returns:
             ``{"image", "label", "params"}`` and, where relevant, ``"target"``,
@@ -240,10 +242,13 @@ class Compose:
         m_region = mx.translation(-offset) @ m
         out_shape = self.out_shape(src_shape)  # type: ignore[arg-type]
         prog, post = self.program(params)
-        out_img, out_lab = self._warp_numpy(img, lab, m_region, out_shape, prog)
+        dst = (_check_out(context.pop("out_image", None), img, out_shape, np.float32, "out_image"),
+               _check_out(context.pop("out_label", None), lab, out_shape, None, "out_label"))
+        out_img, out_lab = self._warp_numpy(img, lab, m_region, out_shape, prog, dst)
         if out_img is not None:
             for t, p in zip(self.intensity[post:], params.intensity[post:]):
                 out_img = np.asarray(t.apply(out_img, p.take(0)), dtype=np.float32)
+        out_img, out_lab = _into(dst[0], out_img), _into(dst[1], out_lab)
         result: dict[str, Any] = {
             "image": None if out_img is None else (out_img if had_c else out_img[0]),
             "label": None if out_lab is None else (out_lab if had_c else out_lab[0]),
@@ -252,14 +257,16 @@ class Compose:
         result.update(self._extras(m, src_shape, out_shape, context))  # type: ignore[arg-type]
         return result
 
-    def _warp_numpy(self, img: Any, lab: Any, m: F64, out_shape: Shape3, prog: F64
-                    ) -> tuple[Any, Any]:
+    def _warp_numpy(self, img: Any, lab: Any, m: F64, out_shape: Shape3, prog: F64,
+                    dst: tuple[Any, Any] = (None, None)) -> tuple[Any, Any]:
         if self.label_mode == "linear_onehot" and lab is not None:
             out_img, _ = warp_numpy(img, None, m, out_shape, image_order=self.image_order,
-                                    cval=self.cval, program=prog) if img is not None else (None, None)
+                                    cval=self.cval, program=prog, out_image=dst[0]
+                                    ) if img is not None else (None, None)
             return out_img, onehot_linear_numpy(lab, m, out_shape, self.label_cval)
         return warp_numpy(img, lab, m, out_shape, image_order=self.image_order, cval=self.cval,
-                          label_cval=self.label_cval, program=prog)
+                          label_cval=self.label_cval, program=prog, out_image=dst[0],
+                          out_label=dst[1])
 
     def _extras(self, m: F64, in_shape: Shape3, out_shape: Shape3, context: dict[str, Any]
                 ) -> dict[str, Any]:
@@ -277,6 +284,29 @@ class Compose:
         if tc is not None and tc.coord_stride is not None:
             extras["coord"] = coord_channel(m, in_shape, out_shape, tc.coord_stride)
         return extras
+
+
+def _check_out(out: Any, src: Any, out_shape: Shape3, dtype: Any, name: str) -> Any:
+    """``out`` if it can take the ``(C, d, h, w)`` result of ``src`` (the kernel writes
+    without bounds checks), else a ValueError naming what differs."""
+    if out is None or src is None:
+        return None
+    want = (src.shape[0], *out_shape)
+    dt = np.dtype(dtype if dtype is not None else src.dtype)
+    if (not isinstance(out, np.ndarray) or out.shape != want or out.dtype != dt
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"{name} must be a writeable C-contiguous {dt} array of shape {want}, "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{getattr(out, 'shape', '')}")
+    return out
+
+
+def _into(dst: Any, x: Any) -> Any:
+    """``x`` written into ``dst`` (when given and not already there)."""
+    if dst is None or x is None or x is dst:
+        return x
+    np.copyto(dst, x)
+    return dst
 
 
 def onehot_linear_numpy(lab: NDArray[Any], m: F64, out_shape: Shape3, fill: int) -> NDArray[Any]:

@@ -109,6 +109,11 @@ class LoaderStats:
         assemble_s: the part of ``wait_s`` spent copying slots into batches (and, in GPU
             mode, augmenting).
         worker_s: seconds workers spent reading and augmenting (summed over workers).
+        worker_cpu_s: the CPU seconds of that work (less than ``worker_s`` when cores are
+            shared with other processes).
+        main_cpu_s: CPU seconds of this process (all its threads) while in ``next()``;
+            with ``PatchLoader.worker_cpu_totals()`` it gives the CPU per patch of the
+            whole pipeline, a figure that a busy machine does not distort as wall times.
         batches, samples: delivered so far.
         oversize: GPU-mode regions larger than a slot, sent through the pipe instead.
     """
@@ -116,12 +121,15 @@ class LoaderStats:
     wait_s: float = 0.0
     assemble_s: float = 0.0
     worker_s: float = 0.0
+    worker_cpu_s: float = 0.0
+    main_cpu_s: float = 0.0
     batches: int = 0
     samples: int = 0
     oversize: int = 0
 
     def reset(self) -> None:
         self.wait_s = self.assemble_s = self.worker_s = 0.0
+        self.worker_cpu_s = self.main_cpu_s = 0.0
         self.batches = self.samples = self.oversize = 0
 
     def as_dict(self) -> dict[str, float]:
@@ -193,8 +201,9 @@ def _worker_main(
             shm = SharedMemory(name=shm_name)
             views = layout.views(shm.buf)
         except Exception as exc:
-            conn.send(("error", -1, None, None, f"{type(exc).__name__}: {exc}",
-                       traceback.format_exc()))
+            conn.send(
+                ("error", -1, None, None, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            )
             return
         _serve(conn, sampler, layout, views)
         del views
@@ -203,8 +212,12 @@ def _worker_main(
         _fast_exit()
 
 
-def _serve(conn: connection.Connection, sampler: PatchSampler, layout: _Layout,
-           views: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def _serve(
+    conn: connection.Connection,
+    sampler: PatchSampler,
+    layout: _Layout,
+    views: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
     """The task loop. Before each task the pipe is drained, so that a stop (None) or a
     ``("cancel", generation)`` is seen after at most one sample, not behind queued tasks."""
     queue: deque[Any] = deque()
@@ -229,13 +242,20 @@ def _serve(conn: connection.Connection, sampler: PatchSampler, layout: _Layout,
             reply: tuple[Any, ...] = ("skip", gen, index, slot)
         else:
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 meta = _fill_slot(sampler, layout, views[slot], epoch, index)
-                meta["busy"] = time.perf_counter() - t0
+                c1 = time.process_time()
+                meta.update(busy=time.perf_counter() - t0, cpu=c1 - c0, cpu_total=c1)
                 reply = ("ok", gen, index, slot, meta)
             except Exception as exc:
-                reply = ("error", gen, index, slot, f"{type(exc).__name__}: {exc}",
-                         traceback.format_exc())
+                reply = (
+                    "error",
+                    gen,
+                    index,
+                    slot,
+                    f"{type(exc).__name__}: {exc}",
+                    traceback.format_exc(),
+                )
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
@@ -268,13 +288,13 @@ def _fill_slot(
     epoch: int,
     index: int,
 ) -> dict[str, Any]:
+    """Compute sample ``index`` straight into its slot: the patch (CPU mode) or the raw
+    region (GPU mode; a region larger than the slot comes back in the metadata)."""
     img, lab = slot
     if layout.mode == "cpu":
-        out = sampler.sample(epoch, index)
-        np.copyto(img, out["image"], casting="same_kind")
-        np.copyto(lab, out["label"], casting="unsafe")
+        out = sampler.sample(epoch, index, out_image=img, out_label=lab)
         return {"case": out["case"]}
-    reg = sampler.sample_region(epoch, index)
+    reg = sampler.sample_region(epoch, index, out_image=img, out_label=lab)
     meta = {
         "case": reg["case"],
         "shape": reg["image"].shape,
@@ -282,12 +302,8 @@ def _fill_slot(
         "in_shape": reg["in_shape"],
         "params": reg["params"],
     }
-    n = reg["image"].size
-    if n > layout.capacity:
+    if not np.shares_memory(reg["image"], img):
         meta["data"] = (reg["image"], reg["label"])
-    else:
-        img[:n] = reg["image"].reshape(-1)
-        lab[:n] = reg["label"].reshape(-1)
     return meta
 
 
@@ -449,6 +465,7 @@ class PatchLoader:
         self._layout: _Layout | None = None
         self._free: list[int] = []
         self._outstanding: list[dict[tuple[int, int], int]] = []
+        self._cpu_totals: list[float] = []
         self._broken: str | None = None
         self._closed = False
 
@@ -500,6 +517,11 @@ class PatchLoader:
             f"{self.batches_per_epoch}, num_workers={self.num_workers}, mode={self.mode!r})"
         )
 
+    def worker_cpu_totals(self) -> list[float]:
+        """Each worker process's CPU seconds since it started, as of its latest sample
+        (imports and start-up included)."""
+        return list(self._cpu_totals)
+
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (empty before the first batch)."""
@@ -520,12 +542,13 @@ class PatchLoader:
     def _run_inline(self, epoch: int) -> Iterator[dict[str, Any]]:
         B = self.batch_size
         for k in range(self.batches_per_epoch):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             idx = [self._sampler_index(i) for i in range(k * B, (k + 1) * B)]
             if self.mode == "cpu":
                 outs = [self.sampler.sample(epoch, i) for i in idx]
                 t1 = time.perf_counter()
                 self.stats.worker_s += t1 - t0
+                self.stats.worker_cpu_s += time.process_time() - c0
                 batch = self._cpu_batch(
                     [o["image"] for o in outs],
                     [o["label"] for o in outs],
@@ -537,10 +560,12 @@ class PatchLoader:
                 regs = [self.sampler.sample_region(epoch, i) for i in idx]
                 t1 = time.perf_counter()
                 self.stats.worker_s += t1 - t0
+                self.stats.worker_cpu_s += time.process_time() - c0
                 batch = self._gpu_batch(regs, idx, epoch)
             t2 = time.perf_counter()
             self.stats.assemble_s += t2 - t1
             self.stats.wait_s += t2 - t0
+            self.stats.main_cpu_s += time.process_time() - c0
             self.stats.batches += 1
             self.stats.samples += B
             yield batch
@@ -581,6 +606,7 @@ class PatchLoader:
                 self._res.procs.append(p)
                 self._res.conns.append(parent)
         self._outstanding = [{} for _ in range(self.num_workers)]
+        self._cpu_totals = [0.0] * self.num_workers
 
     def _make_layout(self) -> _Layout:
         n_slots = self.prefetch * self.num_workers * self.batch_size
@@ -609,7 +635,7 @@ class PatchLoader:
         nxt = 0
         try:
             for k in range(self.batches_per_epoch):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 want = range(k * B, (k + 1) * B)
                 while True:
                     if gen != self._generation:
@@ -627,6 +653,7 @@ class PatchLoader:
                 t2 = time.perf_counter()
                 self.stats.assemble_s += t2 - t1
                 self.stats.wait_s += t2 - t0
+                self.stats.main_cpu_s += time.process_time() - c0
                 self.stats.batches += 1
                 self.stats.samples += B
                 yield batch
@@ -699,7 +726,9 @@ class PatchLoader:
         self._outstanding[w].pop((mgen, local), None)
         if kind == "ok" and mgen == gen:
             meta = msg[4]
-            self.stats.worker_s += meta.get("busy", 0.0)
+            self.stats.worker_s += meta["busy"]
+            self.stats.worker_cpu_s += meta["cpu"]
+            self._cpu_totals[w] = meta["cpu_total"]
             done[local] = (slot, meta)
             return
         self._free.append(slot)

@@ -237,8 +237,20 @@ class PatchSampler:
         return clip_box(box, self.cache.shape(case))
 
     # -- reading and augmenting ---------------------------------------------------------
-    def sample_region(self, epoch: int, index: int) -> dict[str, Any]:
+    def sample_region(
+        self,
+        epoch: int,
+        index: int,
+        *,
+        out_image: NDArray[Any] | None = None,
+        out_label: NDArray[np.uint8] | None = None,
+    ) -> dict[str, Any]:
         """The raw cache region of a sample, for augmentation elsewhere (GPU feeding).
+
+        Args:
+            out_image, out_label: optional flat buffers (the cache's image dtype, uint8);
+                a region that fits is read into their first voxels (e.g. shared memory),
+                a larger one into new arrays.
 
         Returns:
             ``{"image": (1, rd, rh, rw) cache dtype (int16 for CT), "label": (1, rd, rh, rw)
@@ -249,11 +261,20 @@ class PatchSampler:
         """
         d = self.draw(epoch, index)
         start, stop = self.region(d.case, d.params)
-        image = self.cache.read_region(d.case, (start, stop))
+        shape = tuple(b - a for a, b in zip(start, stop, strict=True))
+        n = int(np.prod(shape))
+        fits = out_image is not None and out_label is not None
+        fits = fits and min(out_image.size, out_label.size) >= n  # type: ignore[union-attr]
+        image = self.cache.read_region(
+            d.case,
+            (start, stop),
+            out=out_image[:n].reshape(shape) if fits else None,  # type: ignore[index]
+        )
+        label = out_label[:n].reshape(shape) if fits else np.empty(shape, np.uint8)  # type: ignore[index]
         if self.cache.has_label(d.case):
-            label = self.cache.read_region(d.case, (start, stop), array="label")
+            self.cache.read_region(d.case, (start, stop), array="label", out=label)
         else:
-            label = np.zeros(image.shape, np.uint8)
+            label[...] = 0
         return {
             "image": image[None],
             "label": label[None],
@@ -264,8 +285,19 @@ class PatchSampler:
             "target": d.target,
         }
 
-    def sample(self, epoch: int, index: int) -> dict[str, Any]:
+    def sample(
+        self,
+        epoch: int,
+        index: int,
+        *,
+        out_image: NDArray[np.float32] | None = None,
+        out_label: NDArray[np.uint8] | None = None,
+    ) -> dict[str, Any]:
         """Sample ``index`` of ``epoch``: read its region and augment it.
+
+        Args:
+            out_image, out_label: optional ``(1, d, h, w)`` float32 / uint8 arrays the patch
+                is written into (e.g. shared memory), instead of new arrays.
 
         Returns:
             ``{"image": (1, d, h, w) float32, "label": (1, d, h, w) uint8, "case": id,
@@ -274,7 +306,11 @@ class PatchSampler:
             them.
         """
         reg = self.sample_region(epoch, index)
-        extra = {} if reg["target"] is None else {"target": reg["target"]}
+        extra: dict[str, Any] = {} if reg["target"] is None else {"target": reg["target"]}
+        if out_image is not None:
+            extra["out_image"] = out_image
+        if out_label is not None:
+            extra["out_label"] = out_label
         out = self.compose(
             image=reg["image"],
             label=reg["label"],

@@ -194,3 +194,22 @@ def test_errors_name_the_problem(cache, bad, match):
     kw = {"compose": augment.Compose([augment.RandomCrop(8)]), **bad}
     with pytest.raises(ValueError, match=match):
         PatchSampler(cache, **kw)
+
+
+def test_sample_into_given_arrays(cache):
+    sampler = PatchSampler(cache, pipeline(cval=-1024), seed=4)
+    img = np.full((1, *PATCH), np.nan, np.float32)
+    lab = np.full((1, *PATCH), 77, np.uint8)
+    out = sampler.sample(2, 5, out_image=img, out_label=lab)
+    assert out["image"] is img and out["label"] is lab
+    ref = sampler.sample(2, 5)
+    np.testing.assert_array_equal(img, ref["image"])
+    np.testing.assert_array_equal(lab, ref["label"])
+    with pytest.raises(ValueError, match="out_image must be"):
+        sampler.sample(2, 5, out_image=np.empty((1, 4, 4, 4), np.float32))
+    flat_img, flat_lab = np.zeros(10**5, np.int16), np.zeros(10**5, np.uint8)
+    reg = sampler.sample_region(2, 5, out_image=flat_img, out_label=flat_lab)
+    assert np.shares_memory(reg["image"], flat_img) and np.shares_memory(reg["label"], flat_lab)
+    small = sampler.sample_region(2, 5, out_image=flat_img[:10], out_label=flat_lab[:10])
+    assert not np.shares_memory(small["image"], flat_img)
+    np.testing.assert_array_equal(small["image"], reg["image"])

@@ -179,9 +179,9 @@ def _worker_main(conn: connection.Connection) -> None:
                     attached[name] = SharedMemory(name=name)
             src = np.ndarray(src_shape, src_dtype, attached[src_name].buf)
             out = np.ndarray(out_shape, out_dtype, attached[out_name].buf)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             _warp_range(src, m, out, z0, z1, backend=backend, order=order, cval=cval)
-            reply: tuple[Any, ...] = ("ok", time.perf_counter() - t0)
+            reply: tuple[Any, ...] = ("ok", time.perf_counter() - t0, time.thread_time() - c0)
             del src, out
         except Exception as exc:
             reply = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -248,6 +248,9 @@ class SlicePool:
     Args:
         processes: worker processes (>= 1).
 
+    After each call ``last_seconds`` and ``last_cpu_seconds`` hold every process's wall
+    and CPU time for its share.
+
     The pool keeps one shared input and one shared output buffer, grown as needed. Use it
     as a context manager or call ``close()``; garbage collection and interpreter exit
     close it too, so nothing is left in /dev/shm.
@@ -261,6 +264,7 @@ class SlicePool:
         self._finalizer = weakref.finalize(self, self._state.release)
         self._arrays: dict[str, NDArray[Any] | None] = {"in": None, "out": None}
         self.last_seconds: list[float] = []
+        self.last_cpu_seconds: list[float] = []
         ctx = get_context("spawn")
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in _THREAD_ENV}
@@ -372,7 +376,7 @@ class SlicePool:
                         dtype.str, m, z0, z1, backend, order, float(cval)))
             except (BrokenPipeError, OSError):
                 self._died(i)
-        self.last_seconds = self._gather(conns)
+        self.last_seconds, self.last_cpu_seconds = self._gather(conns)
         if out is not None:
             if out.shape != shape or out.dtype != dtype:
                 raise ValueError(f"out must be {dtype} of shape {shape}, got {out.dtype} "
@@ -381,8 +385,8 @@ class SlicePool:
             return out
         return shared_out.copy() if copy else shared_out
 
-    def _gather(self, conns: list[connection.Connection]) -> list[float]:
-        """Every worker's reply (its compute seconds); a death or an error raises."""
+    def _gather(self, conns: list[connection.Connection]) -> tuple[list[float], list[float]]:
+        """Every worker's compute seconds, wall and CPU; a death or an error raises."""
         procs = self._state.procs
         replies: dict[int, tuple[Any, ...]] = {}
         index = {id(c): i for i, c in enumerate(conns)}
@@ -403,7 +407,8 @@ class SlicePool:
         if errors:
             raise RuntimeError(f"a SlicePool process failed: {errors[0][1]}\n\nworker "
                                f"traceback:\n{errors[0][2]}")
-        return [replies[i][1] for i in range(len(conns))]
+        return ([replies[i][1] for i in range(len(conns))],
+                [replies[i][2] for i in range(len(conns))])
 
 
     def _died(self, i: int) -> None:

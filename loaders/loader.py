@@ -466,6 +466,7 @@ class PatchLoader:
         self._free: list[int] = []
         self._outstanding: list[dict[tuple[int, int], int]] = []
         self._cpu_totals: list[float] = []
+        self._done: dict[int, tuple[int, dict[str, Any]]] = {}
         self._broken: str | None = None
         self._closed = False
 
@@ -613,7 +614,14 @@ class PatchLoader:
         patch = self.sampler.patch_shape
         if self.mode == "cpu":
             return _Layout("cpu", n_slots, (1, *patch), (1, *patch), "float32", 0)
-        dtype = np.dtype(self.sampler.cache.info(self.sampler.cases[0]).dtype).str
+        cache = self.sampler.cache
+        dtypes = {np.dtype(cache.info(c).dtype).str for c in self.sampler.cases}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"GPU mode batches raw regions, so every case needs one image dtype; the "
+                f"cache holds {sorted(dtypes)}: rebuild it with one image_dtype"
+            )
+        dtype = dtypes.pop()
         cap = self.region_capacity or self._estimate_capacity()
         return _Layout("gpu", n_slots, (), (), dtype, int(cap))
 
@@ -631,7 +639,10 @@ class PatchLoader:
         self.start()
         B = self.batch_size
         n = self.batches_per_epoch * B
-        done: dict[int, tuple[int, dict[str, Any]]] = {}
+        # finished samples live on the loader, so that a newer epoch reclaims the slots of
+        # an abandoned iterator even while that iterator object is still referenced
+        self._reclaim()
+        done = self._done
         nxt = 0
         try:
             for k in range(self.batches_per_epoch):
@@ -658,15 +669,18 @@ class PatchLoader:
                 self.stats.samples += B
                 yield batch
         finally:
-            for slot, _ in done.values():
-                self._free.append(slot)
             if gen == self._generation:
+                self._reclaim()
                 self._generation += 1  # anything still in flight is now stale
             for c in self._res.conns:
                 try:
                     c.send(("cancel", gen))
                 except (OSError, ValueError):
                     pass
+
+    def _reclaim(self) -> None:
+        self._free.extend(slot for slot, _ in self._done.values())
+        self._done.clear()
 
     def _dispatch(self, gen: int, epoch: int, nxt: int, n: int) -> int:
         while self._free and nxt < n:

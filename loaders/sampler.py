@@ -265,6 +265,7 @@ class PatchSampler:
         n = int(np.prod(shape))
         fits = out_image is not None and out_label is not None
         fits = fits and min(out_image.size, out_label.size) >= n  # type: ignore[union-attr]
+        fits = fits and out_image.dtype == self.cache.info(d.case).dtype  # type: ignore[union-attr]
         image = self.cache.read_region(
             d.case,
             (start, stop),

@@ -100,6 +100,12 @@ def test_batches_identical_for_0_1_2_4_workers(cache_root):
         assert np.array_equal(b0["image"][1].numpy(), single["image"])
         for n in (1, 2, 4):
             assert_same(collect(loaders[n], 0), ref)
+        # a newer epoch takes over from an abandoned iterator that is still referenced
+        stale = loaders[1].epoch(5)
+        next(stale)
+        assert_same(collect(loaders[1], 0), ref)
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(stale)
         # epoch 1 differs from epoch 0 and is again the same for every worker count
         e1 = collect(loaders[4], 1)
         assert not torch.equal(e1[0]["image"], ref[0]["image"])

@@ -42,9 +42,9 @@ from benchmarks.common import Result
 from benchmarks.w4 import machine_parallelism
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bench" / "w2"
-FULL = {"size": (200, 512, 512), "patch": (128, 128, 128), "n": 8, "batches": 8,
+FULL: dict[str, Any] = {"size": (200, 512, 512), "patch": (128, 128, 128), "n": 8, "batches": 8,
         "rounds": 3, "warmup": 3}
-QUICK = {"size": (96, 192, 192), "patch": (64, 64, 64), "n": 4, "batches": 6,
+QUICK: dict[str, Any] = {"size": (96, 192, 192), "patch": (64, 64, 64), "n": 4, "batches": 6,
          "rounds": 3, "warmup": 3}
 BATCH = 2
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",

@@ -127,10 +127,16 @@ def run(quick: bool = False) -> list[Result]:
         for kind, m in matrices(shape).items():
             prefix = "" if kind == "in-plane" else "3d-rotation/"
             ref = augment.affine_warp(vol, m, shape)
+
+            def one_pass(m: np.ndarray = m) -> Any:
+                return augment.affine_warp(vol, m, shape)
+
+            def with_copies(m: np.ndarray = m) -> Any:
+                return pools[2].warp(vol, m, shape)
+
             ways: list[tuple[str, Callable[[], Any], int]] = [
-                (f"{prefix}3d-numba-{threads}threads", lambda m=m: augment.affine_warp(
-                    vol, m, shape), threads),
-                (f"{prefix}3d-numba-1thread", lambda m=m: augment.affine_warp(vol, m, shape), 1),
+                (f"{prefix}3d-numba-{threads}threads", one_pass, threads),
+                (f"{prefix}3d-numba-1thread", one_pass, 1),
             ]
             backends = ("numba", "skimage") if kind == "in-plane" else ("numba",)
             what = "slices" if kind == "in-plane" else "slabs"
@@ -138,8 +144,7 @@ def run(quick: bool = False) -> list[Result]:
                 for p, pool in pools.items():
                     name = f"{prefix}{what}-{be}-{p}proc"
                     ways.append((name, pooled(pool, p, m, be, name), threads))
-            ways.append((f"{prefix}{what}-numba-2proc+copies",
-                         lambda m=m: pools[2].warp(vol, m, shape), threads))
+            ways.append((f"{prefix}{what}-numba-2proc+copies", with_copies, threads))
             ways += _torch_ways(vol, m, shape, prefix)
             for name, fn, nthreads in ways:
                 numba.set_num_threads(nthreads)

@@ -277,7 +277,7 @@ def _fast_exit() -> None:
             stream.flush()
         except Exception:  # a closed or broken stream: nothing left to save
             pass
-    util._exit_function()
+    util._exit_function()  # type: ignore[attr-defined]
     os._exit(0)
 
 

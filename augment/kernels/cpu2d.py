@@ -11,11 +11,12 @@ kernel's with a zero z weight, so interior voxels are bit-identical to the 3D pa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import njit
 
-_JIT = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+_JIT: dict[str, Any] = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
 @njit(inline="always", **_JIT)

@@ -490,16 +490,26 @@ class PatchLoader:
     def next_epoch(self) -> int:
         return self._next_epoch
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def epoch(self, epoch: int, *, start_batch: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch`` (does not move the ``for``-pass counter). Starting an
-        epoch abandons any unfinished one."""
+        epoch abandons any unfinished one (one epoch at a time per loader).
+
+        Args:
+            epoch: the epoch key of the samples.
+            start_batch: begin at this batch (resuming mid-epoch without computing the
+                batches before it; they would be the same anyway).
+        """
         if int(epoch) != epoch or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if int(start_batch) != start_batch or not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(
+                f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch!r}"
+            )
         self._check_usable()
         self._generation += 1
         if self.num_workers == 0:
-            return self._run_inline(int(epoch))
-        return self._run_workers(int(epoch), self._generation)
+            return self._run_inline(int(epoch), int(start_batch))
+        return self._run_workers(int(epoch), self._generation, int(start_batch))
 
     def __enter__(self) -> PatchLoader:
         return self
@@ -540,9 +550,9 @@ class PatchLoader:
         return i * self.world_size + self.rank
 
     # -- in-process path ----------------------------------------------------------------------
-    def _run_inline(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def _run_inline(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         B = self.batch_size
-        for k in range(self.batches_per_epoch):
+        for k in range(start, self.batches_per_epoch):
             t0, c0 = time.perf_counter(), time.process_time()
             idx = [self._sampler_index(i) for i in range(k * B, (k + 1) * B)]
             if self.mode == "cpu":
@@ -635,7 +645,7 @@ class PatchLoader:
             biggest = max(biggest, int(np.prod(np.subtract(stop, start))))
         return int(biggest * 1.25) + 64
 
-    def _run_workers(self, epoch: int, gen: int) -> Iterator[dict[str, Any]]:
+    def _run_workers(self, epoch: int, gen: int, start: int) -> Iterator[dict[str, Any]]:
         self.start()
         B = self.batch_size
         n = self.batches_per_epoch * B
@@ -643,9 +653,9 @@ class PatchLoader:
         # an abandoned iterator even while that iterator object is still referenced
         self._reclaim()
         done = self._done
-        nxt = 0
+        nxt = start * B
         try:
-            for k in range(self.batches_per_epoch):
+            for k in range(start, self.batches_per_epoch):
                 t0, c0 = time.perf_counter(), time.process_time()
                 want = range(k * B, (k + 1) * B)
                 while True:

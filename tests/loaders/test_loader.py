@@ -119,6 +119,8 @@ def test_batches_identical_for_0_1_2_4_workers(cache_root):
         assert np.array_equal(b0["image"][1].numpy(), single["image"])
         for n in (1, 2, 4):
             assert_same(collect(loaders[n], 0), ref)
+        assert_same(list(loaders[2].epoch(0, start_batch=1)), ref[1:])  # resuming
+        assert_same(list(loaders[0].epoch(0, start_batch=2)), ref[2:])
         # a newer epoch takes over from an abandoned iterator that is still referenced
         stale = loaders[1].epoch(5)
         next(stale)

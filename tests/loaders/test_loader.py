@@ -137,7 +137,7 @@ def test_batches_identical_for_0_1_2_4_workers(cache_root):
         assert_same(list(loader), e1)
         assert loader.next_epoch == 2
         assert len(loader) == 3
-        assert loader.stats.batches == 6 and loader.stats.wait_s > 0
+        assert loader.stats.batches == 8 and loader.stats.wait_s > 0  # 3 + 2 resumed + 3
         assert loader.stats.worker_s > 0
         names = {ld._res.shm.name for ld in loaders.values() if ld._res.shm is not None}
         assert len(names) == 3 and names <= shm_names()

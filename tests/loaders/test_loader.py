@@ -108,6 +108,7 @@ def test_batches_identical_for_0_1_2_4_workers(cache_root):
     loaders = {n: PatchLoader(sampler, batch_size=B, batches_per_epoch=3, num_workers=n)
                for n in (0, 1, 2, 4)}
     try:
+        sampler.sample(0, 0)  # compile (cold cache) here once; the workers load the result
         for loader in loaders.values():
             loader.start()  # all workers boot at once
         ref = collect(loaders[0], 0)

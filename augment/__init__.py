@@ -15,7 +15,7 @@ Axis order (z, y, x); matrices map an output voxel index to the input index it s
 Nothing from ``loaders`` or ``training`` is imported here; torch and Triton load lazily.
 """
 
-from augment import matrices
+from augment import matrices, slices
 from augment.base import IntensityTransform, Params, SpatialTransform
 from augment.compose import Compose, ComposeParams, stack_params
 from augment.intensity import (
@@ -53,6 +53,7 @@ __all__ = [
     "batch_rngs",
     "matrices",
     "sample_rng",
+    "slices",
     "stack_params",
 ]
 __version__ = "0.1.0"

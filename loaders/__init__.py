@@ -32,6 +32,8 @@ from loaders.layouts import (
     pair_cases,
     sliver_cases,
 )
+from loaders.loader import LoaderStats, PatchLoader, WorkerError
+from loaders.sampler import PatchSampler, footprint
 from loaders.volume import (
     SUPPORTED_SUFFIXES,
     Volume,
@@ -44,6 +46,11 @@ from loaders.volume import (
 )
 
 __all__ = [
+    "LoaderStats",
+    "PatchLoader",
+    "PatchSampler",
+    "WorkerError",
+    "footprint",
     "SUPPORTED_SUFFIXES",
     "BuildReport",
     "CacheError",

@@ -138,8 +138,8 @@ class Compose:
             raise ValueError(f"in_shape must be three positive sizes, got {in_shape!r}")
         spatial = []
         for t in self.spatial:
-            spatial.append(t.sample(rng, shape, **context))  # type: ignore[arg-type]
-            shape = t.out_shape(shape)  # type: ignore[arg-type]
+            spatial.append(t.sample(rng, shape, **context))
+            shape = t.out_shape(shape)
         intensity = [t.sample(rng) for t in self.intensity]
         return ComposeParams(spatial=tuple(spatial), intensity=tuple(intensity),
                              in_shape=np.asarray([in_shape], dtype=np.int64))
@@ -150,8 +150,8 @@ class Compose:
         for b in range(params.batch):
             shape = tuple(int(s) for s in params.in_shape[b])
             m = np.eye(4)
-            for t, p in zip(self.spatial, params.spatial):
-                m = m @ t.matrix(p.take(b), shape).reshape(4, 4)  # type: ignore[arg-type]
+            for t, p in zip(self.spatial, params.spatial, strict=True):
+                m = np.matmul(m, t.matrix(p.take(b), shape).reshape(4, 4))  # type: ignore[arg-type]
                 shape = t.out_shape(shape)  # type: ignore[arg-type]
             out.append(m)
         return np.stack(out) if out else np.zeros((0, 4, 4))
@@ -161,7 +161,7 @@ class Compose:
         intensity transform that must run after the warp (``len(intensity)`` if none)."""
         ops: list[F64] = []
         value_range = None
-        for i, (t, p) in enumerate(zip(self.intensity, params.intensity)):
+        for i, (t, p) in enumerate(zip(self.intensity, params.intensity, strict=True)):
             prog = t.program(p.take(index), value_range)
             if prog is None:
                 return pg.concat(*ops), i
@@ -246,7 +246,7 @@ class Compose:
                _check_out(context.pop("out_label", None), lab, out_shape, None, "out_label"))
         out_img, out_lab = self._warp_numpy(img, lab, m_region, out_shape, prog, dst)
         if out_img is not None:
-            for t, p in zip(self.intensity[post:], params.intensity[post:]):
+            for t, p in zip(self.intensity[post:], params.intensity[post:], strict=True):
                 out_img = np.asarray(t.apply(out_img, p.take(0)), dtype=np.float32)
         out_img, out_lab = _into(dst[0], out_img), _into(dst[1], out_lab)
         result: dict[str, Any] = {

@@ -154,7 +154,10 @@ def apply_points(m: ArrayLike, points: ArrayLike) -> F64:
 
 @dataclass(frozen=True)
 class ExactMap:
-    """A signed axis permutation with an integer offset: ``in[k] = sign[k] * out[axis[k]] + offset[k]``."""
+    """A signed axis permutation with an integer offset.
+
+    ``in[k] = sign[k] * out[axis[k]] + offset[k]``.
+    """
 
     axis: tuple[int, int, int]
     sign: tuple[int, int, int]

@@ -35,7 +35,7 @@ def _three(value: Any, name: str) -> tuple[Any, Any, Any]:
     v = tuple(value)
     if len(v) != 3:
         raise ValueError(f"{name} needs one value or three (z, y, x), got {value!r}")
-    return v  # type: ignore[return-value]
+    return v
 
 
 def _size3(size: int | Sequence[int], name: str = "size") -> Shape3:
@@ -154,12 +154,13 @@ class RandomAffine(SpatialTransform):
         p_scale: float = 1.0,
     ) -> None:
         deg = _three(degrees, "degrees") if not _is_pair(degrees) else (degrees,) * 3
-        self.degrees = tuple(as_range(d, "degrees") for d in deg)
-        if np.isscalar(scale):
-            s = float(scale)  # type: ignore[arg-type]
-            scale = (min(s, 1.0 / s), max(s, 1.0 / s)) if s > 0 else scale
-        sc = (scale,) * 3 if _is_pair(scale) else _three(scale, "scale")
-        self.scale = tuple(as_range(s, "scale") for s in sc)  # type: ignore[arg-type]
+        self.degrees = tuple(as_range(d, "degrees") for d in deg)  # type: ignore[arg-type]
+        sc_in: Any = scale
+        if np.ndim(sc_in) == 0:
+            s = float(sc_in)
+            sc_in = (min(s, 1.0 / s), max(s, 1.0 / s)) if s > 0 else sc_in
+        sc = (sc_in,) * 3 if _is_pair(sc_in) else _three(sc_in, "scale")
+        self.scale = tuple(as_range(s, "scale") for s in sc)
         if min(r[0] for r in self.scale) <= 0:
             raise ValueError(f"scale factors must be positive, got {scale!r}")
         self.isotropic = isotropic
@@ -174,7 +175,7 @@ class RandomAffine(SpatialTransform):
     def _is_noop(self) -> bool:
         ranges = [*self.degrees, *self.scale, self.shear, *self.translate]
         ident = [(0, 0)] * 3 + [(1, 1)] * 3 + [(0, 0)] * 4
-        return all(tuple(r) == i for r, i in zip(ranges, ident))
+        return all(tuple(r) == i for r, i in zip(ranges, ident, strict=True))
 
     def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> AffineParams:
         on = rng.random() < self.p
@@ -221,14 +222,16 @@ class RandomFlip(SpatialTransform):
         self.axes = tuple(int(a) for a in axes)
         if any(a not in (0, 1, 2) for a in self.axes):
             raise ValueError(f"axes must be spatial axes among (0, 1, 2), got {axes!r}")
-        probs = [p] * len(self.axes) if np.isscalar(p) else list(p)  # type: ignore[list-item]
+        p_in: Any = p
+        probs = ([float(p_in)] * len(self.axes) if np.ndim(p_in) == 0
+                 else [float(v) for v in p_in])
         if len(probs) != len(self.axes):
             raise ValueError(f"p needs one value or one per axis, got {p!r}")
         self.p = tuple(check_probability(v) for v in probs)
 
     def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> FlipParams:
         flip = np.zeros(3, dtype=bool)
-        for a, pa in zip(self.axes, self.p):
+        for a, pa in zip(self.axes, self.p, strict=True):
             flip[a] = rng.random() < pa
         return FlipParams(flip=flip[None])
 

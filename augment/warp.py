@@ -43,7 +43,7 @@ def check_out_shape(out_shape: ArrayLike) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in np.atleast_1d(np.asarray(out_shape)))
     if len(shape) != 3 or min(shape) <= 0:
         raise ValueError(f"out_shape must be three positive sizes (d, h, w), got {out_shape!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def check_order(order: int) -> int:
@@ -91,7 +91,7 @@ def exact_copy(
             return out
         dst_sl.append(slice(lo, hi))
         src_sl.append(slice(lo + off, hi + off))
-    if any(s.start > 0 or s.stop < n for s, n in zip(dst_sl[1:], out_shape)):
+    if any(s.start > 0 or s.stop < n for s, n in zip(dst_sl[1:], out_shape, strict=True)):
         out[...] = fill
     out[tuple(dst_sl)] = view[tuple(src_sl)]
     return out

@@ -55,7 +55,7 @@ def _batchgeneratorsv2(img: np.ndarray, lab: np.ndarray, patch: tuple[int, int, 
 
     def run(i: int) -> object:
         torch.manual_seed(i)  # bgv2 draws from the global RNGs; seeded per sample here
-        np.random.seed(i % 2**32)
+        np.random.seed(i % 2**32)  # noqa: NPY002 (bgv2 itself draws from the global RNGs)
         out = pipe(image=image, segmentation=seg)
         return out["image"].numpy(), out["segmentation"].numpy()
 
@@ -66,7 +66,7 @@ def _monai_pipeline(img: np.ndarray, patch: tuple[int, int, int], lazy: bool) ->
     from monai.transforms import Compose, RandAffined, RandFlipd
 
     keys = ("image", "label")
-    translate = [((n - p) / 2.0) for n, p in zip(img.shape, patch)]
+    translate = [((n - p) / 2.0) for n, p in zip(img.shape, patch, strict=True)]
     # MONAI's scale_range is added to 1 and scales the grid: 1 / U(0.85, 1.25) - 1
     return Compose([
         RandAffined(keys, spatial_size=patch, prob=1.0, rotate_range=[math.radians(15)] * 3,
@@ -117,7 +117,7 @@ def _torchio(img: np.ndarray, lab: np.ndarray, patch: tuple[int, int, int]) -> W
     def run(i: int) -> object:
         torch.manual_seed(i)
         out = transform(subject)
-        one = next(iter(sampler(out, num_patches=1)))
+        one: Any = next(iter(sampler(out, num_patches=1)))
         return one["image"].data.numpy(), one["label"].data.numpy()
 
     return "peer-torchio", run

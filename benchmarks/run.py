@@ -35,7 +35,8 @@ def format_table(results: list[Result]) -> str:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         rows.append((r.workload, r.name, value, r.unit, r.baseline or "", ratio))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {r.workload}/{r.name}: {r.note}" for r in results if r.note.startswith("failed")]
     return "\n".join(lines + (["", "failures:", *notes] if notes else []))
@@ -57,7 +58,7 @@ def plot(results: list[Result], path: Path) -> None:
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 0.5 + 0.45 * rows * max(
         len(v) for v in groups.values()) + 1.5 * rows), squeeze=False)
-    for ax, ((workload, unit), rs) in zip(axes.flat, sorted(groups.items())):
+    for ax, ((workload, unit), rs) in zip(axes.flat, sorted(groups.items()), strict=False):
         ax.barh([r.name for r in rs], [r.value for r in rs], color="tab:blue")
         ax.set_title(f"{workload} ({unit})")
         ax.invert_yaxis()

@@ -124,7 +124,7 @@ def run(quick: bool = False) -> list[Result]:
     n, repeats = (3, 3) if quick else (8, 5)
     img, lab = make_source()
     results: list[Result] = []
-    all_threads = numba.config.NUMBA_NUM_THREADS
+    all_threads = numba.get_num_threads()
     ways: list[tuple[str, Callable[[int], object], int]] = [
         ("augment-cpu-1thread", augment_way(img, lab), 1),
         ("augment-cpu-1thread+intensity", augment_way(img, lab, intensity=True), 1),

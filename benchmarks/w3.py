@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -65,7 +66,7 @@ def dsb2017_reference(img: np.ndarray, target: np.ndarray, rng: np.random.Genera
     pad = [[0, 0]] + [[max(0, -start[i]), max(0, start[i] + crop[i] - shape[i])]
                       for i in range(3)]
     sl = tuple(slice(max(start[i], 0), min(start[i] + crop[i], shape[i])) for i in range(3))
-    patch = np.pad(imgs[(slice(None), *sl)], pad, "constant", constant_values=PAD)
+    patch = np.pad(imgs[(slice(None),) + sl], pad, "constant", constant_values=PAD)
     target[:3] -= start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,11 +105,11 @@ def run(quick: bool = False) -> list[Result]:
                                               pad_value=PAD, coord_stride=STRIDE)])
     counter = iter(range(10**9))
 
-    def ours() -> object:
+    def ours() -> dict[str, Any]:
         i = next(counter)
         return aug(image=img, rng=augment.sample_rng(0, 0, i), target=targets[i % len(targets)])
 
-    def reference() -> object:
+    def reference() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         i = next(counter)
         return dsb2017_reference(img, targets[i % len(targets)], np.random.default_rng(i))
 

@@ -50,7 +50,7 @@ def concat(*programs: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def _mix(x: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    x = x & MASK32
+    x = np.bitwise_and(x, np.uint64(MASK32))
     x ^= x >> np.uint64(16)
     x = (x * np.uint64(HASH_M1)) & MASK32
     x ^= x >> np.uint64(15)

@@ -76,8 +76,8 @@ def test_probability_gates_give_identity_params():
     ps = [t.sample(rng) for _ in range(4000)]
     active = np.array([bool(p.active[0]) for p in ps])
     assert 0.22 < active.mean() < 0.28
-    assert all(float(p.std[0]) == 0.0 for p, a in zip(ps, active) if not a)
-    assert all(len(t.program(p, None)) == 0 for p, a in zip(ps, active) if not a)
+    assert all(float(p.std[0]) == 0.0 for p, a in zip(ps, active, strict=True) if not a)
+    assert all(len(t.program(p, None)) == 0 for p, a in zip(ps, active, strict=True) if not a)
 
 
 def test_contrast_about_patch_mean_preserves_range():

@@ -50,7 +50,7 @@ def test_exact_maps_equal_numpy(in_shape, perm, flips, shift, dtype, order):
     got = augment.affine_warp(src, m, out_shape, order=order, cval=0)
     # out[p] = view[p + shift] where inside, 0 elsewhere
     padded = np.pad(view, 3)
-    expect = padded[tuple(slice(3 + k, 3 + k + n) for k, n in zip(shift, out_shape))]
+    expect = padded[tuple(slice(3 + k, 3 + k + n) for k, n in zip(shift, out_shape, strict=True))]
     expect = expect.astype(np.float32 if order == 1 else dtype)
     assert got.tobytes() == expect.tobytes()
 

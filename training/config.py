@@ -82,11 +82,11 @@ class DataConfig:
     phantom_size: str = "default"
     phantom_seed: int = 0
     cache: str = ""
-    spacing: tuple[float, ...] = (3.0, 3.0, 3.0)
+    spacing: tuple[float, ...] = (4.0, 4.0, 4.0)
     val_cases: int = 2
-    patch_size: tuple[int, ...] = (48, 48, 48)
-    batch_size: int = 2
-    foreground: float = 0.5
+    patch_size: tuple[int, ...] = (48, 80, 80)
+    batch_size: int = 1
+    foreground: float = 0.33
     window: tuple[float, ...] = (-200.0, 250.0)
     degrees: float = 10.0
     scale: tuple[float, ...] = (0.9, 1.1)
@@ -143,11 +143,11 @@ class Stage1Config:
         gate: train VoE threshold (the stage ends when train VoE < gate).
     """
 
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-5
     warmup_steps: int = 10
     steps_per_epoch: int = 40
-    max_epochs: int = 12
+    max_epochs: int = 8
     gate: float = 0.2
 
 
@@ -165,9 +165,9 @@ class Stage2Config:
             (it must not change; the check the seed notes lacked).
     """
 
-    lr: float = 2e-4
+    lr: float = 1e-3
     steps_per_epoch: int = 20
-    max_epochs: int = 6
+    max_epochs: int = 5
     gate: float = 0.9
     heldout_pairs: int = 8
     monitor_voe: bool = False
@@ -188,13 +188,13 @@ class Stage3Config:
         gate: train VoE threshold (the stage ends when train VoE < gate).
     """
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-5
     adv_weight: float = 0.02
     k_d: int = 1
     k_g: int = 2
-    steps_per_epoch: int = 30
-    max_epochs: int = 8
+    steps_per_epoch: int = 40
+    max_epochs: int = 6
     gate: float = 0.15
 
 
@@ -240,7 +240,7 @@ class RunConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     gate_every: int = 1
-    gate_cases: int = 0
+    gate_cases: int = 3
     gate_overlap: float = 0.25
     val_overlap: float = 0.5
     infer_batch: int = 2

@@ -1,0 +1,757 @@
+"""The staged segnet + adversary trainer: one flat loop over stages, epochs and batches.
+
+The schedule (seed notes, DESIGN.md):
+
+=============  =====================================  =================================
+stage          who learns                             gate (each with an epoch cap)
+=============  =====================================  =================================
+segnet         segnet, Dice + cross-entropy           train VoE < ``stage1.gate``
+adversary      adversary alone; segnet frozen (eval   held-out accuracy >= ``stage2.gate``
+               mode, no grad, requires_grad off)
+adversarial    segnet: seg loss + lambda x non-       train VoE < ``stage3.gate``
+               saturating adversarial loss, new LR;
+               adversary in alternation (k_D : k_G)
+=============  =====================================  =================================
+
+"Train VoE" is defined in :mod:`training.evaluation`. A gate is measured every
+``run.gate_every`` epochs and at the cap; the stage ends when it is reached, or at the cap,
+which is logged as ``"reached": false``.
+
+In :meth:`Trainer.fit` every batch goes through at most two explicit blocks: (1) the
+segnet's update, with the segnet in training mode and the adversary frozen; (2) the
+adversary's update, with the adversary in training mode and the segnet evaluated in eval mode
+without autograd. Stage 2 runs entirely inside ``frozen(segnet)`` and
+``expect_mode(segnet, training=False)``, so a stray ``.train()`` anywhere raises instead of
+silently turning dropout back on (the bug of the seed notes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from training import distributed as D
+from training.checkpoint import (
+    capture_rng_state,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    restore_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from training.config import Config, to_dict, to_toml
+from training.data import (
+    HELDOUT_EPOCH,
+    Dataset,
+    load_volumes,
+    make_loader,
+    make_sampler,
+    prepare_dataset,
+)
+from training.data import epoch_key as _epoch_key
+from training.evaluation import heldout_scores, train_voe
+from training.losses import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    adversary_accuracy,
+    discriminator_loss,
+    generator_loss,
+    one_hot,
+)
+from training.models import Discriminator3D, UNet3D
+from training.modes import evaluating, expect_mode, frozen
+
+__all__ = [
+    "STAGES",
+    "NonFiniteLossError",
+    "OutOfMemoryError",
+    "Stage",
+    "State",
+    "Trainer",
+    "TrainingInterrupted",
+]
+
+NUM_CLASSES = 2  # background and liver (the cache stores loaders.liver_label)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stopped without saving over good checkpoints."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """CUDA ran out of memory; the message names the sizes to lower."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT: a checkpoint was saved and training stopped; ``--resume`` continues it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the schedule and its gate.
+
+    Attributes:
+        name: ``"segnet"``, ``"adversary"`` or ``"adversarial"``.
+        number: 1, 2 or 3 (config section ``stage<number>``).
+        metric: what the gate measures (``"train_voe"`` or ``"heldout_accuracy"``).
+        below: the gate is ``metric < threshold`` (else ``metric >= threshold``).
+        threshold: the gate's value.
+        max_epochs: the cap.
+        steps_per_epoch: batches per epoch.
+        k_d: adversary updates per cycle (0 in stage 1).
+        k_g: segnet updates per cycle (0 in stage 2).
+    """
+
+    name: str
+    number: int
+    metric: str
+    below: bool
+    threshold: float
+    max_epochs: int
+    steps_per_epoch: int
+    k_d: int
+    k_g: int
+
+    @property
+    def gate(self) -> str:
+        """The gate as text, e.g. ``"train_voe < 0.2"``."""
+        return f"{self.metric} {'<' if self.below else '>='} {self.threshold:g}"
+
+    def reached(self, value: float) -> bool:
+        """Whether ``value`` passes the gate (NaN never does)."""
+        return value < self.threshold if self.below else value >= self.threshold
+
+    def updates(self, stage_step: int) -> tuple[bool, bool]:
+        """``(segnet, adversary)``: which blocks run on batch ``stage_step`` of the stage.
+
+        A cycle is ``k_d + k_g`` batches: the adversary's ``k_d`` first, then the segnet's.
+        """
+        phase = stage_step % (self.k_d + self.k_g)
+        return phase >= self.k_d, phase < self.k_d
+
+
+STAGES = ("segnet", "adversary", "adversarial")
+
+
+def make_stages(cfg: Config) -> list[Stage]:
+    """The three stages from the configuration."""
+    s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
+    return [
+        Stage("segnet", 1, "train_voe", True, s1.gate, s1.max_epochs, s1.steps_per_epoch, 0, 1),
+        Stage("adversary", 2, "heldout_accuracy", False, s2.gate, s2.max_epochs,
+              s2.steps_per_epoch, 1, 0),
+        Stage("adversarial", 3, "train_voe", True, s3.gate, s3.max_epochs, s3.steps_per_epoch,
+              s3.k_d, s3.k_g),
+    ]
+
+
+@dataclasses.dataclass
+class State:
+    """Where training stands; saved in every checkpoint (``extra["state"]``).
+
+    Attributes:
+        stage: index into :data:`STAGES` (3 when all are done).
+        epoch: epochs completed in the current stage.
+        batch: batches completed in the current epoch.
+        step: optimizer steps in total (segnet and adversary).
+        stage_step: batches completed in the current stage (warm-up, alternation).
+        results: one dict per finished stage: name, gate, value, reached, epochs.
+        gate_value: the last gate measurement of the current stage (NaN before one).
+        sums: loss sums and counts of the epoch in progress.
+        wait_s: seconds spent waiting for batches, per stage name.
+        compute_s: seconds spent in the steps, per stage name.
+        steps: batches trained, per stage name.
+    """
+
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    stage_step: int = 0
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    gate_value: float = math.nan
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    compute_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    steps: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended (rank 0 only)."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def _first(out: Tensor | list[Tensor]) -> Tensor:
+    return out if isinstance(out, Tensor) else out[0]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+class Trainer:
+    """The staged trainer: builds everything from a :class:`Config`, then :meth:`fit`.
+
+    Args:
+        cfg: the resolved configuration.
+        resume: continue from the latest checkpoint in the run folder (``True``) or from
+            a given checkpoint file; ``False`` starts afresh (an existing run folder's
+            checkpoints are then ignored, and overwritten as steps recur).
+        progress: tqdm bars (default ``cfg.run.progress``; only on rank 0).
+
+    Attributes:
+        segnet, adversary: the networks (unwrapped; DDP and compile wrappers are separate).
+        state: the :class:`State`.
+        stages: the :class:`Stage` list.
+        run_dir: ``runs_dir/name``.
+    """
+
+    def __init__(
+        self, cfg: Config, *, resume: bool | str | os.PathLike[str] = False,
+        progress: bool | None = None,
+    ) -> None:
+        self.cfg = cfg.validate()
+        r = cfg.run
+        self.dist = D.init_distributed(
+            device=None if r.device == "auto" else ("cpu" if r.device == "cpu" else r.device)
+        )
+        self.device = self.dist.device
+        self.main = self.dist.is_main
+        cpu = self.device.type == "cpu"
+        if cpu and r.threads > 0:
+            torch.set_num_threads(r.threads)
+        # Dropout draws from torch's global RNG (nn.Dropout3d takes no generator): seed it per
+        # rank; its state is saved in every checkpoint.
+        torch.manual_seed(D.rank_seed(r.seed))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            "bf16" if r.amp == "auto" and not cpu else r.amp
+        )
+        self.channels_last = r.channels_last == "on" or (r.channels_last == "auto" and cpu)
+        self.progress = (r.progress if progress is None else progress) and self.main
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        if self.main and not resume:
+            self.log.path.unlink(missing_ok=True)
+
+        # data: rank 0 generates and builds, the others open what it built
+        if self.main:
+            self.dataset: Dataset = prepare_dataset(cfg.data, progress=self.progress)
+        D.barrier()
+        if not self.main:
+            self.dataset = prepare_dataset(cfg.data, build=False)
+        self.stages = make_stages(cfg)
+        self.sampler = make_sampler(self.dataset, cfg.data, seed=r.seed)
+        self.heldout_batches = math.ceil(cfg.stage2.heldout_pairs / cfg.data.batch_size)
+        self.loader = make_loader(
+            self.sampler,
+            cfg.data,
+            batches_per_epoch=max([s.steps_per_epoch for s in self.stages]
+                                  + [self.heldout_batches]),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+        )
+        gate_ids = self.dataset.train[: r.gate_cases] if r.gate_cases else self.dataset.train
+        self.gate_volumes = load_volumes(self.dataset, gate_ids, cfg.data.window)
+
+        # models, identical on every rank (weights from explicit generators)
+        m = cfg.model
+        self.segnet = UNet3D(
+            in_channels=1, num_classes=NUM_CLASSES, base_width=m.base_width, depth=m.depth,
+            max_width=m.max_width, dropout=m.dropout, deep_supervision=m.deep_supervision,
+            generator=torch.Generator().manual_seed(r.seed),
+        ).to(self.device)
+        self.adversary = Discriminator3D(
+            image_channels=1, mask_channels=NUM_CLASSES, base_width=m.adv_width,
+            depth=m.adv_depth, output=m.adv_output,  # type: ignore[arg-type]
+            generator=torch.Generator().manual_seed(r.seed + 1),
+        ).to(self.device)
+        if self.channels_last:
+            self.segnet.to(memory_format=torch.channels_last_3d)
+            self.adversary.to(memory_format=torch.channels_last_3d)
+        self.segnet_train: nn.Module = D.wrap_ddp(self.segnet, self.dist)
+        self.adversary_train: nn.Module = D.wrap_ddp(self.adversary, self.dist)
+        if r.compile:
+            self.segnet_train = torch.compile(self.segnet_train)  # type: ignore[assignment]
+            self.adversary_train = torch.compile(self.adversary_train)  # type: ignore[assignment]
+        s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
+            "segnet1": torch.optim.AdamW(self.segnet.parameters(), lr=s1.lr,
+                                         weight_decay=s1.weight_decay),
+            "adversary": torch.optim.Adam(self.adversary.parameters(), lr=s2.lr,
+                                          betas=(0.5, 0.999)),
+            "segnet3": torch.optim.AdamW(self.segnet.parameters(), lr=s3.lr,
+                                         weight_decay=s3.weight_decay),
+        }
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype is torch.float16
+        )
+        self.seg_loss: Callable[[Any, Tensor], Tensor] = DeepSupervisionLoss(
+            DiceCELoss(batch_dice=m.batch_dice)
+        )
+        self.state = State()
+        self.stopped: str | None = None
+        self._interrupted = False
+        self._heldout: list[tuple[Tensor, Tensor]] | None = None
+        self._live: Iterator[dict[str, Any]] | None = None
+        self._live_at: tuple[int, int, int] | None = None
+        self._since_check: list[tuple[str, Tensor]] = []
+        self.resumed_from: Path | None = None
+        if resume:
+            path = latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
+            if path is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            self.restore(path)
+
+    # ------------------------------------------------------------------ small helpers
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 (or fp16) autocast on CUDA as configured; a no-op otherwise."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _eval_kwargs(self, overlap: float) -> dict[str, Any]:
+        return {
+            "patch_size": tuple(self.cfg.data.patch_size),
+            "overlap": overlap,
+            "batch_size": self.cfg.run.infer_batch,
+            "device": self.device,
+            "channels_last": self.channels_last,
+            "autocast": self.amp_dtype is not None,
+        }
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True).long()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x, y
+
+    def _next_batch(self, stage: Stage) -> dict[str, Any]:
+        """The batch at the state's position; the epoch's iterator lives across fit() calls."""
+        st = self.state
+        if self._live_at != (stage.number, st.epoch, st.batch):
+            # resuming mid-epoch: the sample keys make the remaining batches the same
+            key = _epoch_key(stage.number, st.epoch)
+            self._live = iter(self.loader.epoch(key, start_batch=st.batch))
+        batch = next(self._live)
+        self._live_at = (stage.number, st.epoch, st.batch + 1)
+        return batch
+
+    def heldout(self) -> list[tuple[Tensor, Tensor]]:
+        """The adversary's held-out patches (epoch key ``HELDOUT_EPOCH``), on the device."""
+        if self._heldout is None:
+            self._live_at = None  # the loader runs one epoch at a time
+            it = iter(self.loader.epoch(HELDOUT_EPOCH))
+            self._heldout = [self._to_device(next(it)) for _ in range(self.heldout_batches)]
+        return self._heldout
+
+    def measure_gate(self, stage: Stage) -> dict[str, float]:
+        """Measure ``stage``'s gate (and, in stage 2, the frozen segnet's scores).
+
+        Returns:
+            ``{"value": ...}`` plus diagnostics: in stage 2 ``segnet_voe`` on the held-out
+            patches, and ``train_voe`` with ``stage2.monitor_voe``.
+        """
+        out: dict[str, float] = {}
+        if stage.metric == "train_voe":
+            out["value"] = train_voe(
+                self.segnet, self.gate_volumes, **self._eval_kwargs(self.cfg.run.gate_overlap)
+            )
+        else:
+            scores = heldout_scores(
+                self.segnet, self.adversary, self.heldout(), num_classes=NUM_CLASSES,
+                autocast=self.autocast,
+            )
+            out = {"value": scores["accuracy"], "segnet_voe": scores["segnet_voe"]}
+            if self.cfg.stage2.monitor_voe:
+                out["train_voe"] = train_voe(
+                    self.segnet, self.gate_volumes,
+                    **self._eval_kwargs(self.cfg.run.gate_overlap),
+                )
+        return out
+
+    def _stage_context(self, stage: Stage) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if stage.name == "adversary":
+            # The segnet is frozen for the whole stage, and any forward pass of it in
+            # training mode raises ModeError.
+            stack.enter_context(frozen(self.segnet))
+            stack.enter_context(expect_mode(self.segnet, training=False))
+        return stack
+
+    def _check_losses(self) -> None:
+        """Read the losses since the last check (a host-device sync); stop on NaN/inf."""
+        if not self._since_check:
+            return
+        names = [n for n, _ in self._since_check]
+        values = torch.stack([v.float() for _, v in self._since_check]).cpu()  # sync point
+        self._since_check = []
+        bad = float((~torch.isfinite(values)).any())
+        bad = float(D.all_reduce_sum(bad))
+        if bad:
+            last = latest_checkpoint(self.ckpt_dir)
+            st = self.state
+            raise NonFiniteLossError(
+                f"non-finite loss at stage {STAGES[st.stage]!r}, epoch {st.epoch + 1}, "
+                f"step {st.step} (losses {dict(zip(names, values.tolist(), strict=True))}); "
+                f"stopped without saving. Last good checkpoint: "
+                f"{last if last is not None else 'none yet'}. Lower the learning rate "
+                "(--set stage1.lr=...) or check the data."
+            )
+        sums = self.state.sums
+        for n, v in zip(names, values.tolist(), strict=True):
+            sums[n] = sums.get(n, 0.0) + v
+            sums[f"n_{n}"] = sums.get(f"n_{n}", 0.0) + 1
+
+    def _oom(self, stage: Stage, exc: BaseException) -> OutOfMemoryError:
+        d = self.cfg.data
+        smaller = [max(p // 2 // 16 * 16, 16) if p == max(d.patch_size) else p
+                   for p in d.patch_size]
+        return OutOfMemoryError(
+            f"CUDA out of memory in stage {stage.name!r} with data.batch_size={d.batch_size} "
+            f"and data.patch_size={list(d.patch_size)} (model.base_width="
+            f"{self.cfg.model.base_width}). Lower them, e.g. --set data.batch_size="
+            f"{max(d.batch_size // 2, 1)} or "
+            f"--set data.patch_size={smaller}. ({exc})"
+        )
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self._interrupted = True
+
+    def _interrupt_requested(self) -> bool:
+        return bool(D.all_reduce_sum(float(self._interrupted)))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(
+        self, *, stop_after: str | None = None, max_seconds: float | None = None
+    ) -> State:
+        """Train from the current state to the end of the schedule (or of ``stop_after``).
+
+        Args:
+            stop_after: a stage name; return when that stage ends.
+            max_seconds: return after the step that exceeds this wall time (timing runs);
+                ``self.stopped`` is then ``"time"``.
+
+        Returns:
+            The state.
+
+        Raises:
+            NonFiniteLossError, OutOfMemoryError, TrainingInterrupted (after saving).
+        """
+        cfg, st = self.cfg, self.state
+        if stop_after is not None and stop_after not in STAGES:
+            raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+        t_start = time.perf_counter()
+        self.stopped = None
+        seg, adv = self.segnet_train, self.adversary_train  # the DDP / compiled wrappers
+        stage_ctx, in_stage, bar = contextlib.ExitStack(), -1, None
+        handler = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        try:
+            while st.stage < len(self.stages):
+                stage = self.stages[st.stage]
+                if in_stage != st.stage:  # entering (or resuming) a stage
+                    stage_ctx.close()
+                    stage_ctx, in_stage = self._stage_context(stage), st.stage
+                    if st.stage_step == 0:
+                        self.log.write("stage_start", stage=stage.name, gate=stage.gate,
+                                       step=st.step)
+                # end of an epoch: log it, measure the gate when due, maybe end the stage
+                if st.batch == stage.steps_per_epoch:
+                    bar = _close(bar)
+                    if self._end_epoch(stage):
+                        stage_ctx.close()
+                        self._end_stage(stage)
+                        if stop_after == stage.name:
+                            break
+                    continue
+                if bar is None:
+                    bar = self._bar(stage)
+                # fetch the next batch (the loader works ahead; on CUDA the copy is async)
+                t0 = time.perf_counter()
+                x, y = self._to_device(self._next_batch(stage))
+                t1 = time.perf_counter()
+                upd_seg, upd_adv = stage.updates(st.stage_step)
+                # 1. segnet update (stages 1 and 3): the segnet trains; the adversary is
+                #    frozen (eval mode, no parameter grads) and only passes gradients through
+                if upd_seg:
+                    self.segnet.train()
+                    opt = self.optimizers["segnet3" if stage.number == 3 else "segnet1"]
+                    self._set_lr(opt, stage)
+                    with frozen(self.adversary), self.autocast():
+                        out = seg(x)
+                        loss_seg = self.seg_loss(out, y)
+                        loss = loss_seg
+                        if stage.number == 3 and cfg.stage3.adv_weight > 0:
+                            probs = _first(out).float().softmax(1).to(x.dtype)
+                            loss_gen = generator_loss(self.adversary(x, probs).float())
+                            loss = loss_seg + cfg.stage3.adv_weight * loss_gen
+                            self._since_check.append(("loss_gen", loss_gen.detach()))
+                    opt.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(self.segnet.parameters(), 12.0)
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                    st.step += 1
+                    self._since_check.append(("loss_seg", loss_seg.detach()))
+                # 2. adversary update (stages 2 and 3): the adversary trains; the segnet's
+                #    masks come from eval mode without autograd
+                if upd_adv:
+                    with evaluating(self.segnet), self.autocast():
+                        fake = _first(self.segnet(x)).float().softmax(1)
+                    self.adversary.train()
+                    opt = self.optimizers["adversary"]
+                    with self.autocast():  # real and fake pairs in one forward (one DDP pass)
+                        pairs = torch.cat([one_hot(y, NUM_CLASSES), fake]).to(x.dtype)
+                        logits = adv(torch.cat([x, x]), pairs).float()
+                        real_logits, fake_logits = logits.chunk(2)
+                        loss_d = discriminator_loss(real_logits, fake_logits)
+                    opt.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss_d).backward()
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                    st.step += 1
+                    self._since_check.append(("loss_d", loss_d.detach()))
+                    self._since_check.append(
+                        ("acc_d", adversary_accuracy(real_logits, fake_logits))
+                    )
+                # bookkeeping: loss read-out (sync point), timing, checkpoint, interrupt
+                st.batch += 1
+                st.stage_step += 1
+                every = cfg.run.checkpoint_every
+                ckpt_due = every > 0 and (st.step - upd_seg - upd_adv) // every != st.step // every
+                check = (st.stage_step % cfg.run.log_every == 0 or ckpt_due
+                         or st.batch == stage.steps_per_epoch)
+                if check:
+                    self._check_losses()  # host-device sync
+                t2 = time.perf_counter()
+                st.wait_s[stage.name] = st.wait_s.get(stage.name, 0.0) + (t1 - t0)
+                st.compute_s[stage.name] = st.compute_s.get(stage.name, 0.0) + (t2 - t1)
+                st.steps[stage.name] = st.steps.get(stage.name, 0) + 1
+                self._update_bar(bar)
+                if ckpt_due:
+                    self.save()
+                if check and self._interrupt_requested():
+                    self.save(tag="interrupt")
+                    raise TrainingInterrupted(
+                        f"interrupted in stage {stage.name!r}, epoch {st.epoch + 1}, step "
+                        f"{st.step}; checkpoint saved in {self.ckpt_dir}; continue with --resume"
+                    )
+                if cfg.run.max_steps and st.step >= cfg.run.max_steps:
+                    self.stopped = "max_steps"
+                elif max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                    self.stopped = "time"
+                if self.stopped:
+                    break
+            return st
+        except torch.OutOfMemoryError as exc:
+            raise self._oom(self.stages[min(st.stage, 2)], exc) from None
+        finally:
+            _close(bar)
+            stage_ctx.close()
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _set_lr(self, opt: torch.optim.Optimizer, stage: Stage) -> None:
+        """Stage 1 warms up linearly over ``stage1.warmup_steps``; stage 3 starts afresh."""
+        s1, s3 = self.cfg.stage1, self.cfg.stage3
+        base, warm = (s1.lr, s1.warmup_steps) if stage.number == 1 else (s3.lr, 0)
+        for group in opt.param_groups:
+            group["lr"] = base * min(1.0, (self.state.stage_step + 1) / max(warm, 1))
+
+    def _bar(self, stage: Stage) -> Any:
+        st = self.state
+        return tqdm(
+            total=stage.steps_per_epoch, initial=st.batch, leave=False, dynamic_ncols=True,
+            desc=f"{stage.name} {st.epoch + 1}/{stage.max_epochs}", disable=not self.progress,
+        )
+
+    def _update_bar(self, bar: Any) -> None:
+        bar.update()
+        s = self.state.sums
+        if self.progress and s:
+            bar.set_postfix_str(" ".join(
+                f"{k}={s[k] / s['n_' + k]:.3f}" for k in ("loss_seg", "loss_d", "acc_d")
+                if s.get("n_" + k)), refresh=False)
+
+    def _end_epoch(self, stage: Stage) -> bool:
+        """Log the epoch, measure the gate when due; True when the stage is over."""
+        cfg, st = self.cfg, self.state
+        st.epoch += 1
+        st.batch = 0
+        means = {k: v / st.sums[f"n_{k}"] for k, v in st.sums.items()
+                 if not k.startswith("n_") and st.sums.get(f"n_{k}")}
+        st.sums = {}
+        record: dict[str, Any] = {"stage": stage.name, "epoch": st.epoch, "step": st.step,
+                                  **means}
+        capped = st.epoch >= stage.max_epochs
+        if st.epoch % cfg.run.gate_every == 0 or capped:
+            gate = self.measure_gate(stage)
+            st.gate_value = gate["value"]
+            reached = stage.reached(st.gate_value)
+            record.update(gate=stage.gate, reached=reached, **{
+                (stage.metric if k == "value" else k): v for k, v in gate.items()})
+            self.log.write("gate", **record)
+            if self.progress:
+                tqdm.write(
+                    f"[{stage.name}] epoch {st.epoch}/{stage.max_epochs}: "
+                    + " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                               if isinstance(v, float))
+                    + f" -> gate {stage.gate}: {'reached' if reached else 'not yet'}"
+                )
+            return reached or capped
+        self.log.write("epoch", **record)
+        return False
+
+    def _end_stage(self, stage: Stage) -> None:
+        st = self.state
+        reached = stage.reached(st.gate_value)
+        result = {
+            "name": stage.name,
+            "gate": stage.gate,
+            "value": st.gate_value,
+            "reached": bool(reached),
+            "epochs": st.epoch,
+        }
+        if not reached:
+            result["capped"] = True
+        st.results.append(result)
+        self.log.write("stage_end", step=st.step, **result)
+        if self.progress:
+            verdict = "reached" if reached else f"CAPPED at {stage.max_epochs} epochs"
+            tqdm.write(f"[{stage.name}] gate {stage.gate}: {verdict} "
+                       f"(value {st.gate_value:.4f}, {st.epoch} epochs)")
+        st.stage += 1
+        st.epoch = st.batch = st.stage_step = 0
+        st.gate_value = math.nan
+        self.save(tag=f"{stage.name}-end")
+
+    def goto(self, stage: str) -> None:
+        """Jump to the start of ``stage`` (timing runs; the schedule's results are not
+        filled in for the skipped stages)."""
+        st = self.state
+        st.stage = STAGES.index(stage)
+        st.epoch = st.batch = st.stage_step = 0
+        st.gate_value = math.nan
+        st.sums = {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, *, tag: str = "") -> Path | None:
+        """Save a checkpoint (all ranks call this; rank 0 writes).
+
+        Step checkpoints beyond ``run.keep_checkpoints`` are deleted (tagged ones are kept).
+
+        Returns:
+            The path on rank 0, else None.
+        """
+        rng = capture_rng_state()
+        rngs: list[Any] = [rng]
+        if D.is_distributed():
+            rngs = [None] * D.get_world_size()
+            dist.all_gather_object(rngs, rng)
+        path = None
+        if self.main:
+            st = self.state
+            ckpt = make_checkpoint(
+                models={"segnet": self.segnet, "adversary": self.adversary},
+                optimizers=self.optimizers,
+                scaler=self.scaler,
+                stage=STAGES[min(st.stage, len(STAGES) - 1)] if st.stage < len(STAGES) else "done",
+                epoch=st.epoch,
+                step=st.step,
+                config=to_dict(self.cfg),
+                extra={"state": st.as_dict(), "rank_rng": rngs},
+            )
+            path = save_checkpoint(ckpt, checkpoint_path(self.ckpt_dir, st.step, tag=tag))
+            self.log.write("checkpoint", path=str(path), step=st.step, stage=ckpt["stage"],
+                           epoch=st.epoch, batch=st.batch)
+            self._prune()
+        D.barrier()
+        return path
+
+    def _prune(self) -> None:
+        plain = sorted(p for p in self.ckpt_dir.glob("ckpt-*.pt") if p.stem.count("-") == 1)
+        for p in plain[: max(len(plain) - self.cfg.run.keep_checkpoints, 0)]:
+            p.unlink(missing_ok=True)
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Load a checkpoint: weights, optimizers, scaler, this rank's RNG, the state."""
+        ckpt = load_checkpoint(path)
+        meta = restore_checkpoint(
+            ckpt,
+            models={"segnet": self.segnet, "adversary": self.adversary},
+            optimizers=self.optimizers,
+            scaler=self.scaler,
+            restore_global_rng=False,
+        )
+        rngs = meta["extra"].get("rank_rng") or [ckpt["rng"]]
+        restore_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0])
+        fields = {f.name for f in dataclasses.fields(State)}
+        self.state = State(**{k: v for k, v in meta["extra"]["state"].items() if k in fields})
+        self.resumed_from = Path(path)
+        st = self.state
+        self.log.write("resume", path=str(path), stage=STAGES[min(st.stage, 2)],
+                       epoch=st.epoch, batch=st.batch, step=st.step)
+
+    def close(self) -> None:
+        """Stop the loader's workers."""
+        self.loader.close()
+
+    # ------------------------------------------------------------------ reporting inputs
+    def timing(self) -> dict[str, Any]:
+        """Wait / compute seconds and steps per stage, and the overall data-wait fraction."""
+        st = self.state
+        wait, comp = sum(st.wait_s.values()), sum(st.compute_s.values())
+        return {
+            "wait_s": dict(st.wait_s),
+            "compute_s": dict(st.compute_s),
+            "steps": dict(st.steps),
+            "data_wait_fraction": wait / (wait + comp) if wait + comp > 0 else 0.0,
+        }
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _close(bar: Any) -> None:
+    if bar is not None:
+        bar.close()

@@ -290,7 +290,15 @@ class RandomContrast(IntensityTransform):
         if not bool(params.active[0]):
             return x
         f = float(params.factor[0])
-        c = float(x.mean()) if self.centre == "mean" else float(self.centre)
+        mean = self.centre == "mean"
+        if _xp(x) is np and x.dtype == np.float32 and x.flags.c_contiguous:
+            from augment.kernels.cpu import contrast_inplace
+
+            y = x.copy()
+            contrast_inplace(y.reshape(-1), f, 0.0 if mean else float(self.centre), mean,
+                             self.preserve_range)
+            return y
+        c = float(x.mean()) if mean else float(self.centre)
         lo, hi = _minmax(x)
         y = (x - c) * f + c
         return _xp(x).clip(y, lo, hi) if self.preserve_range else y

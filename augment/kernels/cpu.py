@@ -556,3 +556,30 @@ def program_inplace(x, prog):
 def program_inplace_serial(x, prog):
     for c in range((x.shape[0] + _CHUNK - 1) // _CHUNK):
         _program_chunk(x, prog, c)
+
+
+@njit(**_JIT)
+def contrast_inplace(x, factor, centre, use_mean, preserve_range):
+    """``x = (x - c) * factor + c`` over a flat float32 array, ``c`` the mean of ``x`` when
+    ``use_mean``; clipped to the range before the change when ``preserve_range``. Two passes
+    instead of numpy's six (mean, min, max, subtract, scale, clip)."""
+    n = x.shape[0]
+    total = 0.0
+    lo = np.inf
+    hi = -np.inf
+    for i in range(n):
+        v = x[i]
+        total += v
+        lo = min(lo, v)
+        hi = max(hi, v)
+    c = total / max(n, 1) if use_mean else centre
+    f = np.float32(factor)
+    off = np.float32(c - c * factor)
+    flo = np.float32(lo)
+    fhi = np.float32(hi)
+    if preserve_range:
+        for i in range(n):
+            x[i] = min(max(x[i] * f + off, flo), fhi)
+    else:
+        for i in range(n):
+            x[i] = x[i] * f + off

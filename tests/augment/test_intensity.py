@@ -101,3 +101,15 @@ def test_bad_intensity_arguments():
         augment.Normalize(mean=1.0, std=0.0)
     with pytest.warns(UserWarning, match="no-op"):
         augment.RandomBrightness((1.0, 1.0), p=0.5)
+
+
+@pytest.mark.parametrize("centre, preserve", [("mean", True), ("mean", False), (0.3, True)])
+def test_contrast_kernel_equals_numpy_definition(centre, preserve):
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.4, 0.2, (1, 7, 8, 9)).astype(np.float32)
+    c = augment.RandomContrast((0.6, 0.6), p=1.0, centre=centre, preserve_range=preserve)
+    p = c.sample(rng)
+    fast = c.apply(x, p)  # float32, contiguous: the numba kernel
+    ref = c.apply(x.astype(np.float64), p)  # numpy
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    assert fast is not x and np.array_equal(x, x.copy())

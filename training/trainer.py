@@ -591,11 +591,18 @@ class Trainer:
                 signal.signal(signal.SIGINT, handler)
 
     def _set_lr(self, opt: torch.optim.Optimizer, stage: Stage) -> None:
-        """Stage 1 warms up linearly over ``stage1.warmup_steps``; stage 3 starts afresh."""
+        """nnU-Net's poly schedule, ``lr * (1 - t / T) ** 0.9`` over the stage's cap of ``T``
+        batches (the gate may end the stage earlier), after a linear warm-up in stage 1;
+        stage 3 starts again from its own, new rate."""
         s1, s3 = self.cfg.stage1, self.cfg.stage3
-        base, warm = (s1.lr, s1.warmup_steps) if stage.number == 1 else (s3.lr, 0)
+        t = self.state.stage_step
+        poly = max(1.0 - t / (stage.max_epochs * stage.steps_per_epoch), 0.0) ** 0.9
+        if stage.number == 1:
+            lr = s1.lr * poly * min(1.0, (t + 1) / max(s1.warmup_steps, 1))
+        else:
+            lr = s3.lr * poly
         for group in opt.param_groups:
-            group["lr"] = base * min(1.0, (self.state.stage_step + 1) / max(warm, 1))
+            group["lr"] = lr
 
     def _bar(self, stage: Stage) -> Any:
         st = self.state

@@ -39,3 +39,32 @@ def test_ratios_respect_units() -> None:
     ])
     got = {r.name: r.ratio for r in rs}
     assert got == {"fast": 5.0, "slow": None, "quick": 4.0, "lazy": None}
+
+
+def _write(path: Path, results: list[Result]) -> Path:
+    path.write_text(json.dumps({"machine": {"host": "m", "cores": 2}, "date": "d",
+                                "quick": False, "results": [r.as_dict() for r in results]}))
+    return path
+
+
+def test_report_checks_ratios_and_prints_markdown(tmp_path: Path) -> None:
+    from benchmarks import report
+
+    good = with_ratios([
+        Result("w1", "ours", 30.0, "patches/s", baseline="scipy"),
+        Result("w1", "scipy", 3.0, "patches/s"),
+        Result("w5", "cache", 11.0, "ms", baseline="zarr-default"),
+        Result("w5", "zarr-default", 132.0, "ms"),
+    ])
+    ok = _write(tmp_path / "ok.json", good)
+    assert report.main([str(ok), "--check"]) == 0
+    table = report.markdown(report.load(ok))
+    assert "| w1 | ours | 30.00 | patches/s | scipy | 10.00x |" in table
+    assert "| w5 | cache | 11.00 | ms | zarr-default | 12.00x |" in table
+    tampered = [Result(**{**r.as_dict(), "ratio": 20.0}) if r.name == "ours" else r
+                for r in good]
+    bad = _write(tmp_path / "bad.json", tampered)
+    assert report.main([str(bad), "--check"]) == 1
+    assert report.mismatches(report.load(bad)["results"]) == [
+        "w1/ours: ratio 20.0 but the values give 10.0"
+    ]

@@ -10,6 +10,7 @@ sizes) and exits with status 1 when one does not match what the file says.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def mismatches(results: list[Result], tol: float = 2e-3) -> list[str]:
     """Ratios in ``results`` that do not follow from the values (relative tolerance ``tol``)."""
-    bare = [Result(**{**r.as_dict(), "ratio": None}) for r in results]
+    bare = [dataclasses.replace(r, ratio=None) for r in results]
     bad = []
     for r, want in zip(results, with_ratios(bare), strict=True):
         if (r.ratio is None) != (want.ratio is None) or (

@@ -302,8 +302,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(r.seed + 1),
         ).to(self.device)
         if self.channels_last:
-            self.segnet.to(memory_format=torch.channels_last_3d)
-            self.adversary.to(memory_format=torch.channels_last_3d)
+            _to_channels_last(self.segnet)
+            _to_channels_last(self.adversary)
         self.segnet_train: nn.Module = D.wrap_ddp(self.segnet, self.dist)
         self.adversary_train: nn.Module = D.wrap_ddp(self.adversary, self.dist)
         if r.compile:
@@ -351,8 +351,11 @@ class Trainer:
             "overlap": overlap,
             "batch_size": self.cfg.run.infer_batch,
             "device": self.device,
-            "channels_last": self.channels_last,
+            # Windows in the default layout: 15-20% faster than channels_last_3d for
+            # inference on the 2-core CPU, whatever layout the weights are in.
+            "channels_last": False,
             "autocast": self.amp_dtype is not None,
+            "largest_component": self.cfg.run.largest_component,
         }
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -539,6 +542,8 @@ class Trainer:
                         fake = _first(self.segnet(x)).float().softmax(1)
                     self.adversary.train()
                     opt = self.optimizers["adversary"]
+                    for group in opt.param_groups:  # constant; from the config, also on resume
+                        group["lr"] = cfg.stage2.lr
                     with self.autocast():  # real and fake pairs in one forward (one DDP pass)
                         pairs = torch.cat([one_hot(y, NUM_CLASSES), fake]).to(x.dtype)
                         logits = adv(torch.cat([x, x]), pairs).float()
@@ -624,8 +629,11 @@ class Trainer:
         cfg, st = self.cfg, self.state
         st.epoch += 1
         st.batch = 0
-        means = {k: v / st.sums[f"n_{k}"] for k, v in st.sums.items()
-                 if not k.startswith("n_") and st.sums.get(f"n_{k}")}
+        keys = sorted(k for k in st.sums if not k.startswith("n_") and st.sums.get(f"n_{k}"))
+        means = {k: st.sums[k] / st.sums[f"n_{k}"] for k in keys}
+        if D.is_distributed() and keys:  # every rank logged the same keys
+            reduced = D.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+            means = dict(zip(keys, reduced.tolist(), strict=True))  # type: ignore[union-attr]
         st.sums = {}
         record: dict[str, Any] = {"stage": stage.name, "epoch": st.epoch, "step": st.step,
                                   **means}
@@ -753,6 +761,15 @@ class Trainer:
             "steps": dict(st.steps),
             "data_wait_fraction": wait / (wait + comp) if wait + comp > 0 else 0.0,
         }
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """``channels_last_3d`` weights, except 1x1x1 kernels: their gradients come back in the
+    default layout, which DDP's gradient buckets would otherwise copy and warn about."""
+    model.to(memory_format=torch.channels_last_3d)
+    for p in model.parameters():
+        if p.dim() == 5 and p.shape[2:] == (1, 1, 1):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
 def _main_thread() -> bool:

@@ -54,7 +54,8 @@ class DataConfig:
 
     Attributes:
         root: an MSD-layout dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``).
-        phantom: generate the synthetic phantom dataset at ``root`` when it is absent.
+        phantom: generate the synthetic phantom dataset at ``root`` when it is absent (and
+            regenerate it when the phantom settings below change).
         phantom_cases: number of labelled phantom cases to generate (train + val).
         phantom_size: ``loaders.phantom.SIZES`` preset of the generated grid.
         phantom_seed: seed of the phantom generator.
@@ -78,15 +79,15 @@ class DataConfig:
 
     root: str = "data/phantom"
     phantom: bool = True
-    phantom_cases: int = 8
+    phantom_cases: int = 20
     phantom_size: str = "default"
     phantom_seed: int = 0
     cache: str = ""
     spacing: tuple[float, ...] = (4.0, 4.0, 4.0)
-    val_cases: int = 2
+    val_cases: int = 4
     patch_size: tuple[int, ...] = (48, 80, 80)
-    batch_size: int = 1
-    foreground: float = 0.33
+    batch_size: int = 2
+    foreground: float = 0.0
     window: tuple[float, ...] = (-200.0, 250.0)
     degrees: float = 10.0
     scale: tuple[float, ...] = (0.9, 1.1)
@@ -119,14 +120,14 @@ class ModelConfig:
         batch_dice: pool the soft Dice over the batch (nnU-Net's 3D default).
     """
 
-    base_width: int = 8
+    base_width: int = 6
     depth: int = 4
     max_width: int = 320
     dropout: float = 0.0
-    deep_supervision: bool = False
-    adv_width: int = 8
+    deep_supervision: bool = True
+    adv_width: int = 16
     adv_depth: int = 3
-    adv_output: str = "patch"
+    adv_output: str = "global"
     batch_dice: bool = True
 
 
@@ -135,7 +136,7 @@ class Stage1Config:
     """Stage 1: the segnet alone, Dice + cross-entropy, until train VoE < ``gate``.
 
     Attributes:
-        lr: AdamW learning rate (cosine-free: constant, after a linear warm-up).
+        lr: AdamW learning rate: linear warm-up, then nnU-Net's poly decay over the cap.
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up.
         steps_per_epoch: optimizer steps per epoch.
@@ -143,11 +144,11 @@ class Stage1Config:
         gate: train VoE threshold (the stage ends when train VoE < gate).
     """
 
-    lr: float = 1e-2
+    lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 10
-    steps_per_epoch: int = 40
-    max_epochs: int = 8
+    steps_per_epoch: int = 30
+    max_epochs: int = 6
     gate: float = 0.2
 
 
@@ -165,8 +166,8 @@ class Stage2Config:
             (it must not change; the check the seed notes lacked).
     """
 
-    lr: float = 1e-3
-    steps_per_epoch: int = 20
+    lr: float = 5e-4
+    steps_per_epoch: int = 15
     max_epochs: int = 5
     gate: float = 0.9
     heldout_pairs: int = 8
@@ -178,7 +179,8 @@ class Stage3Config:
     """Stage 3: segnet with seg loss + ``adv_weight`` x adversarial loss, adversary in turn.
 
     Attributes:
-        lr: the segnet's new learning rate (a fresh AdamW).
+        lr: the segnet's new learning rate (a fresh AdamW), decayed over the stage's cap
+            (nnU-Net's poly schedule).
         weight_decay: its weight decay.
         adv_weight: lambda, the weight of the non-saturating adversarial loss.
         k_d: adversary updates per cycle.
@@ -192,9 +194,9 @@ class Stage3Config:
     weight_decay: float = 1e-5
     adv_weight: float = 0.02
     k_d: int = 1
-    k_g: int = 2
-    steps_per_epoch: int = 40
-    max_epochs: int = 6
+    k_g: int = 3
+    steps_per_epoch: int = 30
+    max_epochs: int = 10
     gate: float = 0.15
 
 
@@ -221,6 +223,8 @@ class RunConfig:
         gate_overlap: sliding-window overlap of the train-VoE evaluation.
         val_overlap: sliding-window overlap of the final validation.
         infer_batch: windows per forward pass in sliding-window inference.
+        largest_component: keep only the largest connected component of a predicted liver
+            mask (train VoE and validation alike).
         log_every: steps between loss read-outs (each one is a host-device sync; the NaN
             check runs there).
         max_steps: stop after this many optimizer steps in total (0: no limit; for tests
@@ -240,10 +244,11 @@ class RunConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     gate_every: int = 1
-    gate_cases: int = 3
+    gate_cases: int = 4
     gate_overlap: float = 0.25
     val_overlap: float = 0.5
-    infer_batch: int = 2
+    infer_batch: int = 4
+    largest_component: bool = True
     log_every: int = 1
     max_steps: int = 0
     progress: bool = True

@@ -9,7 +9,9 @@ Train VoE (the gate of stages 1 and 3) is defined as: the mean, over the trainin
 (``run.gate_cases`` of them, or all), of the per-case volume overlap error ``1 - |P & G| /
 |P | G|`` between the liver label and the argmax of sliding-window inference over the whole
 (resampled, windowed) volume, in eval mode, with the training patch size, overlap
-``run.gate_overlap`` and Gaussian blending. It is measured on whole volumes rather than on
+``run.gate_overlap`` and Gaussian blending, keeping the mask's largest connected component
+(``run.largest_component``; validation masks are made the same way). It is measured on
+whole volumes rather than on
 the epoch's patches because patches are foreground-oversampled and augmented (their VoE
 depends on where they were cut and how they were deformed), and because whole volumes are
 what the validation measures: the gate then means what it says. Under DDP each rank
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy import ndimage
 from torch import Tensor, nn
 
 from training import distributed as D
@@ -60,8 +63,13 @@ def segment(
     device: torch.device,
     channels_last: bool,
     autocast: bool,
+    largest_component: bool = True,
 ) -> np.ndarray:
     """The segnet's liver mask of a whole volume (sliding window, Gaussian blending).
+
+    Args:
+        largest_component: keep only the largest 26-connected component of the mask (the
+            liver is one connected organ; the usual liver post-processing).
 
     Returns:
         A boolean ``(D, H, W)`` array: argmax class > 0.
@@ -77,7 +85,14 @@ def segment(
         autocast=autocast,
         channels_last=channels_last,
     )
-    return (labels > 0).cpu().numpy()
+    mask = (labels > 0).cpu().numpy()
+    if largest_component and mask.any():
+        components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            mask = components == int(sizes.argmax())
+    return mask
 
 
 def _shard(items: Sequence[Any]) -> list[Any]:

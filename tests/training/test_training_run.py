@@ -185,3 +185,26 @@ def test_kill_9_mid_stage_then_resume_finishes_identically(
     for net in ("segnet", "adversary"):
         for k, v in b["models"][net].items():
             assert torch.equal(a["models"][net][k], v), f"{net}.{k} differs after resume"
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(cli_args: Any, tmp_path: Path):
+    runs = tmp_path / "runs"
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.run", *cli_args(runs, "run.checkpoint_every=3",
+                                                          "data.num_workers=1")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ckpts = runs / "smoke" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not (ckpts / "ckpt-000000003.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    saved = list(ckpts.glob("*-interrupt.pt"))
+    assert len(saved) == 1 and latest_checkpoint(ckpts) == saved[0]
+    assert load_checkpoint(saved[0])["extra"]["state"]["stage"] < 3

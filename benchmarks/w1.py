@@ -8,16 +8,18 @@ runs the same parameter stream and is checked for the same kind of output before
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 import augment
-from benchmarks.common import Result, median_seconds
+from benchmarks.common import Result
 
 SOURCE = (200, 256, 256)
 PATCH = (128, 128, 128)
@@ -48,15 +50,49 @@ def w1_pipeline(patch: tuple[int, int, int] = PATCH, intensity: bool = False) ->
     return augment.Compose(ts)
 
 
-def _per_patch(fn: Callable[[int], object], n: int, repeats: int) -> float:
-    """Patches per second from the median time of ``repeats`` runs of ``n`` patches."""
-    counter = iter(range(10**9))
+def _interleaved_rates(
+    ways: list[tuple[str, Callable[[int], object], int, int]], repeats: int
+) -> dict[str, float | Exception]:
+    """Patches per second of each way: the median over ``repeats`` rounds, where every round
+    times one batch of each way in turn (ABCD ABCD ...), so the ratios between ways compare
+    the same stretch of time on a machine whose speed drifts. Each way gets a warm-up batch
+    and its output is checked first.
 
-    def batch() -> None:
-        for _ in range(n):
-            fn(next(counter))
+    Args:
+        ways: ``(name, fn, numba threads, patches per batch)``; ``fn(i)`` makes patch ``i``.
+    """
+    import numba
 
-    return n / median_seconds(batch, repeats=repeats, warmup=1)
+    all_threads = numba.get_num_threads()
+    counters = {name: iter(range(10**9)) for name, *_ in ways}
+    times: dict[str, list[float]] = {}
+    out: dict[str, float | Exception] = {}
+
+    def batch(name: str, fn: Callable[[int], object], threads: int, n: int) -> float:
+        numba.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn(next(counters[name]))
+            return time.perf_counter() - t0
+        finally:
+            numba.set_num_threads(all_threads)
+
+    for name, fn, threads, n in ways:
+        try:
+            check_output(fn(10**6))
+            batch(name, fn, threads, n)  # warm-up
+            times[name] = []
+        except Exception as exc:  # a peer that breaks is reported, not fatal
+            out[name] = exc
+    for _ in range(repeats):
+        for name, fn, threads, n in ways:
+            if name in times:
+                times[name].append(batch(name, fn, threads, n))
+    for name, _, _, n in ways:
+        if name in times:
+            out[name] = n / statistics.median(times[name])
+    return out
 
 
 def augment_way(img: np.ndarray, lab: np.ndarray, intensity: bool = False
@@ -133,24 +169,24 @@ def run(quick: bool = False) -> list[Result]:
     ]
     for name, fn in peers.w1_ways(img, lab, w1_pipeline(), PATCH):
         ways.append((name, fn, 1))
-    for name, fn, threads in ways:
-        numba.set_num_threads(threads)
-        try:
-            check_output(fn(10**6))
-            rate = _per_patch(fn, 1 if name.startswith(("scipy", "peer")) and quick else n,
-                              repeats)
-        except Exception as exc:  # a peer that breaks is reported, not fatal
-            results.append(Result("w1", name, float("nan"), "patches/s", note=f"failed: {exc}"))
+    rates = _interleaved_rates(
+        [(name, fn, threads, 1 if name.startswith(("scipy", "peer")) and quick else n)
+         for name, fn, threads in ways],
+        repeats,
+    )
+    for name, _, threads in ways:
+        rate = rates[name]
+        if isinstance(rate, Exception):
+            results.append(Result("w1", name, float("nan"), "patches/s", note=f"failed: {rate}"))
             continue
-        finally:
-            numba.set_num_threads(all_threads)
         base = "scipy-1thread" if name != "scipy-1thread" else None
         if name.endswith("+intensity"):
             base = "augment-cpu-1thread"
         elif name.endswith("threads") and name != "augment-cpu-1thread":
             base = "augment-cpu-1thread"
         results.append(Result("w1", name, round(rate, 2), "patches/s", baseline=base,
-                              note=f"{threads} thread(s)"))
+                              note=f"{threads} thread(s); median of {repeats} interleaved "
+                                   "rounds"))
     ours = next((r for r in results if r.name == "augment-cpu-1thread"), None)
     for peer in [r for r in results if r.name.startswith("peer-") and r.value == r.value]:
         if ours is not None:

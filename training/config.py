@@ -461,7 +461,7 @@ def _tomllib() -> Any:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
     return tomllib
 
 

@@ -203,7 +203,8 @@ def make_loader(
 
 def window_image(image: np.ndarray, window: Sequence[float]) -> np.ndarray:
     """The training intensity mapping without randomness: the HU window onto [0, 1]."""
-    w = augment.Window(*window)
+    lo, hi = window
+    w = augment.Window(lo, hi)
     return np.asarray(w.apply(image.astype(np.float32), w.sample(np.random.default_rng(0))))
 
 

@@ -161,10 +161,9 @@ def heldout_scores(
             pred, gt = probs.argmax(1) > 0, label[:, 0] > 0
             inter += (pred & gt).sum().double().cpu()
             union += (pred | gt).sum().double().cpu()
-    stats = torch.stack([correct, pairs, inter, union])
-    stats = D.all_reduce_sum(stats)
-    assert isinstance(stats, Tensor)
-    c, p, i, u = stats.tolist()
+    reduced = D.all_reduce_sum(torch.stack([correct, pairs, inter, union]))
+    assert isinstance(reduced, Tensor)
+    c, p, i, u = reduced.tolist()
     return {"accuracy": c / max(p, 1.0), "segnet_voe": 1.0 - i / u if u > 0 else 0.0}
 
 

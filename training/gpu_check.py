@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
-    from training.trainer import Trainer
+    from training.trainer import Trainer, channels_last_weights
 
     rows: list[dict[str, Any]] = []
     t_setup = time.perf_counter()
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_sections = 2 + int(args.channels_last)
     each = args.seconds / n_sections
     warm = min(15.0, max(3.0, 0.25 * each))
-    sections = [
+    sections: list[tuple[str, str, str | None]] = [
         ("stage 1 (segnet)", "segnet", None),
         ("stage 3 (adversarial)", "adversarial", None),
     ]
@@ -148,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 if cl is not None:
                     trainer.channels_last = cl == "on"
-                    trainer.segnet.to(memory_format=torch.channels_last_3d)
-                    trainer.adversary.to(memory_format=torch.channels_last_3d)
+                    channels_last_weights(trainer.segnet)
+                    channels_last_weights(trainer.adversary)
                 r = measure_stage(trainer, stage, seconds=each, warmup_s=warm)
                 rows.append({"section": label, **r})
             except Exception as exc:

@@ -302,8 +302,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(r.seed + 1),
         ).to(self.device)
         if self.channels_last:
-            _to_channels_last(self.segnet)
-            _to_channels_last(self.adversary)
+            channels_last_weights(self.segnet)
+            channels_last_weights(self.adversary)
         self.segnet_train: nn.Module = D.wrap_ddp(self.segnet, self.dist)
         self.adversary_train: nn.Module = D.wrap_ddp(self.adversary, self.dist)
         if r.compile:
@@ -372,6 +372,7 @@ class Trainer:
             # resuming mid-epoch: the sample keys make the remaining batches the same
             key = _epoch_key(stage.number, st.epoch)
             self._live = iter(self.loader.epoch(key, start_batch=st.batch))
+        assert self._live is not None
         batch = next(self._live)
         self._live_at = (stage.number, st.epoch, st.batch + 1)
         return batch
@@ -498,7 +499,8 @@ class Trainer:
                                        step=st.step)
                 # end of an epoch: log it, measure the gate when due, maybe end the stage
                 if st.batch == stage.steps_per_epoch:
-                    bar = _close(bar)
+                    _close(bar)
+                    bar = None
                     if self._end_epoch(stage):
                         stage_ctx.close()
                         self._end_stage(stage)
@@ -763,10 +765,10 @@ class Trainer:
         }
 
 
-def _to_channels_last(model: nn.Module) -> None:
+def channels_last_weights(model: nn.Module) -> None:
     """``channels_last_3d`` weights, except 1x1x1 kernels: their gradients come back in the
     default layout, which DDP's gradient buckets would otherwise copy and warn about."""
-    model.to(memory_format=torch.channels_last_3d)
+    model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     for p in model.parameters():
         if p.dim() == 5 and p.shape[2:] == (1, 1, 1):
             p.data = p.data.clone(memory_format=torch.contiguous_format)

@@ -98,15 +98,17 @@ def _interior_span(bk, dk, n, x0, x1):
 
 
 @njit(inline="always", **_JIT)
-def _trilinear(img, q, sy, sz, wz, wy, wx):
+def _trilinear(img, q, sy, sz, wz, wy, wx, one=1):
+    """Trilinear value at base index ``q`` with strides ``sy``, ``sz`` and weights; ``one``
+    is 1 in the type of ``q`` (unsigned indices stay unsigned)."""
     a0 = np.float32(img[q])
-    a1 = np.float32(img[q + 1])
+    a1 = np.float32(img[q + one])
     a2 = np.float32(img[q + sy])
-    a3 = np.float32(img[q + sy + 1])
+    a3 = np.float32(img[q + sy + one])
     a4 = np.float32(img[q + sz])
-    a5 = np.float32(img[q + sz + 1])
+    a5 = np.float32(img[q + sz + one])
     a6 = np.float32(img[q + sz + sy])
-    a7 = np.float32(img[q + sz + sy + 1])
+    a7 = np.float32(img[q + sz + sy + one])
     b0 = a0 + (a1 - a0) * wx
     b1 = a2 + (a3 - a2) * wx
     b2 = a4 + (a5 - a4) * wx
@@ -430,6 +432,10 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
     nz, ny, nx = src_shape
     sy = nx
     sz = ny * nx
+    usy = np.uint64(sy)
+    usz = np.uint64(sz)
+    u0 = np.uint64(0)
+    u1 = np.uint64(1)
     fz, fy, fx = float(nz), float(ny), float(nx)
     dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
     has_prog = prog.shape[0] > 0
@@ -464,6 +470,8 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                 _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
                      prog, img_linear, z, y, hi + 1, x1)
             row = (z * oh + y) * ow
+            # Inside the interior span every index is non-negative: unsigned indices spare
+            # numba's negative-index wraparound on the 9 loads and 2 stores (1.2x on W1).
             if nl == 1:
                 for x in range(lo, hi + 1):
                     cz = bz + dz * x
@@ -475,12 +483,14 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                     tz = cz - iz
                     ty = cy - iy
                     tx = cx - ix
-                    q = iz * sz + iy * sy + ix
+                    q = np.uint64(iz * sz + iy * sy + ix)
                     # nearest from the same base: floor(c + 0.5) == floor(c) + (frac >= 0.5)
-                    r = q + (sz if tz >= 0.5 else 0) + (sy if ty >= 0.5 else 0) + (tx >= 0.5)
-                    out_lab[row + x] = lab[r]
-                    out_img[row + x] = _trilinear(img, q, sy, sz, np.float32(tz),
-                                                  np.float32(ty), np.float32(tx))
+                    r = (q + (usz if tz >= 0.5 else u0) + (usy if ty >= 0.5 else u0)
+                         + (u1 if tx >= 0.5 else u0))
+                    o = np.uint64(row + x)
+                    out_lab[o] = lab[r]
+                    out_img[o] = _trilinear(img, q, usy, usz, np.float32(tz), np.float32(ty),
+                                            np.float32(tx), u1)
             else:
                 for x in range(lo, hi + 1):
                     cz = bz + dz * x
@@ -489,9 +499,10 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                     iz = int(cz)
                     iy = int(cy)
                     ix = int(cx)
-                    out_img[row + x] = _trilinear(img, iz * sz + iy * sy + ix, sy, sz,
+                    out_img[np.uint64(row + x)] = _trilinear(img, np.uint64(iz * sz + iy * sy + ix),
+                                                             usy, usz,
                                                   np.float32(cz - iz), np.float32(cy - iy),
-                                                  np.float32(cx - ix))
+                                                  np.float32(cx - ix), u1)
             if has_prog:
                 _program_span(out_img, prog, row + lo, row + hi + 1, 0, sf, se, si)
 

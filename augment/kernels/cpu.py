@@ -438,12 +438,12 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
     u1 = np.uint64(1)
     fz, fy, fx = float(nz), float(ny), float(nx)
     dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
-    has_prog = prog.shape[0] > 0
-    sf = np.empty(tx, np.float32)
-    se = np.empty(tx, np.float32)
-    si = np.empty(tx, np.int32)
     z1 = min(z0 + tz, od)
     y1 = min(y0 + ty, oh)
+    # The intensity program runs once over the finished tile (below), not per row: the
+    # border rows get an empty program here.
+    has_prog = prog.shape[0] > 0
+    row_prog = prog[:0]
     inside = _tile_inside(m, z0, z1 - 1, y0, y1 - 1, x0, x1 - 1, fz, fy, fx)
     for z in range(z0, z1):
         for y in range(y0, y1):
@@ -461,14 +461,14 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                 hi = min(hi0, min(hi1, hi2))
             if hi < lo:
                 _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     prog, img_linear, z, y, x0, x1)
+                     row_prog, img_linear, z, y, x0, x1)
                 continue
             if lo > x0:
                 _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     prog, img_linear, z, y, x0, lo)
+                     row_prog, img_linear, z, y, x0, lo)
             if hi + 1 < x1:
                 _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     prog, img_linear, z, y, hi + 1, x1)
+                     row_prog, img_linear, z, y, hi + 1, x1)
             row = (z * oh + y) * ow
             # Inside the interior span every index is non-negative: unsigned indices spare
             # numba's negative-index wraparound on the 9 loads and 2 stores (1.2x on W1).
@@ -503,8 +503,21 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                                                              usy, usz,
                                                   np.float32(cz - iz), np.float32(cy - iy),
                                                   np.float32(cx - ix), u1)
-            if has_prog:
-                _program_span(out_img, prog, row + lo, row + hi + 1, 0, sf, se, si)
+    if has_prog:
+        # rows (z, y0..y1) of a full-width tile are one contiguous span
+        full = x0 == 0 and x1 == ow
+        n = (y1 - y0) * ow if full else x1 - x0
+        sf = np.empty(n, np.float32)
+        se = np.empty(n, np.float32)
+        si = np.empty(n, np.int32)
+        for z in range(z0, z1):
+            if full:
+                _program_span(out_img, prog, (z * oh + y0) * ow, (z * oh + y1) * ow, 0, sf, se,
+                              si)
+            else:
+                for y in range(y0, y1):
+                    row = (z * oh + y) * ow
+                    _program_span(out_img, prog, row + x0, row + x1, 0, sf, se, si)
 
 
 @njit(inline="always", **_JIT)

@@ -157,7 +157,7 @@ def run(quick: bool = False) -> list[Result]:
 
     from benchmarks import peers
 
-    n, repeats = (3, 3) if quick else (8, 5)
+    n, repeats = (3, 3) if quick else (8, 7)
     img, lab = make_source()
     results: list[Result] = []
     all_threads = numba.get_num_threads()

@@ -15,12 +15,11 @@ two processes differ by ~1e-3 of the gradient, far above float32 rounding elsewh
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from ddp_helpers import free_port, set_rank_env
 from torch.nn.parallel import DistributedDataParallel
 
 from training import distributed as D
@@ -30,12 +29,6 @@ from training.trainer import Trainer
 WORLD = 2
 COMMON = ["model.batch_dice=false", "data.foreground=0.33", "run.max_steps=1", "run.threads=1",
           'run.name="ddp"']
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_step(overrides: list[str]) -> dict:
@@ -56,13 +49,7 @@ def one_step(overrides: list[str]) -> dict:
 
 def worker(rank: int, port: int, out: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-    )
+    set_rank_env(rank, WORLD, port)
     try:
         got = one_step(overrides)
         torch.save(got, Path(out) / f"rank{rank}.pt")

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from ddp_helpers import free_port, set_rank_env
 
 from training import distributed as D
 from training.losses import DeepSupervisionLoss, DiceCELoss
 from training.models import UNet3D
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_net() -> UNet3D:
@@ -48,13 +41,7 @@ def make_loss() -> DeepSupervisionLoss:
 
 def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-    )
+    set_rank_env(rank, WORLD, port)
     info = D.init_distributed(device="cpu", timeout=timedelta(seconds=60))
     try:
         assert info.backend == "gloo" and info.world_size == WORLD and info.rank == rank

@@ -29,14 +29,17 @@ class Params:
 
     def take(self: P, index: int) -> P:
         """The parameters of sample ``index`` as a batch of one."""
-        values = {f.name: np.asarray(getattr(self, f.name))[index : index + 1]
-                  for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        values = {
+            f.name: np.asarray(getattr(self, f.name))[index : index + 1]
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        }
         return type(self)(**values)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain lists, for logging as JSON."""
-        return {f.name: np.asarray(getattr(self, f.name)).tolist()
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)
+        }
 
 
 def stack(params: list[P]) -> P:
@@ -46,8 +49,10 @@ def stack(params: list[P]) -> P:
     kind = type(params[0])
     if any(type(p) is not kind for p in params):
         raise TypeError(f"cannot stack parameters of different kinds: {[type(p) for p in params]}")
-    values = {f.name: np.concatenate([np.asarray(getattr(p, f.name)) for p in params], axis=0)
-              for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    values = {
+        f.name: np.concatenate([np.asarray(getattr(p, f.name)) for p in params], axis=0)
+        for f in dataclasses.fields(kind)  # type: ignore[arg-type]
+    }
     return kind(**values)
 
 
@@ -85,9 +90,7 @@ class IntensityTransform(ABC):
     def apply(self, x: Any, params: Params) -> Any:
         """Apply to a resampled image ``(C, D, H, W)`` (numpy or torch) of a single sample."""
 
-    def out_range(
-        self, value_range: tuple[float, float] | None
-    ) -> tuple[float, float] | None:
+    def out_range(self, value_range: tuple[float, float] | None) -> tuple[float, float] | None:
         """The value range after this transform, when known (used by range-relative ops)."""
         return value_range
 
@@ -97,8 +100,9 @@ def uniform(rng: np.random.Generator, bounds: tuple[float, float], size: int | N
     return rng.uniform(lo, hi, size) if hi > lo else (np.full(size, lo) if size else lo)
 
 
-def as_range(value: float | tuple[float, float], name: str, centre: float = 0.0
-             ) -> tuple[float, float]:
+def as_range(
+    value: float | tuple[float, float], name: str, centre: float = 0.0
+) -> tuple[float, float]:
     """``v`` -> ``(centre - v, centre + v)``; a pair is checked and returned."""
     if np.isscalar(value):
         v = float(value)  # type: ignore[arg-type]

@@ -68,8 +68,9 @@ def stack_params(params: Sequence[ComposeParams]) -> ComposeParams:
     """Join single-sample parameter records into one batch."""
     return ComposeParams(
         spatial=tuple(stack([p.spatial[i] for p in params]) for i in range(len(params[0].spatial))),
-        intensity=tuple(stack([p.intensity[i] for p in params])
-                        for i in range(len(params[0].intensity))),
+        intensity=tuple(
+            stack([p.intensity[i] for p in params]) for i in range(len(params[0].intensity))
+        ),
         in_shape=np.concatenate([p.in_shape for p in params], axis=0),
     )
 
@@ -127,8 +128,9 @@ class Compose:
             shape = t.out_shape(shape)  # type: ignore[arg-type]
         return shape  # type: ignore[return-value]
 
-    def sample(self, rng: np.random.Generator, in_shape: Sequence[int], **context: Any
-               ) -> ComposeParams:
+    def sample(
+        self, rng: np.random.Generator, in_shape: Sequence[int], **context: Any
+    ) -> ComposeParams:
         """Draw one sample's parameters. ``context`` feeds transforms that need it
         (``fg_points`` or ``label`` for foreground crops, ``target`` for TargetCrop)."""
         if not isinstance(rng, np.random.Generator):
@@ -141,8 +143,11 @@ class Compose:
             spatial.append(t.sample(rng, shape, **context))
             shape = t.out_shape(shape)
         intensity = [t.sample(rng) for t in self.intensity]
-        return ComposeParams(spatial=tuple(spatial), intensity=tuple(intensity),
-                             in_shape=np.asarray([in_shape], dtype=np.int64))
+        return ComposeParams(
+            spatial=tuple(spatial),
+            intensity=tuple(intensity),
+            in_shape=np.asarray([in_shape], dtype=np.int64),
+        )
 
     def matrix(self, params: ComposeParams) -> F64:
         """``(B, 4, 4)`` pull maps from the output patch to the source, one per sample."""
@@ -200,15 +205,21 @@ class Compose:
         if image is None and label is None:
             raise ValueError("give an image, a label, or both")
         if _is_torch(image if image is not None else label) or isinstance(
-                image if image is not None else label, list):
+            image if image is not None else label, list
+        ):
             from augment.torch_warp import compose_torch
 
-            return compose_torch(self, image=image, label=label, rng=rng, params=params,
-                                 **context)
+            return compose_torch(self, image=image, label=label, rng=rng, params=params, **context)
         return self._call_numpy(image, label, rng, params, context)
 
-    def _call_numpy(self, image: Any, label: Any, rng: Any, params: ComposeParams | None,
-                    context: dict[str, Any]) -> dict[str, Any]:
+    def _call_numpy(
+        self,
+        image: Any,
+        label: Any,
+        rng: Any,
+        params: ComposeParams | None,
+        context: dict[str, Any],
+    ) -> dict[str, Any]:
         img = lab = None
         had_c = False
         if image is not None:
@@ -222,7 +233,8 @@ class Compose:
             if img is not None and lab.shape[1:] != img.shape[1:]:
                 raise ValueError(
                     f"image and label shapes differ: {tuple(img.shape[1:])} vs "
-                    f"{tuple(lab.shape[1:])}")
+                    f"{tuple(lab.shape[1:])}"
+                )
             had_c = had_c or (img is None and had_lc)
         ref = img if img is not None else lab
         assert ref is not None
@@ -242,8 +254,10 @@ class Compose:
         m_region = mx.translation(-offset) @ m
         out_shape = self.out_shape(src_shape)  # type: ignore[arg-type]
         prog, post = self.program(params)
-        dst = (_check_out(context.pop("out_image", None), img, out_shape, np.float32, "out_image"),
-               _check_out(context.pop("out_label", None), lab, out_shape, None, "out_label"))
+        dst = (
+            _check_out(context.pop("out_image", None), img, out_shape, np.float32, "out_image"),
+            _check_out(context.pop("out_label", None), lab, out_shape, None, "out_label"),
+        )
         out_img, out_lab = self._warp_numpy(img, lab, m_region, out_shape, prog, dst)
         if out_img is not None:
             for t, p in zip(self.intensity[post:], params.intensity[post:], strict=True):
@@ -257,19 +271,47 @@ class Compose:
         result.update(self._extras(m, src_shape, out_shape, context))  # type: ignore[arg-type]
         return result
 
-    def _warp_numpy(self, img: Any, lab: Any, m: F64, out_shape: Shape3, prog: F64,
-                    dst: tuple[Any, Any] = (None, None)) -> tuple[Any, Any]:
+    def _warp_numpy(
+        self,
+        img: Any,
+        lab: Any,
+        m: F64,
+        out_shape: Shape3,
+        prog: F64,
+        dst: tuple[Any, Any] = (None, None),
+    ) -> tuple[Any, Any]:
         if self.label_mode == "linear_onehot" and lab is not None:
-            out_img, _ = warp_numpy(img, None, m, out_shape, image_order=self.image_order,
-                                    cval=self.cval, program=prog, out_image=dst[0]
-                                    ) if img is not None else (None, None)
+            out_img, _ = (
+                warp_numpy(
+                    img,
+                    None,
+                    m,
+                    out_shape,
+                    image_order=self.image_order,
+                    cval=self.cval,
+                    program=prog,
+                    out_image=dst[0],
+                )
+                if img is not None
+                else (None, None)
+            )
             return out_img, onehot_linear_numpy(lab, m, out_shape, self.label_cval)
-        return warp_numpy(img, lab, m, out_shape, image_order=self.image_order, cval=self.cval,
-                          label_cval=self.label_cval, program=prog, out_image=dst[0],
-                          out_label=dst[1])
+        return warp_numpy(
+            img,
+            lab,
+            m,
+            out_shape,
+            image_order=self.image_order,
+            cval=self.cval,
+            label_cval=self.label_cval,
+            program=prog,
+            out_image=dst[0],
+            out_label=dst[1],
+        )
 
-    def _extras(self, m: F64, in_shape: Shape3, out_shape: Shape3, context: dict[str, Any]
-                ) -> dict[str, Any]:
+    def _extras(
+        self, m: F64, in_shape: Shape3, out_shape: Shape3, context: dict[str, Any]
+    ) -> dict[str, Any]:
         extras: dict[str, Any] = {}
         inv = np.linalg.inv(m)
         target = context.get("target")
@@ -293,11 +335,18 @@ def _check_out(out: Any, src: Any, out_shape: Shape3, dtype: Any, name: str) -> 
         return None
     want = (src.shape[0], *out_shape)
     dt = np.dtype(dtype if dtype is not None else src.dtype)
-    if (not isinstance(out, np.ndarray) or out.shape != want or out.dtype != dt
-            or not out.flags.c_contiguous or not out.flags.writeable):
-        raise ValueError(f"{name} must be a writeable C-contiguous {dt} array of shape {want}, "
-                         f"got {getattr(out, 'dtype', type(out).__name__)} "
-                         f"{getattr(out, 'shape', '')}")
+    if (
+        not isinstance(out, np.ndarray)
+        or out.shape != want
+        or out.dtype != dt
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"{name} must be a writeable C-contiguous {dt} array of shape {want}, "
+            f"got {getattr(out, 'dtype', type(out).__name__)} "
+            f"{getattr(out, 'shape', '')}"
+        )
     return out
 
 
@@ -318,12 +367,10 @@ def onehot_linear_numpy(lab: NDArray[Any], m: F64, out_shape: Shape3, fill: int)
         best = np.full(out_shape, -1.0, np.float32)
         arg = np.zeros(out_shape, np.int64)
         for i, k in enumerate(classes):
-            w, _ = warp_numpy(onehot[i : i + 1], None, m, out_shape,
-                              cval=1.0 if k == fill else 0.0)
+            w, _ = warp_numpy(onehot[i : i + 1], None, m, out_shape, cval=1.0 if k == fill else 0.0)
             assert w is not None
             better = w[0] > best
             best = np.where(better, w[0], best)
             arg = np.where(better, i, arg)
         out[c] = classes[arg].astype(lab.dtype)
     return out
-

@@ -84,9 +84,16 @@ class Normalize(IntensityTransform):
     [0, 1] without clipping.
     """
 
-    def __init__(self, mode: str = "zscore", *, mean: float | None = None,
-                 std: float | None = None, clip: Range | None = None,
-                 range: Range | None = None, eps: float = 1e-8) -> None:  # noqa: A002
+    def __init__(
+        self,
+        mode: str = "zscore",
+        *,
+        mean: float | None = None,
+        std: float | None = None,
+        clip: Range | None = None,
+        range: Range | None = None,
+        eps: float = 1e-8,
+    ) -> None:  # noqa: A002
         if mode not in ("zscore", "range"):
             raise ValueError(f"mode must be 'zscore' or 'range', got {mode!r}")
         if (mean is None) != (std is None):
@@ -94,7 +101,13 @@ class Normalize(IntensityTransform):
         if std is not None and std <= 0:
             raise ValueError(f"std must be positive, got {std!r}")
         self.mode, self.mean, self.std, self.clip, self.range, self.eps = (
-            mode, mean, std, clip, range, eps)
+            mode,
+            mean,
+            std,
+            clip,
+            range,
+            eps,
+        )
 
     def sample(self, rng: np.random.Generator) -> NormalizeParams:
         return NormalizeParams(active=np.array([True]))
@@ -148,8 +161,14 @@ class RandomGamma(IntensityTransform):
     straddles 1. ``invert=True`` applies it to the inverted image.
     """
 
-    def __init__(self, gamma: Range = (0.7, 1.5), p: float = 0.3, *, invert: bool = False,
-                 value_range: Range | None = None) -> None:
+    def __init__(
+        self,
+        gamma: Range = (0.7, 1.5),
+        p: float = 0.3,
+        *,
+        invert: bool = False,
+        value_range: Range | None = None,
+    ) -> None:
         lo, hi = as_range(gamma, "gamma")
         if lo <= 0:
             raise ValueError(f"gamma must be positive, got {gamma!r}")
@@ -177,8 +196,11 @@ class RandomGamma(IntensityTransform):
         lo, hi = vr
         g = float(params.gamma[0])
         if self.invert:
-            return pg.concat(pg.op(pg.AFFINE, -1.0, lo + hi), pg.op(pg.GAMMA, g, lo, hi),
-                             pg.op(pg.AFFINE, -1.0, lo + hi))
+            return pg.concat(
+                pg.op(pg.AFFINE, -1.0, lo + hi),
+                pg.op(pg.GAMMA, g, lo, hi),
+                pg.op(pg.AFFINE, -1.0, lo + hi),
+            )
         return pg.op(pg.GAMMA, g, lo, hi)
 
     def apply(self, x: Any, params: Params) -> Any:
@@ -222,8 +244,11 @@ class RandomNoise(IntensityTransform):
         active = rng.random() < self.p
         sigma = rng.uniform(*self.std) if self.std[1] > self.std[0] else self.std[0]
         seed = int(rng.integers(0, 2**32))
-        return NoiseParams(active=np.array([active]), std=np.array([sigma if active else 0.0]),
-                           seed=np.array([seed], dtype=np.int64))
+        return NoiseParams(
+            active=np.array([active]),
+            std=np.array([sigma if active else 0.0]),
+            seed=np.array([seed], dtype=np.int64),
+        )
 
     def program(self, params: Params, value_range: Range | None) -> F64:
         assert isinstance(params, NoiseParams)
@@ -259,8 +284,14 @@ class RandomContrast(IntensityTransform):
     (the known range, or the patch's).
     """
 
-    def __init__(self, factor: Range = (0.75, 1.25), p: float = 0.15, *,
-                 centre: float | str = "mean", preserve_range: bool = True) -> None:
+    def __init__(
+        self,
+        factor: Range = (0.75, 1.25),
+        p: float = 0.15,
+        *,
+        centre: float | str = "mean",
+        preserve_range: bool = True,
+    ) -> None:
         self.factor = as_range(factor, "factor")
         if not (centre == "mean" or isinstance(centre, (int, float))):
             raise ValueError(f"centre must be 'mean' or a number, got {centre!r}")
@@ -295,8 +326,9 @@ class RandomContrast(IntensityTransform):
             from augment.kernels.cpu import contrast_inplace
 
             y = x.copy()
-            contrast_inplace(y.reshape(-1), f, 0.0 if mean else float(self.centre), mean,
-                             self.preserve_range)
+            contrast_inplace(
+                y.reshape(-1), f, 0.0 if mean else float(self.centre), mean, self.preserve_range
+            )
             return y
         c = float(x.mean()) if mean else float(self.centre)
         lo, hi = _minmax(x)
@@ -310,8 +342,9 @@ class RandomContrast(IntensityTransform):
 class RandomBrightness(IntensityTransform):
     """Multiplicative (``x * f``) or additive (``x + f``) brightness, with probability ``p``."""
 
-    def __init__(self, factor: Range = (0.75, 1.25), p: float = 0.15, *,
-                 additive: bool = False) -> None:
+    def __init__(
+        self, factor: Range = (0.75, 1.25), p: float = 0.15, *, additive: bool = False
+    ) -> None:
         self.factor = as_range(factor, "factor")
         self.p = check_probability(p)
         self.additive = additive

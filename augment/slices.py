@@ -55,8 +55,7 @@ __all__ = ["SlicePool", "in_plane", "warp_slices"]
 
 BACKENDS = ("numba", "skimage")
 _TOL = 1e-9
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-               "NUMBA_NUM_THREADS")
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 _ENV_LOCK = threading.Lock()
 _DEFAULT_POOLS: dict[int, SlicePool] = {}
 
@@ -69,8 +68,14 @@ def in_plane(matrix: ArrayLike) -> tuple[int, int] | None:
         raise ValueError(f"one (3, 4) matrix, got shape {m.shape}")
     s = m[0, 0]
     t = m[0, 3]
-    if (abs(abs(s) - 1.0) > _TOL or abs(m[0, 1]) > _TOL or abs(m[0, 2]) > _TOL
-            or abs(m[1, 0]) > _TOL or abs(m[2, 0]) > _TOL or abs(t - round(t)) > _TOL):
+    if (
+        abs(abs(s) - 1.0) > _TOL
+        or abs(m[0, 1]) > _TOL
+        or abs(m[0, 2]) > _TOL
+        or abs(m[1, 0]) > _TOL
+        or abs(m[2, 0]) > _TOL
+        or abs(t - round(t)) > _TOL
+    ):
         return None
     return int(round(s)), int(round(t))
 
@@ -93,8 +98,17 @@ def _fill(cval: float, dtype: np.dtype) -> Any:
 
 
 # ------------------------------------------------------------------------ the computation
-def _warp_range(src: NDArray[Any], m: NDArray[np.float64], out: NDArray[Any], z0: int,
-                z1: int, *, backend: str, order: int, cval: float) -> None:
+def _warp_range(
+    src: NDArray[Any],
+    m: NDArray[np.float64],
+    out: NDArray[Any],
+    z0: int,
+    z1: int,
+    *,
+    backend: str,
+    order: int,
+    cval: float,
+) -> None:
     """Output slices ``[z0, z1)`` of ``out`` from ``src``: 2D per slice for an in-plane
     map, else one 3D pass over the slab. ``m`` is ``(3, 4)``. The 3D kernel is numba's
     parallel one, which the pool's processes run on their single thread (sharing the
@@ -103,16 +117,24 @@ def _warp_range(src: NDArray[Any], m: NDArray[np.float64], out: NDArray[Any], z0
     fill = _fill(cval, out.dtype)
     if plane is None:
         if backend != "numba":
-            raise ValueError(f"backend {backend!r} warps z-slices and needs an in-plane "
-                             f"matrix; this one is 3D: {m.tolist()}")
+            raise ValueError(
+                f"backend {backend!r} warps z-slices and needs an in-plane "
+                f"matrix; this one is 3D: {m.tolist()}"
+            )
         slab = mx.to_3x4(mx.to_4x4(m) @ mx.translation([z0, 0.0, 0.0]))
         shape = (z1 - z0, out.shape[1], out.shape[2])
         if order == 1:
-            warp_numpy(src[None], None, slab, shape, image_order=1, cval=float(cval),
-                       out_image=out[None, z0:z1])
+            warp_numpy(
+                src[None],
+                None,
+                slab,
+                shape,
+                image_order=1,
+                cval=float(cval),
+                out_image=out[None, z0:z1],
+            )
         else:
-            warp_numpy(None, src[None], slab, shape, label_cval=fill,
-                       out_label=out[None, z0:z1])
+            warp_numpy(None, src[None], slab, shape, label_cval=fill, out_label=out[None, z0:z1])
         return
     s, t = plane
     zmap = s * np.arange(out.shape[0], dtype=np.int64) + t
@@ -126,9 +148,17 @@ def _warp_range(src: NDArray[Any], m: NDArray[np.float64], out: NDArray[Any], z0
     _skimage_slices(src, m2, zmap, out, z0, z1, order, cval, fill)
 
 
-def _skimage_slices(src: NDArray[Any], m2: NDArray[np.float64], zmap: NDArray[np.int64],
-                    out: NDArray[Any], z0: int, z1: int, order: int, cval: float,
-                    fill: Any) -> None:
+def _skimage_slices(
+    src: NDArray[Any],
+    m2: NDArray[np.float64],
+    zmap: NDArray[np.int64],
+    out: NDArray[Any],
+    z0: int,
+    z1: int,
+    order: int,
+    cval: float,
+    fill: Any,
+) -> None:
     from skimage.transform import AffineTransform, warp
 
     # skimage points are (x, y) = (col, row) and warp() takes the output -> input map
@@ -138,15 +168,25 @@ def _skimage_slices(src: NDArray[Any], m2: NDArray[np.float64], zmap: NDArray[np
         if zmap[z] < 0:
             out[z] = fill
             continue
-        res = warp(src[zmap[z]], tf, output_shape=out.shape[1:], order=order,
-                   mode="constant", cval=cval, preserve_range=True, clip=False)
+        res = warp(
+            src[zmap[z]],
+            tf,
+            output_shape=out.shape[1:],
+            order=order,
+            mode="constant",
+            cval=cval,
+            preserve_range=True,
+            clip=False,
+        )
         out[z] = res if order == 1 else np.rint(res).astype(out.dtype)
 
 
 def _check(volume: Any, order: int, backend: str) -> NDArray[Any]:
     if not isinstance(volume, np.ndarray) or volume.ndim != 3:
-        raise ValueError(f"volume must be a (D, H, W) numpy array, got "
-                         f"{getattr(volume, 'shape', type(volume).__name__)}")
+        raise ValueError(
+            f"volume must be a (D, H, W) numpy array, got "
+            f"{getattr(volume, 'shape', type(volume).__name__)}"
+        )
     allowed = IMAGE_DTYPES if order == 1 else IMAGE_DTYPES + LABEL_DTYPES
     if volume.dtype.type not in allowed or volume.dtype == np.bool_:
         raise TypeError(f"volume has unsupported dtype {volume.dtype} for order {order}")
@@ -169,8 +209,20 @@ def _worker_main(conn: connection.Connection) -> None:
             break
         if task is None:
             break
-        (src_name, src_shape, src_dtype, out_name, out_shape, out_dtype, m, z0, z1, backend,
-         order, cval) = task
+        (
+            src_name,
+            src_shape,
+            src_dtype,
+            out_name,
+            out_shape,
+            out_dtype,
+            m,
+            z0,
+            z1,
+            backend,
+            order,
+            cval,
+        ) = task
         try:
             for name in [n for n in attached if n not in (src_name, out_name)]:
                 attached.pop(name).close()
@@ -272,8 +324,9 @@ class SlicePool:
             try:
                 for i in range(self.processes):
                     parent, child = ctx.Pipe(duplex=True)
-                    p = ctx.Process(target=_worker_main, args=(child,), daemon=True,
-                                    name=f"SlicePool-{i}")
+                    p = ctx.Process(
+                        target=_worker_main, args=(child,), daemon=True, name=f"SlicePool-{i}"
+                    )
                     p.start()
                     child.close()
                     self._state.procs.append(p)
@@ -356,12 +409,16 @@ class SlicePool:
         if m.ndim != 2:
             raise ValueError(f"one (3, 4) matrix, got shape {m.shape}")
         if in_plane(m) is None and backend != "numba":
-            raise ValueError(f"backend {backend!r} warps z-slices and needs an in-plane "
-                             f"matrix (rotation about z, flips, ...); this one is 3D")
+            raise ValueError(
+                f"backend {backend!r} warps z-slices and needs an in-plane "
+                f"matrix (rotation about z, flips, ...); this one is 3D"
+            )
         shared_in = self._arrays["in"]
-        if shared_in is None or not (shared_in.ctypes.data == src.ctypes.data
-                                     and shared_in.shape == src.shape
-                                     and shared_in.dtype == src.dtype):
+        if shared_in is None or not (
+            shared_in.ctypes.data == src.ctypes.data
+            and shared_in.shape == src.shape
+            and shared_in.dtype == src.dtype
+        ):
             shared_in = self._buffer("in", src.shape, src.dtype)
             np.copyto(shared_in, src)
         dtype = _out_dtype(src.dtype, order)
@@ -372,15 +429,30 @@ class SlicePool:
         conns = self._state.conns[: len(ranges)]
         for i, (c, (z0, z1)) in enumerate(zip(conns, ranges, strict=True)):
             try:
-                c.send((in_buf.shm.name, src.shape, src.dtype.str, out_buf.shm.name, shape,
-                        dtype.str, m, z0, z1, backend, order, float(cval)))
+                c.send(
+                    (
+                        in_buf.shm.name,
+                        src.shape,
+                        src.dtype.str,
+                        out_buf.shm.name,
+                        shape,
+                        dtype.str,
+                        m,
+                        z0,
+                        z1,
+                        backend,
+                        order,
+                        float(cval),
+                    )
+                )
             except (BrokenPipeError, OSError):
                 self._died(i)
         self.last_seconds, self.last_cpu_seconds = self._gather(conns)
         if out is not None:
             if out.shape != shape or out.dtype != dtype:
-                raise ValueError(f"out must be {dtype} of shape {shape}, got {out.dtype} "
-                                 f"{out.shape}")
+                raise ValueError(
+                    f"out must be {dtype} of shape {shape}, got {out.dtype} {out.shape}"
+                )
             np.copyto(out, shared_out)
             return out
         return shared_out.copy() if copy else shared_out
@@ -392,8 +464,9 @@ class SlicePool:
         index = {id(c): i for i, c in enumerate(conns)}
         while len(replies) < len(conns):
             waiting = [c for i, c in enumerate(conns) if i not in replies]
-            ready = connection.wait(waiting + [procs[i].sentinel for i in range(len(conns))
-                                               if i not in replies], 0.5)
+            ready = connection.wait(
+                waiting + [procs[i].sentinel for i in range(len(conns)) if i not in replies], 0.5
+            )
             for c in waiting:
                 if c in ready:
                     try:
@@ -405,18 +478,22 @@ class SlicePool:
                     self._died(i)
         errors = [r for r in replies.values() if r[0] == "error"]
         if errors:
-            raise RuntimeError(f"a SlicePool process failed: {errors[0][1]}\n\nworker "
-                               f"traceback:\n{errors[0][2]}")
-        return ([replies[i][1] for i in range(len(conns))],
-                [replies[i][2] for i in range(len(conns))])
-
+            raise RuntimeError(
+                f"a SlicePool process failed: {errors[0][1]}\n\nworker traceback:\n{errors[0][2]}"
+            )
+        return (
+            [replies[i][1] for i in range(len(conns))],
+            [replies[i][2] for i in range(len(conns))],
+        )
 
     def _died(self, i: int) -> None:
         p = self._state.procs[i]
         p.join(0.5)
         self.close()
-        raise RuntimeError(f"SlicePool process {i} (pid {p.pid}) died with exit code "
-                           f"{p.exitcode}; the pool is closed")
+        raise RuntimeError(
+            f"SlicePool process {i} (pid {p.pid}) died with exit code "
+            f"{p.exitcode}; the pool is closed"
+        )
 
 
 def _default_pool(processes: int) -> SlicePool:
@@ -472,8 +549,9 @@ def warp_slices(
     if pool is None and processes > 0:
         pool = _default_pool(int(processes))
     if pool is not None:
-        return pool.warp(volume, matrix, out_shape, backend=backend, order=order, cval=cval,
-                         out=out)
+        return pool.warp(
+            volume, matrix, out_shape, backend=backend, order=order, cval=cval, out=out
+        )
     if processes != 0:
         raise ValueError(f"processes must be >= 0, got {processes!r}")
     order = check_order(order)
@@ -486,7 +564,9 @@ def warp_slices(
     if out is None:
         out = np.empty(shape, dtype)
     elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {shape}, got "
-                         f"{out.dtype} {out.shape}")
+        raise ValueError(
+            f"out must be a C-contiguous {dtype} array of shape {shape}, got "
+            f"{out.dtype} {out.shape}"
+        )
     _warp_range(src, m, out, 0, shape[0], backend=backend, order=order, cval=cval)
     return out

@@ -195,13 +195,15 @@ class RandomAffine(SpatialTransform):
             scale = np.ones(3)
         if not on:
             shear, translate = np.zeros(6), np.zeros(3)
-        return AffineParams(angles=angles[None], scale=scale[None], shear=shear[None],
-                            translate=translate[None])
+        return AffineParams(
+            angles=angles[None], scale=scale[None], shear=shear[None], translate=translate[None]
+        )
 
     def matrix(self, params: Params, in_shape: Shape3) -> F64:
         assert isinstance(params, AffineParams)
-        linear = (mx.rotation(params.angles) @ mx.scaling(1.0 / params.scale)
-                  @ mx.shear(params.shear))
+        linear = (
+            mx.rotation(params.angles) @ mx.scaling(1.0 / params.scale) @ mx.shear(params.shear)
+        )
         c = mx.centre(in_shape)
         return mx.about(linear, c, c + params.translate)
 
@@ -223,8 +225,7 @@ class RandomFlip(SpatialTransform):
         if any(a not in (0, 1, 2) for a in self.axes):
             raise ValueError(f"axes must be spatial axes among (0, 1, 2), got {axes!r}")
         p_in: Any = p
-        probs = ([float(p_in)] * len(self.axes) if np.ndim(p_in) == 0
-                 else [float(v) for v in p_in])
+        probs = [float(p_in)] * len(self.axes) if np.ndim(p_in) == 0 else [float(v) for v in p_in]
         if len(probs) != len(self.axes):
             raise ValueError(f"p needs one value or one per axis, got {p!r}")
         self.p = tuple(check_probability(v) for v in probs)
@@ -273,8 +274,9 @@ class RandomRot90(SpatialTransform):
     then the result equals ``np.rot90``. Otherwise the corners are padded.
     """
 
-    def __init__(self, axes: tuple[int, int] = (1, 2), ks: Sequence[int] = (0, 1, 2, 3),
-                 p: float = 1.0) -> None:
+    def __init__(
+        self, axes: tuple[int, int] = (1, 2), ks: Sequence[int] = (0, 1, 2, 3), p: float = 1.0
+    ) -> None:
         if len(axes) != 2 or axes[0] == axes[1] or any(a not in (0, 1, 2) for a in axes):
             raise ValueError(f"axes must be two distinct spatial axes, got {axes!r}")
         self.axes = (int(axes[0]), int(axes[1]))
@@ -317,7 +319,8 @@ class RandomSwapAxes(SpatialTransform):
         sizes = {in_shape[a] for a in self.axes}
         if len(sizes) > 1:
             raise ValueError(
-                f"RandomSwapAxes needs equal sizes on axes {self.axes}, got shape {in_shape}")
+                f"RandomSwapAxes needs equal sizes on axes {self.axes}, got shape {in_shape}"
+            )
         order = np.arange(3)
         if rng.random() < self.p:
             order[list(self.axes)] = np.asarray(self.axes)[rng.permutation(len(self.axes))]

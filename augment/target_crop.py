@@ -95,8 +95,9 @@ class TargetCrop(SpatialTransform):
             return (lo_s, hi_s)
         return (min(max(dmin / diameter, lo_s), 1.0), max(min(dmax / diameter, hi_s), 1.0))
 
-    def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any
-               ) -> TargetCropParams:
+    def sample(
+        self, rng: np.random.Generator, in_shape: Shape3, **context: Any
+    ) -> TargetCropParams:
         target = context.get("target")
         size = np.asarray(self.size, dtype=np.float64)
         n = np.asarray(in_shape, dtype=np.float64)
@@ -143,8 +144,13 @@ class TargetCrop(SpatialTransform):
         flip = np.zeros(3, dtype=bool)
         for a in self.flip_axes:
             flip[a] = rng.random() < self.p_flip
-        return TargetCropParams(start=start[None], scale=np.array([s]), angle=np.array([angle]),
-                                order=order[None].astype(np.int64), flip=flip[None])
+        return TargetCropParams(
+            start=start[None],
+            scale=np.array([s]),
+            angle=np.array([angle]),
+            order=order[None].astype(np.int64),
+            flip=flip[None],
+        )
 
     def _crop_scale(self, start: F64, s: float) -> F64:
         return mx.translation(start) @ mx.scaling([1.0 / s] * 3)
@@ -157,10 +163,12 @@ class TargetCrop(SpatialTransform):
         assert isinstance(params, TargetCropParams)
         out = []
         for i in range(params.batch):
-            m = (self._crop_scale(params.start[i], float(params.scale[i]))
-                 @ self._rotation(float(params.angle[i]))
-                 @ mx.permutation(params.order[i])
-                 @ mx.flip(params.flip[i], self.size))
+            m = (
+                self._crop_scale(params.start[i], float(params.scale[i]))
+                @ self._rotation(float(params.angle[i]))
+                @ mx.permutation(params.order[i])
+                @ mx.flip(params.flip[i], self.size)
+            )
             out.append(m)
         return np.stack(out)
 

@@ -30,8 +30,15 @@ from augment.spatial import RandomAffine, RandomCrop, RandomFlip, RandomRot90, R
 from augment.target_crop import TargetCrop
 from augment.warp import check_matrix, check_order, check_out_shape
 
-IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int16,
-                torch.uint8, torch.int32)
+IMAGE_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int16,
+    torch.uint8,
+    torch.int32,
+)
 LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
@@ -63,16 +70,19 @@ def _as_batch(x: Any, name: str) -> Batch | None:
         if x.dim() != 5:
             raise ValueError(
                 f"a torch {name} must be (B, C, D, H, W) or a list of (C, D, H, W) tensors, "
-                f"got shape {tuple(x.shape)}; for one sample use x[None]")
+                f"got shape {tuple(x.shape)}; for one sample use x[None]"
+            )
         return x
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
         bad = [tuple(t.shape) for t in x if t.dim() != 4]
         if bad:
             raise ValueError(f"each {name} of a list must be (C, D, H, W), got shapes {bad}")
         if len({(t.dtype, t.device, int(t.shape[0])) for t in x}) != 1:
-            raise ValueError(f"the {name} tensors of a list must share dtype, device and "
-                             f"channel count, got "
-                             f"{[(str(t.dtype), str(t.device), int(t.shape[0])) for t in x]}")
+            raise ValueError(
+                f"the {name} tensors of a list must share dtype, device and "
+                f"channel count, got "
+                f"{[(str(t.dtype), str(t.device), int(t.shape[0])) for t in x]}"
+            )
         return list(x)
     raise TypeError(f"{name} must be a torch tensor or a list of tensors, got {type(x).__name__}")
 
@@ -98,8 +108,9 @@ def _sample(x: Batch, b: int) -> torch.Tensor:
 def _check_dtype(x: Batch, name: str, allowed: tuple[torch.dtype, ...]) -> None:
     dt = _first(x).dtype
     if dt not in allowed:
-        raise TypeError(f"{name} has unsupported dtype {dt}; supported: "
-                        f"{', '.join(str(d) for d in allowed)}")
+        raise TypeError(
+            f"{name} has unsupported dtype {dt}; supported: {', '.join(str(d) for d in allowed)}"
+        )
 
 
 def _bool_as_uint8(x: Batch) -> Batch:
@@ -124,8 +135,10 @@ def _use_triton(backend: str, device: torch.device) -> bool:
         return False
     usable = triton_available() and (device.type == "cuda" or _interpreting())
     if backend == "triton" and not usable:
-        raise RuntimeError("the Triton backend needs triton and a CUDA tensor "
-                           "(or TRITON_INTERPRET=1 for CPU tensors)")
+        raise RuntimeError(
+            "the Triton backend needs triton and a CUDA tensor "
+            "(or TRITON_INTERPRET=1 for CPU tensors)"
+        )
     return usable if backend == "triton" else (usable and device.type == "cuda")
 
 
@@ -188,8 +201,10 @@ def warp_torch(
     batch = len(shapes)
     if imgs is not None and labs is not None:
         if not np.array_equal(_shapes(imgs), _shapes(labs)) or len(_shapes(labs)) != batch:
-            raise ValueError(f"image and label shapes differ: {_shapes(imgs).tolist()} vs "
-                             f"{_shapes(labs).tolist()}")
+            raise ValueError(
+                f"image and label shapes differ: {_shapes(imgs).tolist()} vs "
+                f"{_shapes(labs).tolist()}"
+            )
         if _first(imgs).device != _first(labs).device:
             raise ValueError("image and label must be on the same device")
     if not np.isfinite(cval):
@@ -200,11 +215,25 @@ def warp_torch(
 
     exact = [mx.as_exact(mb) for mb in m]
     if label_mode == "nearest" and all(e is not None for e in exact):
-        return _exact_batch(imgs, labs, exact, shape, cval, label_cval, prog,  # type: ignore[arg-type]
-                            out_dtype)
-    kw: dict[str, Any] = {"image_order": image_order, "cval": float(cval),
-                          "label_cval": label_cval, "programs": prog, "out_dtype": out_dtype,
-                          "label_mode": label_mode, "classes": classes}
+        return _exact_batch(
+            imgs,
+            labs,
+            exact,  # type: ignore[arg-type]
+            shape,
+            cval,
+            label_cval,
+            prog,
+            out_dtype,
+        )
+    kw: dict[str, Any] = {
+        "image_order": image_order,
+        "cval": float(cval),
+        "label_cval": label_cval,
+        "programs": prog,
+        "out_dtype": out_dtype,
+        "label_mode": label_mode,
+        "classes": classes,
+    }
     if _use_triton(backend, device):
         from augment.kernels import triton_warp
 
@@ -213,16 +242,23 @@ def warp_torch(
     return tk.warp_batch(imgs, labs, m, shape, **kw)
 
 
-def _exact_batch(imgs: Batch | None, labs: Batch | None, exact: list[mx.ExactMap],
-                 shape: tuple[int, int, int], cval: float, label_cval: float,
-                 prog: NDArray[np.float64], out_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _exact_batch(
+    imgs: Batch | None,
+    labs: Batch | None,
+    exact: list[mx.ExactMap],
+    shape: tuple[int, int, int],
+    cval: float,
+    label_cval: float,
+    prog: NDArray[np.float64],
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Index copies (a few tensor ops per sample), then the program over the batch."""
     out_img = out_lab = None
     if imgs is not None:
         first = _first(imgs)
-        out_img = torch.empty((len(exact), _channels(imgs), *shape), dtype=torch.float32,
-                              device=first.device)
+        out_img = torch.empty(
+            (len(exact), _channels(imgs), *shape), dtype=torch.float32, device=first.device
+        )
         for b, em in enumerate(exact):
             tk.exact_copy(_sample(imgs, b), em, shape, cval, out_img[b])
         if prog.shape[1]:
@@ -230,8 +266,9 @@ def _exact_batch(imgs: Batch | None, labs: Batch | None, exact: list[mx.ExactMap
         out_img = out_img.to(out_dtype)
     if labs is not None:
         first = _first(labs)
-        out_lab = torch.empty((len(exact), _channels(labs), *shape), dtype=first.dtype,
-                              device=first.device)
+        out_lab = torch.empty(
+            (len(exact), _channels(labs), *shape), dtype=first.dtype, device=first.device
+        )
         fill = torch.tensor(label_cval).to(first.dtype).item()
         for b, em in enumerate(exact):
             tk.exact_copy(_sample(labs, b), em, shape, fill, out_lab[b])
@@ -267,23 +304,41 @@ def affine_warp_torch(
     order = check_order(order)
     single = isinstance(image, torch.Tensor) and image.dim() == 4
     batch = image[None] if single else image
-    if single and np.asarray(
-            matrix.detach().cpu() if isinstance(matrix, torch.Tensor) else matrix).ndim == 3:
+    if (
+        single
+        and np.asarray(matrix.detach().cpu() if isinstance(matrix, torch.Tensor) else matrix).ndim
+        == 3
+    ):
         raise ValueError("a single (C, D, H, W) tensor takes one (3, 4) matrix")
     if out_dtype is None:
         out_dtype = out.dtype if (out is not None and order == 1) else torch.float32
     first = _first(_as_batch(batch, "image"))  # type: ignore[arg-type]
     if order == 1:
-        img, _ = warp_torch(batch, None, matrix, out_shape, image_order=1, cval=cval,
-                            out_dtype=out_dtype, backend=backend)
+        img, _ = warp_torch(
+            batch,
+            None,
+            matrix,
+            out_shape,
+            image_order=1,
+            cval=cval,
+            out_dtype=out_dtype,
+            backend=backend,
+        )
         result = img
     elif first.dtype in LABEL_DTYPES:
         _, result = warp_torch(None, batch, matrix, out_shape, label_cval=cval, backend=backend)
     else:
         if first.dtype not in IMAGE_DTYPES:
             raise TypeError(f"image has unsupported dtype {first.dtype}")
-        img, _ = warp_torch(batch, None, matrix, out_shape, image_order=0, cval=cval,
-                            backend=backend if first.dtype != torch.float64 else "torch")
+        img, _ = warp_torch(
+            batch,
+            None,
+            matrix,
+            out_shape,
+            image_order=0,
+            cval=cval,
+            backend=backend if first.dtype != torch.float64 else "torch",
+        )
         assert img is not None
         result = img.to(first.dtype)
     assert result is not None
@@ -291,8 +346,10 @@ def affine_warp_torch(
         result = result[0]
     if out is not None:
         if tuple(out.shape) != tuple(result.shape) or out.dtype != result.dtype:
-            raise ValueError(f"out must be a {result.dtype} tensor of shape "
-                             f"{tuple(result.shape)}, got {out.dtype} {tuple(out.shape)}")
+            raise ValueError(
+                f"out must be a {result.dtype} tensor of shape "
+                f"{tuple(result.shape)}, got {out.dtype} {tuple(out.shape)}"
+            )
         out.copy_(result)
         return out
     return result
@@ -318,8 +375,11 @@ def _needs_label(compose: Compose) -> bool:
 def _per_sample(value: Any, b: int, batch: int, key: str) -> Any:
     """Sample ``b``'s value of a context entry: a list of ``batch`` per-sample values, an
     array with a leading batch axis (for the known keys), or one value shared by all."""
-    if isinstance(value, (list, tuple)) and len(value) == batch and not all(
-            np.isscalar(v) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == batch
+        and not all(np.isscalar(v) for v in value)
+    ):
         return value[b]
     ndim = _SAMPLE_NDIM.get(key)
     if ndim is not None and isinstance(value, np.ndarray) and value.ndim == ndim + 1:
@@ -380,16 +440,26 @@ def compose_torch(
     in_shapes = context.pop("in_shape", None)
     ctx = [{k: _per_sample(v, b, batch, k) for k, v in context.items()} for b in range(batch)]
     region = _shapes(ref)
-    src_shapes = [tuple(int(s) for s in (region[b] if in_shapes is None else
-                                         _per_sample(in_shapes, b, batch, "in_shape")))
-                  for b in range(batch)]
+    src_shapes = [
+        tuple(
+            int(s)
+            for s in (
+                region[b] if in_shapes is None else _per_sample(in_shapes, b, batch, "in_shape")
+            )
+        )
+        for b in range(batch)
+    ]
 
     if params is None:
         if rng is None:
             raise ValueError("give rng (numpy Generators, one per sample) or params to replay")
         gens = _generators(rng, batch)
-        give_label = (labs is not None and "label" not in context
-                      and "fg_points" not in context and _needs_label(compose))
+        give_label = (
+            labs is not None
+            and "label" not in context
+            and "fg_points" not in context
+            and _needs_label(compose)
+        )
         drawn = []
         for b in range(batch):
             c = dict(ctx[b])
@@ -408,17 +478,27 @@ def compose_torch(
             m_region[b] = mx.translation(-off) @ m[b]
     out_shapes = {compose.out_shape(s) for s in src_shapes}  # type: ignore[arg-type]
     if len(out_shapes) != 1:
-        raise ValueError(f"a batch needs one output shape, got {sorted(out_shapes)}; "
-                         "add a crop to the pipeline")
+        raise ValueError(
+            f"a batch needs one output shape, got {sorted(out_shapes)}; add a crop to the pipeline"
+        )
     out_shape = out_shapes.pop()
     fused, posts = zip(*(compose.program(params, b) for b in range(batch)), strict=True)
     n_int = len(compose.intensity)
     post_ops = imgs is not None and any(p < n_int for p in posts)
     img, lab = warp_torch(
-        imgs, labs, m_region, out_shape, image_order=compose.image_order, cval=compose.cval,
-        label_cval=compose.label_cval, programs=tk.pad_programs(list(fused)),
-        out_dtype=torch.float32 if post_ops else out_dtype, label_mode=compose.label_mode,
-        classes=classes, backend=backend)
+        imgs,
+        labs,
+        m_region,
+        out_shape,
+        image_order=compose.image_order,
+        cval=compose.cval,
+        label_cval=compose.label_cval,
+        programs=tk.pad_programs(list(fused)),
+        out_dtype=torch.float32 if post_ops else out_dtype,
+        label_mode=compose.label_mode,
+        classes=classes,
+        backend=backend,
+    )
     if img is not None and post_ops:
         # patch-statistic transforms: per sample, after the warp, with torch ops
         for b, post in enumerate(posts):
@@ -429,15 +509,17 @@ def compose_torch(
         img = img.to(out_dtype)
 
     result: dict[str, Any] = {"image": img, "label": lab, "params": params}
-    extras = [compose._extras(m[b], src_shapes[b], out_shape, ctx[b])  # type: ignore[arg-type]
-              for b in range(batch)]
+    extras = [
+        compose._extras(m[b], src_shapes[b], out_shape, ctx[b])  # type: ignore[arg-type]
+        for b in range(batch)
+    ]
     targets: list[Any] = [e.get("target") for e in extras]
     if any(t is not None for t in targets):
-        result["target"] = (np.stack(targets) if all(t is not None for t in targets)
-                            else targets)
+        result["target"] = np.stack(targets) if all(t is not None for t in targets) else targets
     if "points" in extras[0]:
         result["points"] = [e["points"] for e in extras]
     if "coord" in extras[0]:
         result["coord"] = torch.from_numpy(np.stack([e["coord"] for e in extras])).to(
-            _first(ref).device)
+            _first(ref).device
+        )
     return result

@@ -70,7 +70,10 @@ def check_dtype(x: NDArray[Any], name: str, allowed: tuple[type, ...]) -> None:
 
 
 def exact_copy(
-    src: NDArray[Any], em: mx.ExactMap, out_shape: tuple[int, int, int], fill: float,
+    src: NDArray[Any],
+    em: mx.ExactMap,
+    out_shape: tuple[int, int, int],
+    fill: float,
     out: NDArray[Any],
 ) -> NDArray[Any]:
     """Exact index copy of ``src`` (C, D, H, W) under the signed permutation ``em`` into ``out``."""
@@ -152,8 +155,21 @@ def warp_numpy(
     else:
         lval = 0
     kernel = cpu.warp if parallel else cpu.warp_serial
-    kernel(img, lab, m, oimg, olab, nc, nl, src_shape, out_shape, float(cval), lval, prog,
-           image_order == 1)
+    kernel(
+        img,
+        lab,
+        m,
+        oimg,
+        olab,
+        nc,
+        nl,
+        src_shape,
+        out_shape,
+        float(cval),
+        lval,
+        prog,
+        image_order == 1,
+    )
     return out_image, out_label
 
 
@@ -194,8 +210,7 @@ def affine_warp(
     """
     order = check_order(order)
     shape = check_out_shape(out_shape)
-    if _is_torch(image) or (isinstance(image, (list, tuple)) and image
-                            and _is_torch(image[0])):
+    if _is_torch(image) or (isinstance(image, (list, tuple)) and image and _is_torch(image[0])):
         from augment.torch_warp import affine_warp_torch
 
         return affine_warp_torch(image, matrix, shape, order=order, cval=cval, out=out)
@@ -216,7 +231,8 @@ def affine_warp(
             if o.shape != want or o.dtype != np.float32 or not o.flags.c_contiguous:
                 raise ValueError(
                     f"out must be a C-contiguous float32 array of shape "
-                    f"{want if had_c else shape}, got {out.dtype} {out.shape}")
+                    f"{want if had_c else shape}, got {out.dtype} {out.shape}"
+                )
         result, _ = warp_numpy(x, None, m, shape, image_order=1, cval=cval, out_image=o)
     else:
         want = (x.shape[0], *shape)
@@ -226,7 +242,8 @@ def affine_warp(
             if o.shape != want or o.dtype != x.dtype or not o.flags.c_contiguous:
                 raise ValueError(
                     f"out must be a C-contiguous {x.dtype} array of shape "
-                    f"{want if had_c else shape}, got {out.dtype} {out.shape}")
+                    f"{want if had_c else shape}, got {out.dtype} {out.shape}"
+                )
         _, result = warp_numpy(None, x, m, shape, label_cval=cval, out_label=o)  # type: ignore[arg-type]
     assert result is not None
     return result if had_c else result[0]

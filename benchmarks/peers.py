@@ -24,8 +24,9 @@ def _torch() -> Any:
     return torch
 
 
-def w1_ways(img: np.ndarray, lab: np.ndarray, pipeline: Any, patch: tuple[int, int, int]
-            ) -> Iterator[Way]:
+def w1_ways(
+    img: np.ndarray, lab: np.ndarray, pipeline: Any, patch: tuple[int, int, int]
+) -> Iterator[Way]:
     """W1 for each installed peer: rotation U(-15, 15) deg per axis, isotropic scale
     U(0.85, 1.25), crop centre uniform over the valid range, flips p=0.5 per axis."""
     for make in (_batchgeneratorsv2, _monai, _monai_lazy, _torchio):
@@ -45,10 +46,17 @@ def _batchgeneratorsv2(img: np.ndarray, lab: np.ndarray, patch: tuple[int, int, 
 
     # bgv2 scales the sampling grid: our magnification s is its 1 / s
     spatial = SpatialTransform(
-        patch, patch_center_dist_from_border=[p // 2 for p in patch], random_crop=True,
-        p_rotation=1.0, rotation=(-math.radians(15), math.radians(15)), p_rot_per_axis=1.0,
-        p_scaling=1.0, scaling=(1 / 1.25, 1 / 0.85), p_synchronize_scaling_across_axes=1.0,
-        mode_seg="nearest")
+        patch,
+        patch_center_dist_from_border=[p // 2 for p in patch],
+        random_crop=True,
+        p_rotation=1.0,
+        rotation=(-math.radians(15), math.radians(15)),
+        p_rot_per_axis=1.0,
+        p_scaling=1.0,
+        scaling=(1 / 1.25, 1 / 0.85),
+        p_synchronize_scaling_across_axes=1.0,
+        mode_seg="nearest",
+    )
     pipe = ComposeTransforms([spatial, MirrorTransform(allowed_axes=(0, 1, 2))])
     image = torch.from_numpy(img)[None]
     seg = torch.from_numpy(lab.astype(np.int16))[None]
@@ -68,19 +76,32 @@ def _monai_pipeline(img: np.ndarray, patch: tuple[int, int, int], lazy: bool) ->
     keys = ("image", "label")
     translate = [((n - p) / 2.0) for n, p in zip(img.shape, patch, strict=True)]
     # MONAI's scale_range is added to 1 and scales the grid: 1 / U(0.85, 1.25) - 1
-    return Compose([
-        RandAffined(keys, spatial_size=patch, prob=1.0, rotate_range=[math.radians(15)] * 3,
-                    translate_range=translate, scale_range=[(1 / 1.25 - 1, 1 / 0.85 - 1)] * 3,
-                    mode=("bilinear", "nearest"), padding_mode="zeros", lazy=lazy),
-        RandFlipd(keys, prob=0.5, spatial_axis=0, lazy=lazy),
-        RandFlipd(keys, prob=0.5, spatial_axis=1, lazy=lazy),
-        RandFlipd(keys, prob=0.5, spatial_axis=2, lazy=lazy),
-    ], lazy=lazy, overrides={"image": {"mode": "bilinear", "padding_mode": "zeros"},
-                             "label": {"mode": "nearest", "padding_mode": "zeros"}})
+    return Compose(
+        [
+            RandAffined(
+                keys,
+                spatial_size=patch,
+                prob=1.0,
+                rotate_range=[math.radians(15)] * 3,
+                translate_range=translate,
+                scale_range=[(1 / 1.25 - 1, 1 / 0.85 - 1)] * 3,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                lazy=lazy,
+            ),
+            RandFlipd(keys, prob=0.5, spatial_axis=0, lazy=lazy),
+            RandFlipd(keys, prob=0.5, spatial_axis=1, lazy=lazy),
+            RandFlipd(keys, prob=0.5, spatial_axis=2, lazy=lazy),
+        ],
+        lazy=lazy,
+        overrides={
+            "image": {"mode": "bilinear", "padding_mode": "zeros"},
+            "label": {"mode": "nearest", "padding_mode": "zeros"},
+        },
+    )
 
 
-def _monai_way(img: np.ndarray, lab: np.ndarray, patch: tuple[int, int, int], lazy: bool
-               ) -> Way:
+def _monai_way(img: np.ndarray, lab: np.ndarray, patch: tuple[int, int, int], lazy: bool) -> Way:
     torch = _torch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,10 +129,16 @@ def _torchio(img: np.ndarray, lab: np.ndarray, patch: tuple[int, int, int]) -> W
     torch = _torch()
     import torchio as tio
 
-    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(img)[None]),
-                          label=tio.LabelMap(tensor=torch.from_numpy(lab)[None]))
-    transform = tio.Compose([tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5),
-                             tio.RandomAffine(scales=(0.85, 1.25), degrees=15, isotropic=True)])
+    subject = tio.Subject(
+        image=tio.ScalarImage(tensor=torch.from_numpy(img)[None]),
+        label=tio.LabelMap(tensor=torch.from_numpy(lab)[None]),
+    )
+    transform = tio.Compose(
+        [
+            tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5),
+            tio.RandomAffine(scales=(0.85, 1.25), degrees=15, isotropic=True),
+        ]
+    )
     sampler = tio.UniformSampler(patch)
 
     def run(i: int) -> object:

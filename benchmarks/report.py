@@ -36,7 +36,8 @@ def mismatches(results: list[Result], tol: float = 2e-3) -> list[str]:
     bad = []
     for r, want in zip(results, with_ratios(bare), strict=True):
         if (r.ratio is None) != (want.ratio is None) or (
-            r.ratio is not None and want.ratio is not None
+            r.ratio is not None
+            and want.ratio is not None
             and abs(r.ratio - want.ratio) > tol * max(abs(want.ratio), 1e-9)
         ):
             bad.append(f"{r.workload}/{r.name}: ratio {r.ratio} but the values give {want.ratio}")
@@ -49,7 +50,8 @@ def markdown(data: dict[str, Any]) -> str:
     where = ", ".join(f"{k} {v}" for k, v in m.items())
     lines = [
         f"Measured {data.get('date', '?')} on {where}"
-        + (" (`--quick`)" if data.get("quick") else "") + ".",
+        + (" (`--quick`)" if data.get("quick") else "")
+        + ".",
         "",
         "| workload | way | value | unit | against | ratio |",
         "|---|---|---:|---|---|---:|",
@@ -57,8 +59,9 @@ def markdown(data: dict[str, Any]) -> str:
     for r in data["results"]:
         value = "n/a" if r.value != r.value else f"{r.value:,.2f}"
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.workload} | {r.name} | {value} | {r.unit} | {r.baseline or ''} "
-                     f"| {ratio} |")
+        lines.append(
+            f"| {r.workload} | {r.name} | {value} | {r.unit} | {r.baseline or ''} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -72,8 +75,11 @@ def latest(directory: Path = RESULTS_DIR) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
     parser.add_argument("path", nargs="?", type=Path, help="a results file (default: newest)")
-    parser.add_argument("--check", action="store_true",
-                        help="recompute the ratios from the values; exit 1 on a mismatch")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="recompute the ratios from the values; exit 1 on a mismatch",
+    )
     args = parser.parse_args(argv)
     path = args.path or latest()
     data = load(path)

@@ -35,8 +35,9 @@ def format_table(results: list[Result]) -> str:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         rows.append((r.workload, r.name, value, r.unit, r.baseline or "", ratio))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {r.workload}/{r.name}: {r.note}" for r in results if r.note.startswith("failed")]
     return "\n".join(lines + (["", "failures:", *notes] if notes else []))
@@ -56,14 +57,18 @@ def plot(results: list[Result], path: Path) -> None:
         return
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 0.5 + 0.45 * rows * max(
-        len(v) for v in groups.values()) + 1.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(6 * cols, 0.5 + 0.45 * rows * max(len(v) for v in groups.values()) + 1.5 * rows),
+        squeeze=False,
+    )
     for ax, ((workload, unit), rs) in zip(axes.flat, sorted(groups.items()), strict=False):
         ax.barh([r.name for r in rs], [r.value for r in rs], color="tab:blue")
         ax.set_title(f"{workload} ({unit})")
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=8)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"[{name}] not available in this checkout", file=sys.stderr)
             continue
-        print(f"[{name}] running{' (quick)' if args.quick else ''} ...", file=sys.stderr,
-              flush=True)
+        print(
+            f"[{name}] running{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True
+        )
         results.extend(module.run(quick=args.quick))
     results = with_ratios(results)
 
@@ -101,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.json or RESULTS_DIR / f"{platform.node() or 'machine'}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(), "date": stamp, "quick": args.quick,
-               "results": [r.as_dict() for r in results]}
+    payload = {
+        "machine": machine_info(),
+        "date": stamp,
+        "quick": args.quick,
+        "results": [r.as_dict() for r in results],
+    }
     out.write_text(json.dumps(payload, indent=2, allow_nan=True))
     print(f"\nresults: {out}")
     if not args.no_plot:

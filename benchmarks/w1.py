@@ -25,8 +25,9 @@ SOURCE = (200, 256, 256)
 PATCH = (128, 128, 128)
 
 
-def make_source(shape: tuple[int, int, int] = SOURCE, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
+def make_source(
+    shape: tuple[int, int, int] = SOURCE, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """An ellipsoid 'organ' in noise: float32 image (HU-like) and uint8 label."""
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
@@ -45,8 +46,12 @@ def w1_pipeline(patch: tuple[int, int, int] = PATCH, intensity: bool = False) ->
         augment.RandomFlip(axes=(0, 1, 2), p=0.5),
     ]
     if intensity:
-        ts += [augment.Window(-200, 250), augment.RandomGamma((0.7, 1.5), p=0.3),
-               augment.RandomNoise((0.0, 0.1), p=0.1), augment.RandomContrast((0.75, 1.25), p=0.15)]
+        ts += [
+            augment.Window(-200, 250),
+            augment.RandomGamma((0.7, 1.5), p=0.3),
+            augment.RandomNoise((0.0, 0.1), p=0.1),
+            augment.RandomContrast((0.75, 1.25), p=0.15),
+        ]
     return augment.Compose(ts)
 
 
@@ -95,8 +100,9 @@ def _interleaved_rates(
     return out
 
 
-def augment_way(img: np.ndarray, lab: np.ndarray, intensity: bool = False
-                ) -> Callable[[int], object]:
+def augment_way(
+    img: np.ndarray, lab: np.ndarray, intensity: bool = False
+) -> Callable[[int], object]:
     aug = w1_pipeline(intensity=intensity)
 
     def run(i: int) -> object:
@@ -115,8 +121,9 @@ def scipy_way(img: np.ndarray, lab: np.ndarray) -> Callable[[int], object]:
     def run(i: int) -> object:
         params = aug.sample(augment.sample_rng(0, 0, i), img.shape)
         m = aug.matrix(params)[0]
-        a = ndi.affine_transform(img64, m, output_shape=PATCH, order=1, mode="constant",
-                                 prefilter=False)
+        a = ndi.affine_transform(
+            img64, m, output_shape=PATCH, order=1, mode="constant", prefilter=False
+        )
         b = ndi.affine_transform(lab, m, output_shape=PATCH, order=0, mode="constant")
         return a, b
 
@@ -138,16 +145,19 @@ def check_output(out: object) -> None:
 
 def compile_seconds() -> tuple[float, float]:
     """First-call time of a fresh process with an empty numba cache, then with that cache."""
-    code = ("import time, numpy as np; t = time.perf_counter(); import augment; "
-            "augment.Compose([augment.RandomAffine(10), augment.Window(0, 1)])("
-            "image=np.zeros((8, 8, 8), np.float32), label=np.zeros((8, 8, 8), np.uint8), "
-            "rng=np.random.default_rng(0)); print(time.perf_counter() - t)")
+    code = (
+        "import time, numpy as np; t = time.perf_counter(); import augment; "
+        "augment.Compose([augment.RandomAffine(10), augment.Window(0, 1)])("
+        "image=np.zeros((8, 8, 8), np.float32), label=np.zeros((8, 8, 8), np.uint8), "
+        "rng=np.random.default_rng(0)); print(time.perf_counter() - t)"
+    )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         times = []
         for _ in range(2):
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
             times.append(float(out.stdout.strip().splitlines()[-1]))
     return times[0], times[1]
 
@@ -170,8 +180,10 @@ def run(quick: bool = False) -> list[Result]:
     for name, fn in peers.w1_ways(img, lab, w1_pipeline(), PATCH):
         ways.append((name, fn, 1))
     rates = _interleaved_rates(
-        [(name, fn, threads, 1 if name.startswith(("scipy", "peer")) and quick else n)
-         for name, fn, threads in ways],
+        [
+            (name, fn, threads, 1 if name.startswith(("scipy", "peer")) and quick else n)
+            for name, fn, threads in ways
+        ],
         repeats,
     )
     for name, _, threads in ways:
@@ -184,19 +196,47 @@ def run(quick: bool = False) -> list[Result]:
             base = "augment-cpu-1thread"
         elif name.endswith("threads") and name != "augment-cpu-1thread":
             base = "augment-cpu-1thread"
-        results.append(Result("w1", name, round(rate, 2), "patches/s", baseline=base,
-                              note=f"{threads} thread(s); median of {repeats} interleaved "
-                                   "rounds"))
+        results.append(
+            Result(
+                "w1",
+                name,
+                round(rate, 2),
+                "patches/s",
+                baseline=base,
+                note=f"{threads} thread(s); median of {repeats} interleaved rounds",
+            )
+        )
     ours = next((r for r in results if r.name == "augment-cpu-1thread"), None)
     for peer in [r for r in results if r.name.startswith("peer-") and r.value == r.value]:
         if ours is not None:
-            results.append(Result("w1", f"augment-cpu-1thread-vs-{peer.name}", ours.value,
-                                  "patches/s", baseline=peer.name, note="same value as above"))
+            results.append(
+                Result(
+                    "w1",
+                    f"augment-cpu-1thread-vs-{peer.name}",
+                    ours.value,
+                    "patches/s",
+                    baseline=peer.name,
+                    note="same value as above",
+                )
+            )
     cold, warm = compile_seconds()
-    results.append(Result("w1", "numba-first-call-cold-cache", round(cold, 2), "s",
-                          note="fresh process, empty NUMBA_CACHE_DIR"))
-    results.append(Result("w1", "numba-first-call-warm-cache", round(warm, 2), "s",
-                          baseline="numba-first-call-cold-cache",
-                          note="second process, cache=True kernels loaded from disk"))
+    results.append(
+        Result(
+            "w1",
+            "numba-first-call-cold-cache",
+            round(cold, 2),
+            "s",
+            note="fresh process, empty NUMBA_CACHE_DIR",
+        )
+    )
+    results.append(
+        Result(
+            "w1",
+            "numba-first-call-warm-cache",
+            round(warm, 2),
+            "s",
+            baseline="numba-first-call-cold-cache",
+            note="second process, cache=True kernels loaded from disk",
+        )
+    )
     return results
-

@@ -28,18 +28,24 @@ BATCH = 8
 
 def w1_compose(patch: tuple[int, int, int] = PATCH, intensity: bool = False) -> augment.Compose:
     """The W1 pipeline (W2's intensity transforms with ``intensity``)."""
-    ts: list[Any] = [augment.RandomCrop(patch),
-                     augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
-                     augment.RandomFlip(axes=(0, 1, 2), p=0.5)]
+    ts: list[Any] = [
+        augment.RandomCrop(patch),
+        augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
+        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+    ]
     if intensity:
-        ts += [augment.Window(-200, 250), augment.RandomGamma((0.7, 1.5), p=0.3),
-               augment.RandomNoise((0.0, 0.1), p=0.1),
-               augment.RandomContrast((0.75, 1.25), p=0.15)]
+        ts += [
+            augment.Window(-200, 250),
+            augment.RandomGamma((0.7, 1.5), p=0.3),
+            augment.RandomNoise((0.0, 0.1), p=0.1),
+            augment.RandomContrast((0.75, 1.25), p=0.15),
+        ]
     return augment.Compose(ts)
 
 
-def make_sources(batch: int, shape: tuple[int, int, int], device: torch.device, seed: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_sources(
+    batch: int, shape: tuple[int, int, int], device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` ellipsoid 'organs' in noise, made on the device.
 
     Returns:
@@ -50,28 +56,37 @@ def make_sources(batch: int, shape: tuple[int, int, int], device: torch.device, 
     axes = [torch.arange(n, device=device, dtype=torch.float32) for n in shape]
     c = [n / 2.0 for n in shape]
     r = [n / 3.5 for n in shape]
-    dist = (((axes[0] - c[0]) / r[0]) ** 2).view(-1, 1, 1) \
-        + (((axes[1] - c[1]) / r[1]) ** 2).view(1, -1, 1) \
+    dist = (
+        (((axes[0] - c[0]) / r[0]) ** 2).view(-1, 1, 1)
+        + (((axes[1] - c[1]) / r[1]) ** 2).view(1, -1, 1)
         + (((axes[2] - c[2]) / r[2]) ** 2).view(1, 1, -1)
+    )
     inside = (dist < 1.0).to(torch.uint8)
     lab = inside.expand(batch, 1, *shape).contiguous()
     img += 60.0 * lab
     return img, lab
 
 
-def draw_matrices(compose: augment.Compose, n_batches: int, batch: int,
-                  src_shape: tuple[int, int, int], seed: int = 0) -> list[NDArray[np.float64]]:
+def draw_matrices(
+    compose: augment.Compose,
+    n_batches: int,
+    batch: int,
+    src_shape: tuple[int, int, int],
+    seed: int = 0,
+) -> list[NDArray[np.float64]]:
     """Host-drawn pull maps, ``n_batches`` arrays ``(batch, 4, 4)``, as Compose draws them."""
     out = []
     for k in range(n_batches):
-        params = augment.stack_params([compose.sample(g, src_shape)
-                                       for g in batch_rngs(seed, k, range(batch))])
+        params = augment.stack_params(
+            [compose.sample(g, src_shape) for g in batch_rngs(seed, k, range(batch))]
+        )
         out.append(compose.matrix(params))
     return out
 
 
-def to_theta(m: NDArray[np.float64], in_shape: tuple[int, int, int],
-             out_shape: tuple[int, int, int]) -> NDArray[np.float64]:
+def to_theta(
+    m: NDArray[np.float64], in_shape: tuple[int, int, int], out_shape: tuple[int, int, int]
+) -> NDArray[np.float64]:
     """Index-space pull maps ``(B, 3|4, 4)`` in (z, y, x) -> ``affine_grid`` thetas
     ``(B, 3, 4)`` in normalised (x, y, z) with ``align_corners=True``."""
     a = np.asarray(m, dtype=np.float64)[:, :3, :]
@@ -87,9 +102,12 @@ def to_theta(m: NDArray[np.float64], in_shape: tuple[int, int, int],
     return theta
 
 
-def grid_sample_warp(img: torch.Tensor, lab_float: torch.Tensor | None,
-                     m: NDArray[np.float64], out_shape: tuple[int, int, int]
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def grid_sample_warp(
+    img: torch.Tensor,
+    lab_float: torch.Tensor | None,
+    m: NDArray[np.float64],
+    out_shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The hand-written peer: ``affine_grid`` + ``grid_sample`` (bilinear image, nearest
     label, zero padding, ``align_corners=True``) with the same pull maps.
 
@@ -103,13 +121,15 @@ def grid_sample_warp(img: torch.Tensor, lab_float: torch.Tensor | None,
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     lab = None
     if lab_float is not None:
-        lab = F.grid_sample(lab_float, grid, mode="nearest", padding_mode="zeros",
-                            align_corners=True).to(torch.uint8)
+        lab = F.grid_sample(
+            lab_float, grid, mode="nearest", padding_mode="zeros", align_corners=True
+        ).to(torch.uint8)
     return out, lab
 
 
-def time_batches(run: Callable[[int], Any], n_batches: int, repeats: int,
-                 device: torch.device, warmup: int = 1) -> tuple[list[float], float]:
+def time_batches(
+    run: Callable[[int], Any], n_batches: int, repeats: int, device: torch.device, warmup: int = 1
+) -> tuple[list[float], float]:
     """Seconds per pass over ``run(0..n_batches-1)`` for each repeat, and the host time
     per ``run`` call (queueing only, no sync) measured in the timed passes.
 

@@ -42,25 +42,39 @@ from benchmarks.common import Result
 from benchmarks.w4 import machine_parallelism
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bench" / "w2"
-FULL: dict[str, Any] = {"size": (200, 512, 512), "patch": (128, 128, 128), "n": 8, "batches": 8,
-        "rounds": 3, "warmup": 3}
-QUICK: dict[str, Any] = {"size": (96, 192, 192), "patch": (64, 64, 64), "n": 4, "batches": 6,
-         "rounds": 3, "warmup": 3}
+FULL: dict[str, Any] = {
+    "size": (200, 512, 512),
+    "patch": (128, 128, 128),
+    "n": 8,
+    "batches": 8,
+    "rounds": 3,
+    "warmup": 3,
+}
+QUICK: dict[str, Any] = {
+    "size": (96, 192, 192),
+    "patch": (64, 64, 64),
+    "n": 4,
+    "batches": 6,
+    "rounds": 3,
+    "warmup": 3,
+}
 BATCH = 2
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-              "NUMBA_NUM_THREADS")
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def w2_compose(patch: tuple[int, int, int]) -> augment.Compose:
-    return augment.Compose([
-        augment.RandomCrop(patch),
-        augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
-        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
-        augment.Window(-200, 250),
-        augment.RandomGamma((0.7, 1.5), p=0.3),
-        augment.RandomNoise((0.0, 0.1), p=0.1),
-        augment.RandomContrast((0.75, 1.25), p=0.15),
-    ], cval=-1024)
+    return augment.Compose(
+        [
+            augment.RandomCrop(patch),
+            augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
+            augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+            augment.Window(-200, 250),
+            augment.RandomGamma((0.7, 1.5), p=0.3),
+            augment.RandomNoise((0.0, 0.1), p=0.1),
+            augment.RandomContrast((0.75, 1.25), p=0.15),
+        ],
+        cval=-1024,
+    )
 
 
 def phantom_cache(size: tuple[int, int, int]) -> Any:
@@ -69,8 +83,7 @@ def phantom_cache(size: tuple[int, int, int]) -> Any:
     from loaders.phantom import write_msd_dataset
 
     tag = "x".join(str(s) for s in size)
-    cases = write_msd_dataset(DATA / f"phantom-{tag}", n_train=2, seed=0, size=size,
-                              workers=2)
+    cases = write_msd_dataset(DATA / f"phantom-{tag}", n_train=2, seed=0, size=size, workers=2)
     cache = VolumeCache(DATA / f"cache-{tag}.zarr")
     cache.build(cases, workers=2, progress=False)
     return cache
@@ -87,8 +100,7 @@ def _plain_init(root: str, patch: tuple[int, int, int], barrier: Any) -> None:
     from loaders.sampler import PatchSampler
 
     numba.set_num_threads(1)
-    _PLAIN["sampler"] = PatchSampler(VolumeCache(root, cache_bytes=0), w2_compose(patch),
-                                     seed=0)
+    _PLAIN["sampler"] = PatchSampler(VolumeCache(root, cache_bytes=0), w2_compose(patch), seed=0)
     _PLAIN["barrier"] = barrier
 
 
@@ -114,8 +126,12 @@ class PlainPair:
         saved = {k: os.environ.get(k) for k in THREAD_ENV}
         os.environ.update({k: "1" for k in THREAD_ENV})
         try:
-            self.ex = ProcessPoolExecutor(2, mp_context=ctx, initializer=_plain_init,
-                                          initargs=(str(root), patch, ctx.Barrier(2)))
+            self.ex = ProcessPoolExecutor(
+                2,
+                mp_context=ctx,
+                initializer=_plain_init,
+                initargs=(str(root), patch, ctx.Barrier(2)),
+            )
             self.window(4, start=30_000, sync=False)  # start both, warm up (first touches
             # of the cache's shard maps, lazily loaded kernels)
         finally:
@@ -126,8 +142,7 @@ class PlainPair:
                     os.environ[k] = v
         self.next = 40_000
 
-    def window(self, n: int, *, start: int | None = None, sync: bool = True
-               ) -> tuple[float, float]:
+    def window(self, n: int, *, start: int | None = None, sync: bool = True) -> tuple[float, float]:
         """Patches/s of both together and CPU ms per patch, ``n`` patches each."""
         s = self.next if start is None else start
         jobs = [list(range(s + k, s + 2 * n, 2)) for k in (0, 1)]
@@ -190,9 +205,14 @@ def run(quick: bool = False) -> list[Result]:
     load = f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     tag = f"{'x'.join(map(str, patch))} from {'x'.join(map(str, cfg['size']))}"
     results: list[Result] = [
-        Result("w2", "machine-2proc-efficiency", round(100 * machine_parallelism(), 1), "%",
-               note=f"busy loop, 2 processes vs 1: how much of 2 cores this machine gives "
-                    f"now, the ceiling of the 2-worker speed-up / 2; {load}"),
+        Result(
+            "w2",
+            "machine-2proc-efficiency",
+            round(100 * machine_parallelism(), 1),
+            "%",
+            note=f"busy loop, 2 processes vs 1: how much of 2 cores this machine gives "
+            f"now, the ceiling of the 2-worker speed-up / 2; {load}",
+        ),
     ]
 
     threads = numba.get_num_threads()
@@ -203,15 +223,28 @@ def run(quick: bool = False) -> list[Result]:
         compose = sampler.compose
 
         def kernels(r: dict[str, Any]) -> object:
-            return compose(image=r["image"], label=r["label"], params=r["params"],
-                           offset=r["offset"], in_shape=r["in_shape"])
+            return compose(
+                image=r["image"],
+                label=r["label"],
+                params=r["params"],
+                offset=r["offset"],
+                in_shape=r["in_shape"],
+            )
 
         def scipy_way(r: dict[str, Any]) -> object:
             m = augment.matrices.translation(-r["offset"]) @ compose.matrix(r["params"])[0]
-            img = ndi.affine_transform(r["image"][0].astype(np.float32), m, output_shape=patch,
-                                       order=1, mode="constant", cval=-1024.0, prefilter=False)
-            lab = ndi.affine_transform(r["label"][0], m, output_shape=patch, order=0,
-                                       mode="constant")
+            img = ndi.affine_transform(
+                r["image"][0].astype(np.float32),
+                m,
+                output_shape=patch,
+                order=1,
+                mode="constant",
+                cval=-1024.0,
+                prefilter=False,
+            )
+            lab = ndi.affine_transform(
+                r["label"][0], m, output_shape=patch, order=0, mode="constant"
+            )
             return np.clip((img + 200.0) / 450.0, 0.0, 1.0), lab
 
         reps = 1 if quick else 3
@@ -222,23 +255,45 @@ def run(quick: bool = False) -> list[Result]:
         numba.set_num_threads(threads)
     vox = np.mean([np.prod(r["image"].shape) for r in regions]) ** (1 / 3)
     results += [
-        Result("w2", "kernels-1proc", round(k_rate, 2), "patches/s", baseline="scipy-1proc",
-               note=f"{tag}; Compose on pre-read regions (~{vox:.0f}^3), 1 thread; {load}"),
-        Result("w2", "sampler-1proc", round(s_rate, 2), "patches/s", baseline="scipy-1proc",
-               note="region read + Compose, 1 thread"),
-        Result("w2", "scipy-1proc", round(sc_rate, 2), "patches/s",
-               note="scipy.ndimage.affine_transform on the same regions + window"),
+        Result(
+            "w2",
+            "kernels-1proc",
+            round(k_rate, 2),
+            "patches/s",
+            baseline="scipy-1proc",
+            note=f"{tag}; Compose on pre-read regions (~{vox:.0f}^3), 1 thread; {load}",
+        ),
+        Result(
+            "w2",
+            "sampler-1proc",
+            round(s_rate, 2),
+            "patches/s",
+            baseline="scipy-1proc",
+            note="region read + Compose, 1 thread",
+        ),
+        Result(
+            "w2",
+            "scipy-1proc",
+            round(sc_rate, 2),
+            "patches/s",
+            note="scipy.ndimage.affine_transform on the same regions + window",
+        ),
         Result("w2", "kernels-cpu-ms-per-patch", round(k_cpu, 2), "ms"),
-        Result("w2", "sampler-cpu-ms-per-patch", round(s_cpu, 2), "ms",
-               baseline="kernels-cpu-ms-per-patch", note="ratio < 1: the reads' share"),
+        Result(
+            "w2",
+            "sampler-cpu-ms-per-patch",
+            round(s_cpu, 2),
+            "ms",
+            baseline="kernels-cpu-ms-per-patch",
+            note="ratio < 1: the reads' share",
+        ),
     ]
 
     # the loader and two plain processes, in alternating windows of the same size
     loader_runs, plain_runs, waits = [], [], []
     plain = PlainPair(cache.root, patch)
     try:
-        with PatchLoader(sampler, batch_size=BATCH, batches_per_epoch=10**6,
-                         num_workers=2) as ld:
+        with PatchLoader(sampler, batch_size=BATCH, batches_per_epoch=10**6, num_workers=2) as ld:
             ld.start()
             it = iter(ld)
             for _ in range(cfg["warmup"]):
@@ -256,34 +311,79 @@ def run(quick: bool = False) -> list[Result]:
     p_rate, p_cpu = (statistics.median(v) for v in zip(*plain_runs, strict=True))
     pinned = "pinned" if torch.cuda.is_available() else "pageable (no CUDA)"
     results += [
-        Result("w2", "sampler-2proc-no-loader", round(p_rate, 2), "patches/s",
-               baseline="sampler-1proc",
-               note="two processes sampling side by side in plain loops"),
-        Result("w2", "loader-cpu-2workers", round(l_rate, 2), "patches/s",
-               baseline="sampler-2proc-no-loader",
-               note=f"batches of {BATCH} into {pinned} memory; data-wait "
-                    f"{statistics.median(waits):.0%}; windows alternating with the plain "
-                    f"pair; {load}"),
-        Result("w2", "loader-cpu-2workers-vs-scipy", round(l_rate, 2), "patches/s",
-               baseline="scipy-1proc", note="same value; ratio x 8.5 = idle-machine patches/s"),
-        Result("w2", "loader-overhead-vs-2proc-no-loader",
-               round(100 * (1 - l_rate / p_rate), 1), "%",
-               note="1 - loader rate / plain 2-process rate (medians); goal <= 10"),
-        Result("w2", "sampler-2proc-no-loader-cpu-ms-per-patch", round(p_cpu, 2), "ms",
-               baseline="sampler-cpu-ms-per-patch",
-               note="ratio < 1: what two processes at once cost each other here"),
-        Result("w2", "loader-cpu-ms-per-patch", round(l_cpu, 2), "ms",
-               baseline="sampler-2proc-no-loader-cpu-ms-per-patch",
-               note="CPU of workers + this process per delivered patch"),
-        Result("w2", "loader-cpu-overhead-vs-sampler-1proc", round(100 * (1 - s_cpu / l_cpu), 1),
-               "%", note="1 - sampler CPU per patch alone in one process / loader CPU per "
-                         "patch (includes what two busy processes cost each other)"),
-        Result("w2", "loader-cpu-overhead-vs-kernels", round(100 * (1 - k_cpu / l_cpu), 1), "%",
-               note="1 - kernels' CPU per patch on pre-read regions / loader CPU per patch: "
-                    "the region reads count as overhead here"),
-        Result("w2", "loader-cpu-bound-2cores", round(2000.0 / l_cpu, 2), "patches/s",
-               baseline="scipy-1proc",
-               note="2 cores / loader CPU per patch: the rate on 2 free cores (goal >= 40)"),
+        Result(
+            "w2",
+            "sampler-2proc-no-loader",
+            round(p_rate, 2),
+            "patches/s",
+            baseline="sampler-1proc",
+            note="two processes sampling side by side in plain loops",
+        ),
+        Result(
+            "w2",
+            "loader-cpu-2workers",
+            round(l_rate, 2),
+            "patches/s",
+            baseline="sampler-2proc-no-loader",
+            note=f"batches of {BATCH} into {pinned} memory; data-wait "
+            f"{statistics.median(waits):.0%}; windows alternating with the plain "
+            f"pair; {load}",
+        ),
+        Result(
+            "w2",
+            "loader-cpu-2workers-vs-scipy",
+            round(l_rate, 2),
+            "patches/s",
+            baseline="scipy-1proc",
+            note="same value; ratio x 8.5 = idle-machine patches/s",
+        ),
+        Result(
+            "w2",
+            "loader-overhead-vs-2proc-no-loader",
+            round(100 * (1 - l_rate / p_rate), 1),
+            "%",
+            note="1 - loader rate / plain 2-process rate (medians); goal <= 10",
+        ),
+        Result(
+            "w2",
+            "sampler-2proc-no-loader-cpu-ms-per-patch",
+            round(p_cpu, 2),
+            "ms",
+            baseline="sampler-cpu-ms-per-patch",
+            note="ratio < 1: what two processes at once cost each other here",
+        ),
+        Result(
+            "w2",
+            "loader-cpu-ms-per-patch",
+            round(l_cpu, 2),
+            "ms",
+            baseline="sampler-2proc-no-loader-cpu-ms-per-patch",
+            note="CPU of workers + this process per delivered patch",
+        ),
+        Result(
+            "w2",
+            "loader-cpu-overhead-vs-sampler-1proc",
+            round(100 * (1 - s_cpu / l_cpu), 1),
+            "%",
+            note="1 - sampler CPU per patch alone in one process / loader CPU per "
+            "patch (includes what two busy processes cost each other)",
+        ),
+        Result(
+            "w2",
+            "loader-cpu-overhead-vs-kernels",
+            round(100 * (1 - k_cpu / l_cpu), 1),
+            "%",
+            note="1 - kernels' CPU per patch on pre-read regions / loader CPU per patch: "
+            "the region reads count as overhead here",
+        ),
+        Result(
+            "w2",
+            "loader-cpu-bound-2cores",
+            round(2000.0 / l_cpu, 2),
+            "patches/s",
+            baseline="scipy-1proc",
+            note="2 cores / loader CPU per patch: the rate on 2 free cores (goal >= 40)",
+        ),
     ]
 
     cuda = torch.cuda.is_available()
@@ -292,8 +392,9 @@ def run(quick: bool = False) -> list[Result]:
     if not cuda:
         torch.set_num_threads(1)  # this process augments beside a worker on 2 cores
     try:
-        with PatchLoader(sampler, batch_size=BATCH, batches_per_epoch=10**6, num_workers=gw,
-                         mode="gpu") as ld:
+        with PatchLoader(
+            sampler, batch_size=BATCH, batches_per_epoch=10**6, num_workers=gw, mode="gpu"
+        ) as ld:
             ld.start()
             it = iter(ld)
             for _ in range(cfg["warmup"]):
@@ -302,8 +403,16 @@ def run(quick: bool = False) -> list[Result]:
     finally:
         torch.set_num_threads(torch_threads)
     name = "loader-gpu-mode-cuda" if cuda else "loader-gpu-mode-torch-cpu-fallback"
-    results.append(Result("w2", name, round(g_rate, 2), "patches/s", baseline="sampler-1proc",
-                          note=f"{gw} worker(s) reading regions, Compose batched on "
-                               f"{'cuda' if cuda else 'cpu (torch fallback)'}; data-wait "
-                               f"{g_wait:.0%}"))
+    results.append(
+        Result(
+            "w2",
+            name,
+            round(g_rate, 2),
+            "patches/s",
+            baseline="sampler-1proc",
+            note=f"{gw} worker(s) reading regions, Compose batched on "
+            f"{'cuda' if cuda else 'cpu (torch fallback)'}; data-wait "
+            f"{g_wait:.0%}",
+        )
+    )
     return results

@@ -24,8 +24,9 @@ STRIDE = 4
 PAD = 170.0
 
 
-def make_volume(shape: tuple[int, int, int] = (200, 256, 256), seed: int = 0
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
+def make_volume(
+    shape: tuple[int, int, int] = (200, 256, 256), seed: int = 0
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """A lung-like volume with a few spherical 'nodules' and their (z, y, x, d) targets."""
     rng = np.random.default_rng(seed)
     img = rng.normal(60.0, 10.0, shape).astype(np.float32)
@@ -39,14 +40,17 @@ def make_volume(shape: tuple[int, int, int] = (200, 256, 256), seed: int = 0
     return img, targets
 
 
-def dsb2017_reference(img: np.ndarray, target: np.ndarray, rng: np.random.Generator
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def dsb2017_reference(
+    img: np.ndarray, target: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The DSB2017 detector's Crop(isScale=True) then augment(flip, rotate, swap)."""
     imgs = img[None]
     crop_size = np.array([CROP] * 3)
     radius_lim, scale_lim = (8.0, 120.0), (0.75, 1.25)
-    scale_range = [min(max(radius_lim[0] / target[3], scale_lim[0]), 1),
-                   max(min(radius_lim[1] / target[3], scale_lim[1]), 1)]
+    scale_range = [
+        min(max(radius_lim[0] / target[3], scale_lim[0]), 1),
+        max(min(radius_lim[1] / target[3], scale_lim[1]), 1),
+    ]
     scale = rng.random() * (scale_range[1] - scale_range[0]) + scale_range[0]
     crop = (crop_size.astype(float) / scale).astype(int)
     target = target.copy()
@@ -55,16 +59,19 @@ def dsb2017_reference(img: np.ndarray, target: np.ndarray, rng: np.random.Genera
         r = target[3] / 2
         s = np.floor(target[i] - r) + 1 - BOUND
         e = np.ceil(target[i] + r) + 1 + BOUND - crop[i]
-        start.append(int(rng.integers(e, s)) if s > e else
-                     int(target[i]) - crop[i] // 2 + int(rng.integers(-BOUND // 2, BOUND // 2)))
+        start.append(
+            int(rng.integers(e, s))
+            if s > e
+            else int(target[i]) - crop[i] // 2 + int(rng.integers(-BOUND // 2, BOUND // 2))
+        )
     shape = np.array(imgs.shape[1:])
     normstart = np.array(start, np.float32) / shape - 0.5
     normsize = crop.astype(np.float32) / shape
-    grids = [np.linspace(normstart[i], normstart[i] + normsize[i], CROP // STRIDE)
-             for i in range(3)]
+    grids = [
+        np.linspace(normstart[i], normstart[i] + normsize[i], CROP // STRIDE) for i in range(3)
+    ]
     coord = np.stack(np.meshgrid(*grids, indexing="ij")).astype(np.float32)
-    pad = [[0, 0]] + [[max(0, -start[i]), max(0, start[i] + crop[i] - shape[i])]
-                      for i in range(3)]
+    pad = [[0, 0]] + [[max(0, -start[i]), max(0, start[i] + crop[i] - shape[i])] for i in range(3)]
     sl = tuple(slice(max(start[i], 0), min(start[i] + crop[i], shape[i])) for i in range(3))
     patch = np.pad(imgs[(slice(None),) + sl], pad, "constant", constant_values=PAD)
     target[:3] -= start
@@ -80,8 +87,12 @@ def dsb2017_reference(img: np.ndarray, target: np.ndarray, rng: np.random.Genera
     for _ in range(3):  # rotation with validity retry
         angle = rng.random() * 180
         size = np.array(patch.shape[2:4], float)
-        rot = np.array([[np.cos(np.radians(angle)), -np.sin(np.radians(angle))],
-                        [np.sin(np.radians(angle)), np.cos(np.radians(angle))]])
+        rot = np.array(
+            [
+                [np.cos(np.radians(angle)), -np.sin(np.radians(angle))],
+                [np.sin(np.radians(angle)), np.cos(np.radians(angle))],
+            ]
+        )
         new = target.copy()
         new[1:3] = rot @ (target[1:3] - size / 2) + size / 2
         if np.all(new[:3] > target[3]) and np.all(new[:3] < np.array(patch.shape[1:4]) - new[3]):
@@ -101,8 +112,13 @@ def dsb2017_reference(img: np.ndarray, target: np.ndarray, rng: np.random.Genera
 
 def run(quick: bool = False) -> list[Result]:
     img, targets = make_volume((120, 160, 160) if quick else (200, 256, 256))
-    aug = augment.Compose([augment.TargetCrop(CROP, bound_size=BOUND, scale=(0.75, 1.25),
-                                              pad_value=PAD, coord_stride=STRIDE)])
+    aug = augment.Compose(
+        [
+            augment.TargetCrop(
+                CROP, bound_size=BOUND, scale=(0.75, 1.25), pad_value=PAD, coord_stride=STRIDE
+            )
+        ]
+    )
     counter = iter(range(10**9))
 
     def ours() -> dict[str, Any]:
@@ -122,7 +138,9 @@ def run(quick: bool = False) -> list[Result]:
     n, repeats = (2, 3) if quick else (5, 5)
     results = []
     ways: list[tuple[str, Callable[[], object], int]] = [
-        ("augment-TargetCrop", ours, n), ("dsb2017-scipy-sequence", reference, max(1, n // 2))]
+        ("augment-TargetCrop", ours, n),
+        ("dsb2017-scipy-sequence", reference, max(1, n // 2)),
+    ]
     for name, fn, k in ways:
 
         def batch(fn: Callable[[], object] = fn, k: int = k) -> None:
@@ -130,8 +148,14 @@ def run(quick: bool = False) -> list[Result]:
                 fn()
 
         rate = k / median_seconds(batch, repeats=repeats)
-        results.append(Result("w3", name, round(rate, 2), "patches/s",
-                              baseline=None if name.startswith("dsb") else
-                              "dsb2017-scipy-sequence",
-                              note="all threads" if name.startswith("augment") else "scipy"))
+        results.append(
+            Result(
+                "w3",
+                name,
+                round(rate, 2),
+                "patches/s",
+                baseline=None if name.startswith("dsb") else "dsb2017-scipy-sequence",
+                note="all threads" if name.startswith("augment") else "scipy",
+            )
+        )
     return results

@@ -106,9 +106,16 @@ def run(quick: bool = False) -> list[Result]:
     rates: dict[str, float] = {}
     cpu: dict[str, list[float]] = {}
     par = machine_parallelism(0.2 if quick else 0.5)
-    results.append(Result("w4", "machine-2proc-efficiency", round(100 * par, 1), "%",
-                          note=f"busy loop, 2 processes vs 1: the ceiling of any scaling "
-                               f"figure on this machine now; {load}"))
+    results.append(
+        Result(
+            "w4",
+            "machine-2proc-efficiency",
+            round(100 * par, 1),
+            "%",
+            note=f"busy loop, 2 processes vs 1: the ceiling of any scaling "
+            f"figure on this machine now; {load}",
+        )
+    )
     pools = {1: SlicePool(1), 2: SlicePool(2)}
 
     def pooled(pool: SlicePool, p: int, m: np.ndarray, be: str, name: str) -> Callable[[], Any]:
@@ -152,31 +159,50 @@ def run(quick: bool = False) -> list[Result]:
                     _check(fn(), ref, name, atol=0.05 if "skimage" in name else 1e-3)
                     seconds = median_seconds(fn, repeats=repeats, warmup=0)
                 except Exception as exc:  # a way that fails is reported, not fatal
-                    results.append(Result("w4", name, float("nan"), "volumes/s",
-                                          note=f"failed: {exc}"))
+                    results.append(
+                        Result("w4", name, float("nan"), "volumes/s", note=f"failed: {exc}")
+                    )
                     continue
                 finally:
                     numba.set_num_threads(threads)
                 rates[name] = 1.0 / seconds
                 base = f"{prefix}3d-numba-{threads}threads"
-                results.append(Result("w4", name, round(rates[name], 3), "volumes/s",
-                                      baseline=None if name == base else base,
-                                      note=f"{tag} float32; {load}"))
+                results.append(
+                    Result(
+                        "w4",
+                        name,
+                        round(rates[name], 3),
+                        "volumes/s",
+                        baseline=None if name == base else base,
+                        note=f"{tag} float32; {load}",
+                    )
+                )
             pairs = [(f"{what}-{be}", "-1proc", "-2proc", 2) for be in backends]
             pairs.append(("3d-numba", "-1thread", f"-{threads}threads", threads))
             for way, lo, hi, k in pairs:
                 one, many = rates.get(f"{prefix}{way}{lo}"), rates.get(f"{prefix}{way}{hi}")
                 if one and many and k > 1:
-                    results.append(Result("w4", f"{prefix}{way}-scaling-efficiency-{k}",
-                                          round(100 * many / (k * one), 1), "%",
-                                          note=f"rate({k}) / ({k} x rate(1)); goal >= 85"))
+                    results.append(
+                        Result(
+                            "w4",
+                            f"{prefix}{way}-scaling-efficiency-{k}",
+                            round(100 * many / (k * one), 1),
+                            "%",
+                            note=f"rate({k}) / ({k} x rate(1)); goal >= 85",
+                        )
+                    )
                 c1, c2 = cpu.get(f"{prefix}{way}-1proc"), cpu.get(f"{prefix}{way}-2proc")
                 if c1 and c2:
-                    results.append(Result(
-                        "w4", f"{prefix}{way}-cpu-efficiency-2",
-                        round(100 * statistics.median(c1) / statistics.median(c2), 1), "%",
-                        note="CPU of 1 process / CPU of 2 for the same volume: the work the "
-                             "split adds (100 = none), whatever else the machine runs"))
+                    results.append(
+                        Result(
+                            "w4",
+                            f"{prefix}{way}-cpu-efficiency-2",
+                            round(100 * statistics.median(c1) / statistics.median(c2), 1),
+                            "%",
+                            note="CPU of 1 process / CPU of 2 for the same volume: the work the "
+                            "split adds (100 = none), whatever else the machine runs",
+                        )
+                    )
     finally:
         for pool in pools.values():
             pool.close()
@@ -187,8 +213,9 @@ def run(quick: bool = False) -> list[Result]:
     return results
 
 
-def _torch_ways(vol: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], prefix: str
-                ) -> list[tuple[str, Callable[[], Any], int]]:
+def _torch_ways(
+    vol: np.ndarray, m: np.ndarray, shape: tuple[int, int, int], prefix: str
+) -> list[tuple[str, Callable[[], Any], int]]:
     """The GPU way (torch tensors on CUDA, one batched launch), where CUDA is present. The
     torch CPU fallback is left out: it is the GPU path's stand-in, a minute per volume."""
     try:

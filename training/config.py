@@ -283,13 +283,18 @@ class Config:
         )
         _check(len(d.spacing) in (0, 3), "data.spacing", d.spacing, "three numbers or []")
         _check(len(d.window) == 2 and d.window[0] < d.window[1], "data.window", d.window, "lo < hi")
-        _check(len(d.scale) == 2 and 0 < d.scale[0] <= d.scale[1], "data.scale", d.scale,
-               "0 < lo <= hi")
+        _check(
+            len(d.scale) == 2 and 0 < d.scale[0] <= d.scale[1],
+            "data.scale",
+            d.scale,
+            "0 < lo <= hi",
+        )
         _check(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
         _check(d.val_cases >= 1, "data.val_cases", d.val_cases, ">= 1")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
-        _check(m.adv_output in ("patch", "global"), "model.adv_output", m.adv_output,
-               "patch|global")
+        _check(
+            m.adv_output in ("patch", "global"), "model.adv_output", m.adv_output, "patch|global"
+        )
         for name in ("stage1", "stage2", "stage3"):
             s = getattr(self, name)
             _check(s.max_epochs >= 1, f"{name}.max_epochs", s.max_epochs, ">= 1")
@@ -298,15 +303,27 @@ class Config:
         s3 = self.stage3
         _check(s3.k_d >= 0 and s3.k_g >= 1, "stage3.k_d/k_g", (s3.k_d, s3.k_g), "k_d>=0, k_g>=1")
         r = self.run
-        _check(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"),
-               "run.device", r.device, "auto|cpu|cuda[:i]")
+        _check(
+            r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"),
+            "run.device",
+            r.device,
+            "auto|cpu|cuda[:i]",
+        )
         _check(r.amp in ("auto", "bf16", "fp16", "off"), "run.amp", r.amp, "auto|bf16|fp16|off")
-        _check(r.channels_last in ("auto", "on", "off"), "run.channels_last", r.channels_last,
-               "auto|on|off")
+        _check(
+            r.channels_last in ("auto", "on", "off"),
+            "run.channels_last",
+            r.channels_last,
+            "auto|on|off",
+        )
         _check(r.gate_every >= 1, "run.gate_every", r.gate_every, ">= 1")
         _check(r.log_every >= 1, "run.log_every", r.log_every, ">= 1")
-        _check(0 <= r.gate_overlap < 1 and 0 <= r.val_overlap < 1, "run.*_overlap",
-               (r.gate_overlap, r.val_overlap), "in [0, 1)")
+        _check(
+            0 <= r.gate_overlap < 1 and 0 <= r.val_overlap < 1,
+            "run.*_overlap",
+            (r.gate_overlap, r.val_overlap),
+            "in [0, 1)",
+        )
         return self
 
     @property
@@ -336,8 +353,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "model": {"base_width": 4, "depth": 3, "adv_width": 4, "adv_depth": 2},
         "stage1": {"steps_per_epoch": 4, "max_epochs": 2, "warmup_steps": 2},
-        "stage2": {"steps_per_epoch": 3, "max_epochs": 2, "heldout_pairs": 4,
-                   "monitor_voe": True},
+        "stage2": {"steps_per_epoch": 3, "max_epochs": 2, "heldout_pairs": 4, "monitor_voe": True},
         "stage3": {"steps_per_epoch": 3, "max_epochs": 2},
         "run": {"name": "smoke", "checkpoint_every": 4, "val_overlap": 0.25, "plots": True},
     },
@@ -354,13 +370,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "degrees": 15.0,
             "scale": (0.85, 1.25),
         },
-        "model": {"base_width": 32, "depth": 5, "adv_width": 32, "adv_depth": 4,
-                  "deep_supervision": True},
+        "model": {
+            "base_width": 32,
+            "depth": 5,
+            "adv_width": 32,
+            "adv_depth": 4,
+            "deep_supervision": True,
+        },
         "stage1": {"lr": 1e-3, "steps_per_epoch": 250, "max_epochs": 40},
         "stage2": {"steps_per_epoch": 100, "max_epochs": 10, "heldout_pairs": 16},
         "stage3": {"lr": 3e-4, "steps_per_epoch": 250, "max_epochs": 40},
-        "run": {"name": "gpu", "checkpoint_every": 500, "gate_cases": 8, "log_every": 10,
-                "infer_batch": 4},
+        "run": {
+            "name": "gpu",
+            "checkpoint_every": 500,
+            "gate_cases": 8,
+            "log_every": 10,
+            "infer_batch": 4,
+        },
     },
 }
 """Overrides of the defaults per preset (``cpu`` is the defaults themselves)."""

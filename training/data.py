@@ -69,9 +69,7 @@ class Dataset:
     val: tuple[str, ...]
 
 
-def prepare_dataset(
-    cfg: Any, *, build: bool = True, progress: bool = True
-) -> Dataset:
+def prepare_dataset(cfg: Any, *, build: bool = True, progress: bool = True) -> Dataset:
     """Generate the phantom dataset if asked, build the cache, split the cases.
 
     With ``cfg.phantom``, phantoms are generated at ``cfg.root`` when nothing is there, and

@@ -91,8 +91,9 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['section']:<28} {'-':>8} {'-':>8} {'-':>7} {'-':>9}  "
-                         f"FAILED: {r['error']}")
+            lines.append(
+                f"{r['section']:<28} {'-':>8} {'-':>8} {'-':>7} {'-':>9}  FAILED: {r['error']}"
+            )
             continue
         lines.append(
             f"{r['section']:<28} {r['batches_per_s']:8.2f} {r['samples_per_s']:8.2f} "
@@ -105,13 +106,26 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m training.gpu_check", description=__doc__)
-    p.add_argument("--seconds", type=float, default=60.0,
-                   help="total timed seconds, split over the sections (default 60)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="total timed seconds, split over the sections (default 60)",
+    )
     p.add_argument("--data", default="data/phantom-gpu-check", help="phantom dataset folder")
-    p.add_argument("--channels-last", action="store_true",
-                   help="also time stage 1 with channels_last_3d (off in the gpu preset)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (see python -m training.run --help)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="also time stage 1 with channels_last_3d (off in the gpu preset)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (see python -m training.run --help)",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure", file=sys.stderr)
@@ -130,10 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"setup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     d = cfg.data
-    print(f"setup (phantoms, cache, models): {time.perf_counter() - t_setup:.1f} s; patch "
-          f"{list(d.patch_size)} x batch {d.batch_size}, U-Net width {cfg.model.base_width} "
-          f"depth {cfg.model.depth}, amp {cfg.run.amp}, loader mode "
-          f"{trainer.loader.mode} with {d.num_workers} workers")
+    print(
+        f"setup (phantoms, cache, models): {time.perf_counter() - t_setup:.1f} s; patch "
+        f"{list(d.patch_size)} x batch {d.batch_size}, U-Net width {cfg.model.base_width} "
+        f"depth {cfg.model.depth}, amp {cfg.run.amp}, loader mode "
+        f"{trainer.loader.mode} with {d.num_workers} workers"
+    )
     n_sections = 2 + int(args.channels_last)
     each = args.seconds / n_sections
     warm = min(15.0, max(3.0, 0.25 * each))

@@ -181,8 +181,11 @@ def plot_overlays(
         _contour(ax, o["label"], "lime")
         _contour(ax, o["pred"], "red")
         m = metrics.get(o["case"], {})
-        ax.set_title(f"{o['case']} z={o['z']}\nVoE {m.get('voe', math.nan):.3f} "
-                     f"Dice {m.get('dice', math.nan):.3f}", fontsize=8)
+        ax.set_title(
+            f"{o['case']} z={o['z']}\nVoE {m.get('voe', math.nan):.3f} "
+            f"Dice {m.get('dice', math.nan):.3f}",
+            fontsize=8,
+        )
     fig.suptitle("validation (green: ground truth, red: segnet)")
     fig.tight_layout()
     fig.savefig(path)
@@ -221,8 +224,9 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     if val:
         lines.append(
             f"validation ({summary.get('val_cases', '?')} cases): "
-            + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in val.items())
+            + "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()
+            )
         )
     frac = summary.get("data_wait_fraction")
     if isinstance(frac, float):

@@ -144,17 +144,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1] if __doc__ else None,
     )
-    p.add_argument("--preset", default="auto", choices=("auto", "smoke", "cpu", "gpu"),
-                   help="base configuration (auto: gpu with CUDA, else cpu)")
+    p.add_argument(
+        "--preset",
+        default="auto",
+        choices=("auto", "smoke", "cpu", "gpu"),
+        help="base configuration (auto: gpu with CUDA, else cpu)",
+    )
     p.add_argument("--config", type=Path, help="TOML file on top of the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override, e.g. stage1.lr=1e-3 or data.patch_size=[64,64,64] "
-                        "(TOML values; repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. stage1.lr=1e-3 or data.patch_size=[64,64,64] "
+        "(TOML values; repeatable)",
+    )
     p.add_argument("--name", help="run name (runs/<name>); same as --set run.name=...")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run from its latest checkpoint (its saved config.toml "
-                        "is the base; --set still applies)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run from its latest checkpoint (its saved config.toml "
+        "is the base; --set still applies)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

@@ -154,10 +154,28 @@ def make_stages(cfg: Config) -> list[Stage]:
     s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
     return [
         Stage("segnet", 1, "train_voe", True, s1.gate, s1.max_epochs, s1.steps_per_epoch, 0, 1),
-        Stage("adversary", 2, "heldout_accuracy", False, s2.gate, s2.max_epochs,
-              s2.steps_per_epoch, 1, 0),
-        Stage("adversarial", 3, "train_voe", True, s3.gate, s3.max_epochs, s3.steps_per_epoch,
-              s3.k_d, s3.k_g),
+        Stage(
+            "adversary",
+            2,
+            "heldout_accuracy",
+            False,
+            s2.gate,
+            s2.max_epochs,
+            s2.steps_per_epoch,
+            1,
+            0,
+        ),
+        Stage(
+            "adversarial",
+            3,
+            "train_voe",
+            True,
+            s3.gate,
+            s3.max_epochs,
+            s3.steps_per_epoch,
+            s3.k_d,
+            s3.k_g,
+        ),
     ]
 
 
@@ -237,7 +255,10 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: Config, *, resume: bool | str | os.PathLike[str] = False,
+        self,
+        cfg: Config,
+        *,
+        resume: bool | str | os.PathLike[str] = False,
         progress: bool | None = None,
     ) -> None:
         self.cfg = cfg.validate()
@@ -280,8 +301,9 @@ class Trainer:
         self.loader = make_loader(
             self.sampler,
             cfg.data,
-            batches_per_epoch=max([s.steps_per_epoch for s in self.stages]
-                                  + [self.heldout_batches]),
+            batches_per_epoch=max(
+                [s.steps_per_epoch for s in self.stages] + [self.heldout_batches]
+            ),
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             device=self.device,
@@ -292,13 +314,21 @@ class Trainer:
         # models, identical on every rank (weights from explicit generators)
         m = cfg.model
         self.segnet = UNet3D(
-            in_channels=1, num_classes=NUM_CLASSES, base_width=m.base_width, depth=m.depth,
-            max_width=m.max_width, dropout=m.dropout, deep_supervision=m.deep_supervision,
+            in_channels=1,
+            num_classes=NUM_CLASSES,
+            base_width=m.base_width,
+            depth=m.depth,
+            max_width=m.max_width,
+            dropout=m.dropout,
+            deep_supervision=m.deep_supervision,
             generator=torch.Generator().manual_seed(r.seed),
         ).to(self.device)
         self.adversary = Discriminator3D(
-            image_channels=1, mask_channels=NUM_CLASSES, base_width=m.adv_width,
-            depth=m.adv_depth, output=m.adv_output,  # type: ignore[arg-type]
+            image_channels=1,
+            mask_channels=NUM_CLASSES,
+            base_width=m.adv_width,
+            depth=m.adv_depth,
+            output=m.adv_output,  # type: ignore[arg-type]
             generator=torch.Generator().manual_seed(r.seed + 1),
         ).to(self.device)
         if self.channels_last:
@@ -311,12 +341,15 @@ class Trainer:
             self.adversary_train = torch.compile(self.adversary_train)  # type: ignore[assignment]
         s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
         self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "segnet1": torch.optim.AdamW(self.segnet.parameters(), lr=s1.lr,
-                                         weight_decay=s1.weight_decay),
-            "adversary": torch.optim.Adam(self.adversary.parameters(), lr=s2.lr,
-                                          betas=(0.5, 0.999)),
-            "segnet3": torch.optim.AdamW(self.segnet.parameters(), lr=s3.lr,
-                                         weight_decay=s3.weight_decay),
+            "segnet1": torch.optim.AdamW(
+                self.segnet.parameters(), lr=s1.lr, weight_decay=s1.weight_decay
+            ),
+            "adversary": torch.optim.Adam(
+                self.adversary.parameters(), lr=s2.lr, betas=(0.5, 0.999)
+            ),
+            "segnet3": torch.optim.AdamW(
+                self.segnet.parameters(), lr=s3.lr, weight_decay=s3.weight_decay
+            ),
         }
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype is torch.float16
@@ -399,13 +432,17 @@ class Trainer:
             )
         else:
             scores = heldout_scores(
-                self.segnet, self.adversary, self.heldout(), num_classes=NUM_CLASSES,
+                self.segnet,
+                self.adversary,
+                self.heldout(),
+                num_classes=NUM_CLASSES,
                 autocast=self.autocast,
             )
             out = {"value": scores["accuracy"], "segnet_voe": scores["segnet_voe"]}
             if self.cfg.stage2.monitor_voe:
                 out["train_voe"] = train_voe(
-                    self.segnet, self.gate_volumes,
+                    self.segnet,
+                    self.gate_volumes,
                     **self._eval_kwargs(self.cfg.run.gate_overlap),
                 )
         return out
@@ -445,8 +482,9 @@ class Trainer:
 
     def _oom(self, stage: Stage, exc: BaseException) -> OutOfMemoryError:
         d = self.cfg.data
-        smaller = [max(p // 2 // 16 * 16, 16) if p == max(d.patch_size) else p
-                   for p in d.patch_size]
+        smaller = [
+            max(p // 2 // 16 * 16, 16) if p == max(d.patch_size) else p for p in d.patch_size
+        ]
         return OutOfMemoryError(
             f"CUDA out of memory in stage {stage.name!r} with data.batch_size={d.batch_size} "
             f"and data.patch_size={list(d.patch_size)} (model.base_width="
@@ -464,9 +502,7 @@ class Trainer:
         return bool(D.all_reduce_sum(float(self._interrupted)))
 
     # ------------------------------------------------------------------ the loop
-    def fit(
-        self, *, stop_after: str | None = None, max_seconds: float | None = None
-    ) -> State:
+    def fit(self, *, stop_after: str | None = None, max_seconds: float | None = None) -> State:
         """Train from the current state to the end of the schedule (or of ``stop_after``).
 
         Args:
@@ -495,8 +531,9 @@ class Trainer:
                     stage_ctx.close()
                     stage_ctx, in_stage = self._stage_context(stage), st.stage
                     if st.stage_step == 0:
-                        self.log.write("stage_start", stage=stage.name, gate=stage.gate,
-                                       step=st.step)
+                        self.log.write(
+                            "stage_start", stage=stage.name, gate=stage.gate, step=st.step
+                        )
                 # end of an epoch: log it, measure the gate when due, maybe end the stage
                 if st.batch == stage.steps_per_epoch:
                     _close(bar)
@@ -565,8 +602,11 @@ class Trainer:
                 st.stage_step += 1
                 every = cfg.run.checkpoint_every
                 ckpt_due = every > 0 and (st.step - upd_seg - upd_adv) // every != st.step // every
-                check = (st.stage_step % cfg.run.log_every == 0 or ckpt_due
-                         or st.batch == stage.steps_per_epoch)
+                check = (
+                    st.stage_step % cfg.run.log_every == 0
+                    or ckpt_due
+                    or st.batch == stage.steps_per_epoch
+                )
                 if check:
                     self._check_losses()  # host-device sync
                 t2 = time.perf_counter()
@@ -614,17 +654,26 @@ class Trainer:
     def _bar(self, stage: Stage) -> Any:
         st = self.state
         return tqdm(
-            total=stage.steps_per_epoch, initial=st.batch, leave=False, dynamic_ncols=True,
-            desc=f"{stage.name} {st.epoch + 1}/{stage.max_epochs}", disable=not self.progress,
+            total=stage.steps_per_epoch,
+            initial=st.batch,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"{stage.name} {st.epoch + 1}/{stage.max_epochs}",
+            disable=not self.progress,
         )
 
     def _update_bar(self, bar: Any) -> None:
         bar.update()
         s = self.state.sums
         if self.progress and s:
-            bar.set_postfix_str(" ".join(
-                f"{k}={s[k] / s['n_' + k]:.3f}" for k in ("loss_seg", "loss_d", "acc_d")
-                if s.get("n_" + k)), refresh=False)
+            bar.set_postfix_str(
+                " ".join(
+                    f"{k}={s[k] / s['n_' + k]:.3f}"
+                    for k in ("loss_seg", "loss_d", "acc_d")
+                    if s.get("n_" + k)
+                ),
+                refresh=False,
+            )
 
     def _end_epoch(self, stage: Stage) -> bool:
         """Log the epoch, measure the gate when due; True when the stage is over."""
@@ -637,21 +686,22 @@ class Trainer:
             reduced = D.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
             means = dict(zip(keys, reduced.tolist(), strict=True))  # type: ignore[union-attr]
         st.sums = {}
-        record: dict[str, Any] = {"stage": stage.name, "epoch": st.epoch, "step": st.step,
-                                  **means}
+        record: dict[str, Any] = {"stage": stage.name, "epoch": st.epoch, "step": st.step, **means}
         capped = st.epoch >= stage.max_epochs
         if st.epoch % cfg.run.gate_every == 0 or capped:
             gate = self.measure_gate(stage)
             st.gate_value = gate["value"]
             reached = stage.reached(st.gate_value)
-            record.update(gate=stage.gate, reached=reached, **{
-                (stage.metric if k == "value" else k): v for k, v in gate.items()})
+            record.update(
+                gate=stage.gate,
+                reached=reached,
+                **{(stage.metric if k == "value" else k): v for k, v in gate.items()},
+            )
             self.log.write("gate", **record)
             if self.progress:
                 tqdm.write(
                     f"[{stage.name}] epoch {st.epoch}/{stage.max_epochs}: "
-                    + " ".join(f"{k}={v:.4f}" for k, v in record.items()
-                               if isinstance(v, float))
+                    + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
                     + f" -> gate {stage.gate}: {'reached' if reached else 'not yet'}"
                 )
             return reached or capped
@@ -674,8 +724,10 @@ class Trainer:
         self.log.write("stage_end", step=st.step, **result)
         if self.progress:
             verdict = "reached" if reached else f"CAPPED at {stage.max_epochs} epochs"
-            tqdm.write(f"[{stage.name}] gate {stage.gate}: {verdict} "
-                       f"(value {st.gate_value:.4f}, {st.epoch} epochs)")
+            tqdm.write(
+                f"[{stage.name}] gate {stage.gate}: {verdict} "
+                f"(value {st.gate_value:.4f}, {st.epoch} epochs)"
+            )
         st.stage += 1
         st.epoch = st.batch = st.stage_step = 0
         st.gate_value = math.nan
@@ -718,8 +770,14 @@ class Trainer:
                 extra={"state": st.as_dict(), "rank_rng": rngs},
             )
             path = save_checkpoint(ckpt, checkpoint_path(self.ckpt_dir, st.step, tag=tag))
-            self.log.write("checkpoint", path=str(path), step=st.step, stage=ckpt["stage"],
-                           epoch=st.epoch, batch=st.batch)
+            self.log.write(
+                "checkpoint",
+                path=str(path),
+                step=st.step,
+                stage=ckpt["stage"],
+                epoch=st.epoch,
+                batch=st.batch,
+            )
             self._prune()
         D.barrier()
         return path
@@ -745,8 +803,14 @@ class Trainer:
         self.state = State(**{k: v for k, v in meta["extra"]["state"].items() if k in fields})
         self.resumed_from = Path(path)
         st = self.state
-        self.log.write("resume", path=str(path), stage=STAGES[min(st.stage, 2)],
-                       epoch=st.epoch, batch=st.batch, step=st.step)
+        self.log.write(
+            "resume",
+            path=str(path),
+            stage=STAGES[min(st.stage, 2)],
+            epoch=st.epoch,
+            batch=st.batch,
+            step=st.step,
+        )
 
     def close(self) -> None:
         """Stop the loader's workers."""

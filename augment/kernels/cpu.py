@@ -145,8 +145,25 @@ def _trilinear_checked(img, base, iz, iy, ix, nz, ny, nx, tz, ty, tx, fill):
 
 
 @njit(**_JIT)
-def _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-         img_linear, z, y, x0, x1):
+def _row(
+    img,
+    lab,
+    m,
+    out_img,
+    out_lab,
+    nc,
+    nl,
+    src_shape,
+    out_shape,
+    cval,
+    lcval,
+    prog,
+    img_linear,
+    z,
+    y,
+    x0,
+    x1,
+):
     """Resample output voxels (z, y, x0:x1) of every channel: the general path (any channel
     count, nearest images, per-voxel intensity program, borders). Arrays are flat, C order.
     """
@@ -229,9 +246,22 @@ def _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcva
                 if far:
                     v = np.float32(cval)
                 else:
-                    v = np.float32(_trilinear_checked(img, c * svol, int(gz), int(gy), int(gx),
-                                                      nz, ny, nx, cz - gz, cy - gy, cx - gx,
-                                                      cval))
+                    v = np.float32(
+                        _trilinear_checked(
+                            img,
+                            c * svol,
+                            int(gz),
+                            int(gy),
+                            int(gx),
+                            nz,
+                            ny,
+                            nx,
+                            cz - gz,
+                            cy - gy,
+                            cx - gx,
+                            cval,
+                        )
+                    )
                 if has_prog:
                     v = np.float32(_run_program(prog, v, c * ovol + o))
                 out_img[c * ovol + o] = v
@@ -256,16 +286,34 @@ TILE = (4, 4, 128)
 # [0, 1/4] in s = (4w)^2, 1.4e-7 absolute. libm's powf/log/cos are scalar calls (about
 # 9 ns a voxel for powf here); these loops vectorise.
 _L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8 = (
-    0.5849624872207642, 0.48089799284935, -0.08014941960573196, 0.01781579665839672,
-    -0.004455188289284706, 0.0011707168305292726, -0.00032321648905053735,
-    0.00011545875895535573, -3.4666783903958276e-05)
+    0.5849624872207642,
+    0.48089799284935,
+    -0.08014941960573196,
+    0.01781579665839672,
+    -0.004455188289284706,
+    0.0011707168305292726,
+    -0.00032321648905053735,
+    0.00011545875895535573,
+    -3.4666783903958276e-05,
+)
 _E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7 = (
-    1.4142135381698608, 0.4901290833950043, 0.08493290096521378, 0.009811831638216972,
-    0.0008501215488649905, 5.892828994547017e-05, 3.4182505714852596e-06,
-    1.6788897028163774e-07)
-_C0, _C1, _C2, _C3, _C4, _C5 = (1.0, -1.2337005138397217, 0.2536693513393402,
-                                -0.020862746983766556, 0.0009177866159006953,
-                                -2.3848328055464663e-05)
+    1.4142135381698608,
+    0.4901290833950043,
+    0.08493290096521378,
+    0.009811831638216972,
+    0.0008501215488649905,
+    5.892828994547017e-05,
+    3.4182505714852596e-06,
+    1.6788897028163774e-07,
+)
+_C0, _C1, _C2, _C3, _C4, _C5 = (
+    1.0,
+    -1.2337005138397217,
+    0.2536693513393402,
+    -0.020862746983766556,
+    0.0009177866159006953,
+    -2.3848328055464663e-05,
+)
 _LN2 = 0.6931471805599453
 
 
@@ -404,15 +452,36 @@ def _tile_inside(m, za, zb, ya, yb, xa, xb, fz, fy, fx):
                 pz = m[0, 0] * cz + m[0, 1] * cy + m[0, 2] * cx + m[0, 3]
                 py = m[1, 0] * cz + m[1, 1] * cy + m[1, 2] * cx + m[1, 3]
                 px = m[2, 0] * cz + m[2, 1] * cy + m[2, 2] * cx + m[2, 3]
-                if not (pz >= eps and py >= eps and px >= eps and pz < fz - 1.0 - eps
-                        and py < fy - 1.0 - eps and px < fx - 1.0 - eps):
+                if not (
+                    pz >= eps
+                    and py >= eps
+                    and px >= eps
+                    and pz < fz - 1.0 - eps
+                    and py < fy - 1.0 - eps
+                    and px < fx - 1.0 - eps
+                ):
                     return False
     return True
 
 
 @njit(**_JIT)
-def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-           img_linear, b, tile):
+def _block(
+    img,
+    lab,
+    m,
+    out_img,
+    out_lab,
+    nc,
+    nl,
+    src_shape,
+    out_shape,
+    cval,
+    lcval,
+    prog,
+    img_linear,
+    b,
+    tile,
+):
     """Resample output tile ``b``. Single-channel trilinear image (+ nearest label) rows run
     an inline loop: as a call per row the same loop ran about 1.5x slower."""
     od, oh, ow = out_shape
@@ -426,8 +495,25 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
     if not (nc == 1 and nl <= 1 and img_linear):
         for z in range(z0, min(z0 + tz, od)):
             for y in range(y0, min(y0 + ty, oh)):
-                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     prog, img_linear, z, y, x0, x1)
+                _row(
+                    img,
+                    lab,
+                    m,
+                    out_img,
+                    out_lab,
+                    nc,
+                    nl,
+                    src_shape,
+                    out_shape,
+                    cval,
+                    lcval,
+                    prog,
+                    img_linear,
+                    z,
+                    y,
+                    x0,
+                    x1,
+                )
         return
     nz, ny, nx = src_shape
     sy = nx
@@ -460,15 +546,66 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                 lo = max(lo0, max(lo1, lo2))
                 hi = min(hi0, min(hi1, hi2))
             if hi < lo:
-                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     row_prog, img_linear, z, y, x0, x1)
+                _row(
+                    img,
+                    lab,
+                    m,
+                    out_img,
+                    out_lab,
+                    nc,
+                    nl,
+                    src_shape,
+                    out_shape,
+                    cval,
+                    lcval,
+                    row_prog,
+                    img_linear,
+                    z,
+                    y,
+                    x0,
+                    x1,
+                )
                 continue
             if lo > x0:
-                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     row_prog, img_linear, z, y, x0, lo)
+                _row(
+                    img,
+                    lab,
+                    m,
+                    out_img,
+                    out_lab,
+                    nc,
+                    nl,
+                    src_shape,
+                    out_shape,
+                    cval,
+                    lcval,
+                    row_prog,
+                    img_linear,
+                    z,
+                    y,
+                    x0,
+                    lo,
+                )
             if hi + 1 < x1:
-                _row(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval,
-                     row_prog, img_linear, z, y, hi + 1, x1)
+                _row(
+                    img,
+                    lab,
+                    m,
+                    out_img,
+                    out_lab,
+                    nc,
+                    nl,
+                    src_shape,
+                    out_shape,
+                    cval,
+                    lcval,
+                    row_prog,
+                    img_linear,
+                    z,
+                    y,
+                    hi + 1,
+                    x1,
+                )
             row = (z * oh + y) * ow
             # Inside the interior span every index is non-negative: unsigned indices spare
             # numba's negative-index wraparound on the 9 loads and 2 stores (1.2x on W1).
@@ -485,12 +622,17 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                     tx = cx - ix
                     q = np.uint64(iz * sz + iy * sy + ix)
                     # nearest from the same base: floor(c + 0.5) == floor(c) + (frac >= 0.5)
-                    r = (q + (usz if tz >= 0.5 else u0) + (usy if ty >= 0.5 else u0)
-                         + (u1 if tx >= 0.5 else u0))
+                    r = (
+                        q
+                        + (usz if tz >= 0.5 else u0)
+                        + (usy if ty >= 0.5 else u0)
+                        + (u1 if tx >= 0.5 else u0)
+                    )
                     o = np.uint64(row + x)
                     out_lab[o] = lab[r]
-                    out_img[o] = _trilinear(img, q, usy, usz, np.float32(tz), np.float32(ty),
-                                            np.float32(tx), u1)
+                    out_img[o] = _trilinear(
+                        img, q, usy, usz, np.float32(tz), np.float32(ty), np.float32(tx), u1
+                    )
             else:
                 for x in range(lo, hi + 1):
                     cz = bz + dz * x
@@ -499,10 +641,16 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
                     iz = int(cz)
                     iy = int(cy)
                     ix = int(cx)
-                    out_img[np.uint64(row + x)] = _trilinear(img, np.uint64(iz * sz + iy * sy + ix),
-                                                             usy, usz,
-                                                  np.float32(cz - iz), np.float32(cy - iy),
-                                                  np.float32(cx - ix), u1)
+                    out_img[np.uint64(row + x)] = _trilinear(
+                        img,
+                        np.uint64(iz * sz + iy * sy + ix),
+                        usy,
+                        usz,
+                        np.float32(cz - iz),
+                        np.float32(cy - iy),
+                        np.float32(cx - ix),
+                        u1,
+                    )
     if has_prog:
         # rows (z, y0..y1) of a full-width tile are one contiguous span
         full = x0 == 0 and x1 == ow
@@ -512,8 +660,7 @@ def _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lc
         si = np.empty(n, np.int32)
         for z in range(z0, z1):
             if full:
-                _program_span(out_img, prog, (z * oh + y0) * ow, (z * oh + y1) * ow, 0, sf, se,
-                              si)
+                _program_span(out_img, prog, (z * oh + y0) * ow, (z * oh + y1) * ow, 0, sf, se, si)
             else:
                 for y in range(y0, y1):
                     row = (z * oh + y) * ow
@@ -528,8 +675,22 @@ def n_blocks(out_shape, tile):
 
 
 @njit(parallel=True, **_JIT)
-def warp(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-         img_linear, tile=TILE):
+def warp(
+    img,
+    lab,
+    m,
+    out_img,
+    out_lab,
+    nc,
+    nl,
+    src_shape,
+    out_shape,
+    cval,
+    lcval,
+    prog,
+    img_linear,
+    tile=TILE,
+):
     """Resample ``img`` into ``out_img`` and ``lab`` into ``out_lab`` in one pass.
 
     Args:
@@ -543,17 +704,61 @@ def warp(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcva
         img_linear: trilinear image if True, else nearest.
     """
     for b in prange(n_blocks(out_shape, tile)):
-        _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-               img_linear, b, tile)
+        _block(
+            img,
+            lab,
+            m,
+            out_img,
+            out_lab,
+            nc,
+            nl,
+            src_shape,
+            out_shape,
+            cval,
+            lcval,
+            prog,
+            img_linear,
+            b,
+            tile,
+        )
 
 
 @njit(**_JIT)
-def warp_serial(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-                img_linear, tile=TILE):
+def warp_serial(
+    img,
+    lab,
+    m,
+    out_img,
+    out_lab,
+    nc,
+    nl,
+    src_shape,
+    out_shape,
+    cval,
+    lcval,
+    prog,
+    img_linear,
+    tile=TILE,
+):
     """:func:`warp` on the calling thread (worker processes, nested parallelism)."""
     for b in range(n_blocks(out_shape, tile)):
-        _block(img, lab, m, out_img, out_lab, nc, nl, src_shape, out_shape, cval, lcval, prog,
-               img_linear, b, tile)
+        _block(
+            img,
+            lab,
+            m,
+            out_img,
+            out_lab,
+            nc,
+            nl,
+            src_shape,
+            out_shape,
+            cval,
+            lcval,
+            prog,
+            img_linear,
+            b,
+            tile,
+        )
 
 
 _CHUNK = 4096

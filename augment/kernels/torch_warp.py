@@ -116,8 +116,7 @@ def noise(seed: torch.Tensor | int, flat_index: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)
 
 
-def pad_programs(programs: Sequence[NDArray[np.float64]], length: int = 0
-                 ) -> NDArray[np.float64]:
+def pad_programs(programs: Sequence[NDArray[np.float64]], length: int = 0) -> NDArray[np.float64]:
     """Stack per-sample programs ``(n_b, 4)`` into ``(B, max(max n_b, length), 4)``,
     padding with the identity ``AFFINE(1, 0)`` (exact in every backend)."""
     n = max(max((len(p) for p in programs), default=0), length)
@@ -231,8 +230,7 @@ def _bview(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, 1, 1, 1)
 
 
-def _nearest(src: Packed, grid: _Grid, fill: float | int, out_dtype: torch.dtype
-             ) -> torch.Tensor:
+def _nearest(src: Packed, grid: _Grid, fill: float | int, out_dtype: torch.dtype) -> torch.Tensor:
     """Nearest-neighbour samples ``(b, C, d, h, w)`` of ``src`` at ``grid``."""
     r = [torch.floor(c + 0.5).to(torch.int64) for c in grid.coords]
     nz, ny, nx = (_bview(grid.sizes[:, k]) for k in range(3))
@@ -247,8 +245,9 @@ def _nearest(src: Packed, grid: _Grid, fill: float | int, out_dtype: torch.dtype
     return torch.stack(chans, dim=1)
 
 
-def _trilinear_taps(grid: _Grid) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor,
-                                                                            torch.Tensor]]]:
+def _trilinear_taps(
+    grid: _Grid,
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Weights (float32) and, per tap in the kernel's order, (flat index, inside mask)."""
     g = [torch.floor(c) for c in grid.coords]
     w = [(c - f).to(torch.float32) for c, f in zip(grid.coords, g, strict=True)]
@@ -287,8 +286,10 @@ def _trilinear(src: Packed, grid: _Grid, cval: float) -> torch.Tensor:
     fill = torch.tensor(cval, dtype=torch.float32, device=src.flat.device)
     chans = []
     for c in range(src.channels):
-        a = [torch.where(valid, src.flat.take(idx + c * svol).to(torch.float32), fill)
-             for idx, valid in taps]
+        a = [
+            torch.where(valid, src.flat.take(idx + c * svol).to(torch.float32), fill)
+            for idx, valid in taps
+        ]
         chans.append(_lerp8(a, w))
     return torch.stack(chans, dim=1)
 
@@ -300,9 +301,14 @@ def _onehot_linear(src: Packed, grid: _Grid, fill: int, classes: torch.Tensor) -
     svol = _bview(grid.sizes.prod(dim=1))
     chans = []
     for c in range(src.channels):
-        vals = [torch.where(valid, src.flat.take(idx + c * svol).to(torch.int64),
-                            torch.full((), fill, dtype=torch.int64, device=idx.device))
-                for idx, valid in taps]
+        vals = [
+            torch.where(
+                valid,
+                src.flat.take(idx + c * svol).to(torch.int64),
+                torch.full((), fill, dtype=torch.int64, device=idx.device),
+            )
+            for idx, valid in taps
+        ]
         best = torch.full(vals[0].shape, -1.0, dtype=torch.float32, device=vals[0].device)
         arg = torch.zeros(vals[0].shape, dtype=torch.int64, device=vals[0].device)
         for k in range(int(classes.numel())):
@@ -360,17 +366,24 @@ def warp_batch(
     img = pack(images) if images is not None else None
     lab = pack(labels) if labels is not None else None
     dev = (img or lab).flat.device  # type: ignore[union-attr]
-    m_all = torch.as_tensor(mx.to_3x4(np.asarray(
-        matrices.detach().cpu() if isinstance(matrices, torch.Tensor) else matrices,
-        dtype=np.float64)), device=dev)
+    m_all = torch.as_tensor(
+        mx.to_3x4(
+            np.asarray(
+                matrices.detach().cpu() if isinstance(matrices, torch.Tensor) else matrices,
+                dtype=np.float64,
+            )
+        ),
+        device=dev,
+    )
     batch = (img or lab).batch  # type: ignore[union-attr]
     if m_all.shape != (batch, 3, 4):
         raise ValueError(f"expected ({batch}, 3, 4) matrices, got {tuple(m_all.shape)}")
     prog = as_programs(programs, batch)
     sizes_np = (img or lab).shapes  # type: ignore[union-attr]
     if img is not None and lab is not None and not np.array_equal(img.shapes, lab.shapes):
-        raise ValueError(f"image and label shapes differ: {img.shapes.tolist()} vs "
-                         f"{lab.shapes.tolist()}")
+        raise ValueError(
+            f"image and label shapes differ: {img.shapes.tolist()} vs {lab.shapes.tolist()}"
+        )
     sizes = torch.from_numpy(sizes_np.copy()).to(dev)
     if lab is not None and label_mode == "linear_onehot" and classes is None:
         classes = label_classes(lab, int(label_cval))
@@ -394,18 +407,26 @@ def warp_batch(
             grid = _Grid(coords, sizes[sl], lab.offsets[sl])
             if label_mode == "linear_onehot":
                 assert classes is not None
-                out_lab.append(_onehot_linear(lab, grid, int(label_cval),
-                                              classes.to(dev)).to(lab.flat.dtype))
+                out_lab.append(
+                    _onehot_linear(lab, grid, int(label_cval), classes.to(dev)).to(lab.flat.dtype)
+                )
             else:
                 lval = torch.tensor(label_cval).to(lab.flat.dtype).item()
                 out_lab.append(_nearest(lab, grid, lval, lab.flat.dtype))
-    return (torch.cat(out_img) if img is not None else None,
-            torch.cat(out_lab) if lab is not None else None)
+    return (
+        torch.cat(out_img) if img is not None else None,
+        torch.cat(out_lab) if lab is not None else None,
+    )
 
 
 # -- exact index maps -----------------------------------------------------------------------
-def exact_copy(src: torch.Tensor, em: mx.ExactMap, out_shape: tuple[int, int, int],
-               fill: float | int, out: torch.Tensor) -> torch.Tensor:
+def exact_copy(
+    src: torch.Tensor,
+    em: mx.ExactMap,
+    out_shape: tuple[int, int, int],
+    fill: float | int,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """Exact index copy of ``src`` under the signed permutation ``em`` into ``out``
     (converting to ``out``'s dtype), as ``augment.warp.exact_copy`` does for numpy.
 

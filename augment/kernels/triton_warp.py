@@ -53,8 +53,13 @@ META_PROG = META_FIXED + 12
 # more voxels: for sm_90, 16x32/4 warps is about 143 instructions per voxel (92
 # registers), 32x32/4 about 107 (146 registers, fewer resident warps).
 Config = tuple[int, int, int, int]
-CONFIGS: tuple[Config, ...] = ((16, 32, 4, 0), (32, 32, 4, 0), (8, 32, 4, 0), (32, 32, 8, 0),
-                               (8, 64, 4, 1))
+CONFIGS: tuple[Config, ...] = (
+    (16, 32, 4, 0),
+    (32, 32, 4, 0),
+    (8, 32, 4, 0),
+    (32, 32, 8, 0),
+    (8, 64, 4, 1),
+)
 TUNE_MIN_VOXELS = 1 << 21
 # Programs are padded (identity ops) to a multiple of this, so the few lengths random
 # intensity pipelines produce share compiled kernels.
@@ -140,8 +145,30 @@ def _ltap(p, m, fill, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _label(lab_c, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7, nx, sz, wz, wy, wx,
-           cls_ptr, LAB_ONEHOT: tl.constexpr, N_CLS: tl.constexpr, MASKED: tl.constexpr):
+def _label(
+    lab_c,
+    inside,
+    lcval,
+    r,
+    q,
+    m0,
+    m1,
+    m2,
+    m3,
+    m4,
+    m5,
+    m6,
+    m7,
+    nx,
+    sz,
+    wz,
+    wy,
+    wx,
+    cls_ptr,
+    LAB_ONEHOT: tl.constexpr,
+    N_CLS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One label channel: nearest, or the first class of highest trilinear indicator."""
     if LAB_ONEHOT:
         pq = lab_c + q
@@ -157,10 +184,19 @@ def _label(lab_c, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7, nx, sz, w
         lv = tl.full(wx.shape, 0, tl.int64)
         for k in tl.static_range(N_CLS):
             ck = tl.load(cls_ptr + k)
-            w = _lerp8((l0 == ck).to(tl.float32), (l1 == ck).to(tl.float32),
-                       (l2 == ck).to(tl.float32), (l3 == ck).to(tl.float32),
-                       (l4 == ck).to(tl.float32), (l5 == ck).to(tl.float32),
-                       (l6 == ck).to(tl.float32), (l7 == ck).to(tl.float32), wz, wy, wx)
+            w = _lerp8(
+                (l0 == ck).to(tl.float32),
+                (l1 == ck).to(tl.float32),
+                (l2 == ck).to(tl.float32),
+                (l3 == ck).to(tl.float32),
+                (l4 == ck).to(tl.float32),
+                (l5 == ck).to(tl.float32),
+                (l6 == ck).to(tl.float32),
+                (l7 == ck).to(tl.float32),
+                wz,
+                wy,
+                wx,
+            )
             better = w > best
             best = tl.where(better, w, best)
             lv = tl.where(better, ck, lv)
@@ -173,11 +209,33 @@ def _label(lab_c, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7, nx, sz, w
 
 
 @triton.jit
-def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
-          out_off, store_mask, ovol, cval, lcval,
-          NC: tl.constexpr, NL: tl.constexpr, N_OPS: tl.constexpr, LINEAR: tl.constexpr,
-          LAB_ONEHOT: tl.constexpr, N_CLS: tl.constexpr, MASKED: tl.constexpr,
-          EVEN: tl.constexpr):
+def _tile(
+    img_b,
+    lab_b,
+    oimg_b,
+    olab_b,
+    meta_b,
+    cls_ptr,
+    vz,
+    vy,
+    vx,
+    nz,
+    ny,
+    nx,
+    out_off,
+    store_mask,
+    ovol,
+    cval,
+    lcval,
+    NC: tl.constexpr,
+    NL: tl.constexpr,
+    N_OPS: tl.constexpr,
+    LINEAR: tl.constexpr,
+    LAB_ONEHOT: tl.constexpr,
+    N_CLS: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN: tl.constexpr,
+):
     """Resample one tile given its 32.32 fixed-point source coordinates ``vz, vy, vx``."""
     svol = nz * ny * nx
     sz = ny * nx
@@ -231,20 +289,47 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
     # the first label channel is loaded before any store: the compiler cannot move a load
     # past a store that might alias it, and this keeps all taps of a voxel in flight at once
     if NL > 0:
-        lab0 = _label(lab_b, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7, nx, sz,
-                      wz, wy, wx, cls_ptr, LAB_ONEHOT, N_CLS, MASKED)
+        lab0 = _label(
+            lab_b,
+            inside,
+            lcval,
+            r,
+            q,
+            m0,
+            m1,
+            m2,
+            m3,
+            m4,
+            m5,
+            m6,
+            m7,
+            nx,
+            sz,
+            wz,
+            wy,
+            wx,
+            cls_ptr,
+            LAB_ONEHOT,
+            N_CLS,
+            MASKED,
+        )
     for c in tl.static_range(NC):
         p = img_b + c * svol
         if LINEAR:
             pq = p + q
-            v = _lerp8(_tap(pq, m0, cval, MASKED),
-                       _tap(pq + 1, m1, cval, MASKED),
-                       _tap(pq + nx, m2, cval, MASKED),
-                       _tap(pq + nx + 1, m3, cval, MASKED),
-                       _tap(pq + sz, m4, cval, MASKED),
-                       _tap(pq + sz + 1, m5, cval, MASKED),
-                       _tap(pq + sz + nx, m6, cval, MASKED),
-                       _tap(pq + sz + nx + 1, m7, cval, MASKED), wz, wy, wx)
+            v = _lerp8(
+                _tap(pq, m0, cval, MASKED),
+                _tap(pq + 1, m1, cval, MASKED),
+                _tap(pq + nx, m2, cval, MASKED),
+                _tap(pq + nx + 1, m3, cval, MASKED),
+                _tap(pq + sz, m4, cval, MASKED),
+                _tap(pq + sz + 1, m5, cval, MASKED),
+                _tap(pq + sz + nx, m6, cval, MASKED),
+                _tap(pq + sz + nx + 1, m7, cval, MASKED),
+                wz,
+                wy,
+                wx,
+            )
         else:
             v = _tap(p + r, inside, cval, MASKED)
         if N_OPS > 0:
@@ -258,8 +343,30 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
         if c == 0:
             lv = lab0
         else:
-            lv = _label(lab_b + c * svol, inside, lcval, r, q, m0, m1, m2, m3, m4, m5, m6, m7,
-                        nx, sz, wz, wy, wx, cls_ptr, LAB_ONEHOT, N_CLS, MASKED)
+            lv = _label(
+                lab_b + c * svol,
+                inside,
+                lcval,
+                r,
+                q,
+                m0,
+                m1,
+                m2,
+                m3,
+                m4,
+                m5,
+                m6,
+                m7,
+                nx,
+                sz,
+                wz,
+                wy,
+                wx,
+                cls_ptr,
+                LAB_ONEHOT,
+                N_CLS,
+                MASKED,
+            )
         dst = olab_b + c * ovol + out_off
         if EVEN:
             tl.store(dst, lv.to(olab_b.dtype.element_ty))
@@ -271,11 +378,33 @@ def _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
 # stores and lays lanes out 2-4 voxels apart along x, which spreads each gather over more
 # cache lines. ``VEC`` brings the specialised width back (``ow_s``) for the tuner to try.
 @triton.jit(do_not_specialize=["od", "oh", "ow", "tiles_y", "tiles_x"])
-def warp_kernel(img_ptr, lab_ptr, out_img_ptr, out_lab_ptr, meta_ptr, cls_ptr,
-                od, oh, ow, ow_s, tiles_y, tiles_x, meta_stride, cval, lcval,
-                NC: tl.constexpr, NL: tl.constexpr, N_OPS: tl.constexpr,
-                LINEAR: tl.constexpr, LAB_ONEHOT: tl.constexpr, N_CLS: tl.constexpr,
-                TY: tl.constexpr, TX: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr):
+def warp_kernel(
+    img_ptr,
+    lab_ptr,
+    out_img_ptr,
+    out_lab_ptr,
+    meta_ptr,
+    cls_ptr,
+    od,
+    oh,
+    ow,
+    ow_s,
+    tiles_y,
+    tiles_x,
+    meta_stride,
+    cval,
+    lcval,
+    NC: tl.constexpr,
+    NL: tl.constexpr,
+    N_OPS: tl.constexpr,
+    LINEAR: tl.constexpr,
+    LAB_ONEHOT: tl.constexpr,
+    N_CLS: tl.constexpr,
+    TY: tl.constexpr,
+    TX: tl.constexpr,
+    EVEN: tl.constexpr,
+    VEC: tl.constexpr,
+):
     """Resample tile ``program_id(0)`` of sample ``program_id(1)``.
 
     ``meta`` row of a sample (int64): image and label element offsets relative to
@@ -332,9 +461,14 @@ def warp_kernel(img_ptr, lab_ptr, out_img_ptr, out_lab_ptr, meta_ptr, cls_ptr,
     hi_y = by + tl.maximum(my1 * ey, 0) + tl.maximum(my2 * ex, 0)
     lo_x = bx + tl.minimum(mx1 * ey, 0) + tl.minimum(mx2 * ex, 0)
     hi_x = bx + tl.maximum(mx1 * ey, 0) + tl.maximum(mx2 * ex, 0)
-    interior = ((lo_z >= 0) & (hi_z < ((nz - 1).to(tl.int64) << 32))
-                & (lo_y >= 0) & (hi_y < ((ny - 1).to(tl.int64) << 32))
-                & (lo_x >= 0) & (hi_x < ((nx - 1).to(tl.int64) << 32)))
+    interior = (
+        (lo_z >= 0)
+        & (hi_z < ((nz - 1).to(tl.int64) << 32))
+        & (lo_y >= 0)
+        & (hi_y < ((ny - 1).to(tl.int64) << 32))
+        & (lo_x >= 0)
+        & (hi_x < ((nx - 1).to(tl.int64) << 32))
+    )
 
     if VEC:
         width = ow_s
@@ -348,18 +482,67 @@ def warp_kernel(img_ptr, lab_ptr, out_img_ptr, out_lab_ptr, meta_ptr, cls_ptr,
     oimg_b = out_img_ptr + b.to(tl.int64) * (NC * ovol)
     olab_b = out_lab_ptr + b.to(tl.int64) * (NL * ovol)
     if interior:
-        _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
-              out_off, store_mask, ovol, cval, lcval, NC, NL, N_OPS, LINEAR,
-              LAB_ONEHOT, N_CLS, False, EVEN)
+        _tile(
+            img_b,
+            lab_b,
+            oimg_b,
+            olab_b,
+            meta_b,
+            cls_ptr,
+            vz,
+            vy,
+            vx,
+            nz,
+            ny,
+            nx,
+            out_off,
+            store_mask,
+            ovol,
+            cval,
+            lcval,
+            NC,
+            NL,
+            N_OPS,
+            LINEAR,
+            LAB_ONEHOT,
+            N_CLS,
+            False,
+            EVEN,
+        )
     else:
-        _tile(img_b, lab_b, oimg_b, olab_b, meta_b, cls_ptr, vz, vy, vx, nz, ny, nx,
-              out_off, store_mask, ovol, cval, lcval, NC, NL, N_OPS, LINEAR,
-              LAB_ONEHOT, N_CLS, True, EVEN)
+        _tile(
+            img_b,
+            lab_b,
+            oimg_b,
+            olab_b,
+            meta_b,
+            cls_ptr,
+            vz,
+            vy,
+            vx,
+            nz,
+            ny,
+            nx,
+            out_off,
+            store_mask,
+            ovol,
+            cval,
+            lcval,
+            NC,
+            NL,
+            N_OPS,
+            LINEAR,
+            LAB_ONEHOT,
+            N_CLS,
+            True,
+            EVEN,
+        )
 
 
 # -- host side ------------------------------------------------------------------------------
-def _sources(src: Any) -> tuple[torch.Tensor, NDArray[np.int64], NDArray[np.int64], int,
-                                list[torch.Tensor]]:
+def _sources(
+    src: Any,
+) -> tuple[torch.Tensor, NDArray[np.int64], NDArray[np.int64], int, list[torch.Tensor]]:
     """Reference tensor, per-sample element offsets relative to it, shapes ``(B, 3)``,
     channels, and the tensors to keep alive until the launch is queued."""
     if isinstance(src, torch.Tensor):
@@ -390,9 +573,13 @@ def fixed_point(matrices: NDArray[np.float64]) -> NDArray[np.int64]:
     return np.rint(m * FIX_ONE).astype(np.int64)
 
 
-def build_meta(img_offsets: NDArray[np.int64], lab_offsets: NDArray[np.int64],
-               shapes: NDArray[np.int64], matrices: NDArray[np.float64],
-               programs: NDArray[np.float64]) -> NDArray[np.int64]:
+def build_meta(
+    img_offsets: NDArray[np.int64],
+    lab_offsets: NDArray[np.int64],
+    shapes: NDArray[np.int64],
+    matrices: NDArray[np.float64],
+    programs: NDArray[np.float64],
+) -> NDArray[np.int64]:
     """The per-sample int64 table the kernel reads (see :func:`warp_kernel`).
 
     Shape:
@@ -441,20 +628,45 @@ def env_config() -> Config | None:
     return as_config([int(v) for v in raw.split(",")])
 
 
-def launch(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, int, int],
-           batch: int, consts: dict[str, Any], config: Config) -> None:
+def launch(
+    args: tuple[Any, ...],
+    tail: tuple[Any, ...],
+    out_shape: tuple[int, int, int],
+    batch: int,
+    consts: dict[str, Any],
+    config: Config,
+) -> None:
     """Queue one :func:`warp_kernel` launch over the whole batch."""
     ty, tx, nw, vec = config
     od, oh, ow = out_shape
     tiles_y, tiles_x = -(-oh // ty), -(-ow // tx)
     grid = (od * tiles_y * tiles_x, batch)
-    warp_kernel[grid](*args, od, oh, ow, ow, tiles_y, tiles_x, *tail, TY=ty, TX=tx,
-                      EVEN=(oh % ty == 0 and ow % tx == 0), VEC=bool(vec), num_warps=nw,
-                      **consts)
+    warp_kernel[grid](
+        *args,
+        od,
+        oh,
+        ow,
+        ow,
+        tiles_y,
+        tiles_x,
+        *tail,
+        TY=ty,
+        TX=tx,
+        EVEN=(oh % ty == 0 and ow % tx == 0),
+        VEC=bool(vec),
+        num_warps=nw,
+        **consts,
+    )
 
 
-def _tune(args: tuple[Any, ...], tail: tuple[Any, ...], out_shape: tuple[int, int, int],
-          batch: int, consts: dict[str, Any], key: tuple[Any, ...]) -> Config:
+def _tune(
+    args: tuple[Any, ...],
+    tail: tuple[Any, ...],
+    out_shape: tuple[int, int, int],
+    batch: int,
+    consts: dict[str, Any],
+    key: tuple[Any, ...],
+) -> Config:
     """The fastest of :data:`CONFIGS` on this launch (CUDA events, best of 3 after one)."""
     best, best_t = CONFIGS[0], float("inf")
     for cfg in CONFIGS:
@@ -534,8 +746,9 @@ def prepare(
         lab, loff, lshapes, nl, kept = _sources(labels)
         keep += kept
         if img is not None and (shapes.shape != lshapes.shape or (shapes != lshapes).any()):
-            raise ValueError(f"image and label shapes differ: {shapes.tolist()} vs "
-                             f"{lshapes.tolist()}")
+            raise ValueError(
+                f"image and label shapes differ: {shapes.tolist()} vs {lshapes.tolist()}"
+            )
         shapes = lshapes
     ref = img if img is not None else lab
     assert ref is not None
@@ -545,8 +758,12 @@ def prepare(
         ioff = np.zeros(batch, np.int64)
     if lab is None:
         loff = np.zeros(batch, np.int64)
-    m = mx.to_3x4(np.asarray(matrices.detach().cpu() if isinstance(matrices, torch.Tensor)
-                             else matrices, dtype=np.float64))
+    m = mx.to_3x4(
+        np.asarray(
+            matrices.detach().cpu() if isinstance(matrices, torch.Tensor) else matrices,
+            dtype=np.float64,
+        )
+    )
     if m.shape != (batch, 3, 4):
         raise ValueError(f"expected ({batch}, 3, 4) matrices, got {m.shape}")
     prog = as_programs(programs, batch) if img is not None else np.zeros((batch, 0, 4))
@@ -559,10 +776,16 @@ def prepare(
         raise ValueError("one sample's source or output exceeds 2**31 elements")
 
     meta = to_device(build_meta(ioff, loff, shapes, m, prog), device)
-    out_img = (torch.empty((batch, nc, od, oh, ow), dtype=out_dtype, device=device)
-               if img is not None else None)
-    out_lab = (torch.empty((batch, nl, od, oh, ow), dtype=lab.dtype, device=device)
-               if lab is not None else None)
+    out_img = (
+        torch.empty((batch, nc, od, oh, ow), dtype=out_dtype, device=device)
+        if img is not None
+        else None
+    )
+    out_lab = (
+        torch.empty((batch, nl, od, oh, ow), dtype=lab.dtype, device=device)
+        if lab is not None
+        else None
+    )
     onehot = lab is not None and label_mode == "linear_onehot"
     if onehot and classes is None:
         classes = label_classes(pack(labels), int(label_cval))  # type: ignore[arg-type]
@@ -571,19 +794,37 @@ def prepare(
         assert classes is not None
         cls = classes.to(device=device, dtype=torch.int64).contiguous()
     dummy = out_img if out_img is not None else out_lab
-    args = (img if img is not None else dummy, lab if lab is not None else dummy,
-            dummy if out_img is None else out_img, dummy if out_lab is None else out_lab,
-            meta, cls)
+    args = (
+        img if img is not None else dummy,
+        lab if lab is not None else dummy,
+        dummy if out_img is None else out_img,
+        dummy if out_lab is None else out_lab,
+        meta,
+        cls,
+    )
     tail = (int(meta.shape[1]), float(cval), int(label_cval))
-    consts = {"NC": nc, "NL": nl, "N_OPS": int(prog.shape[1]), "LINEAR": image_order == 1,
-              "LAB_ONEHOT": onehot, "N_CLS": int(cls.numel()) if onehot else 0}
+    consts = {
+        "NC": nc,
+        "NL": nl,
+        "N_OPS": int(prog.shape[1]),
+        "LINEAR": image_order == 1,
+        "LAB_ONEHOT": onehot,
+        "N_CLS": int(cls.numel()) if onehot else 0,
+    }
 
     cfg = as_config(config) if config is not None else env_config()
     if cfg is None:
         # the program length and class count hardly change the best tile: not in the key
         shape_consts = {k: v for k, v in consts.items() if k not in ("N_OPS", "N_CLS")}
-        key = (str(device), str(ref.dtype), str(None if lab is None else lab.dtype),
-               str(out_dtype), tuple(sorted(shape_consts.items())), (od, oh, ow), batch)
+        key = (
+            str(device),
+            str(ref.dtype),
+            str(None if lab is None else lab.dtype),
+            str(out_dtype),
+            tuple(sorted(shape_consts.items())),
+            (od, oh, ow),
+            batch,
+        )
         cfg = _TUNED.get(key)
         if cfg is None:
             if tune and device.type == "cuda" and batch * ovol >= TUNE_MIN_VOXELS:
@@ -629,6 +870,18 @@ def warp_batch(
         ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype``, ``(B, L, d, h, w)`` in the
         label dtype; None where the input was None.
     """
-    return prepare(images, labels, matrices, out_shape, image_order=image_order, cval=cval,
-                   label_cval=label_cval, programs=programs, out_dtype=out_dtype,
-                   label_mode=label_mode, classes=classes, config=config, tune=tune)()
+    return prepare(
+        images,
+        labels,
+        matrices,
+        out_shape,
+        image_order=image_order,
+        cval=cval,
+        label_cval=label_cval,
+        programs=programs,
+        out_dtype=out_dtype,
+        label_mode=label_mode,
+        classes=classes,
+        config=config,
+        tune=tune,
+    )()

@@ -57,8 +57,9 @@ def test_sequential_warps_approximate_fused_warp():
     zz, yy, xx = np.meshgrid(*[np.linspace(0, 1, n) for n in (40, 44, 48)], indexing="ij")
     img = np.sin(3 * zz) + np.cos(4 * yy) * xx
     img = img.astype(np.float32)
-    aug = augment.Compose([augment.RandomCrop(30), augment.RandomAffine(10, (0.9, 1.1)),
-                           augment.RandomFlip(p=0.5)])
+    aug = augment.Compose(
+        [augment.RandomCrop(30), augment.RandomAffine(10, (0.9, 1.1)), augment.RandomFlip(p=0.5)]
+    )
     out = aug(image=img, rng=rng)
     x, shape = img, img.shape
     for t, tp in zip(aug.spatial, out["params"].spatial, strict=True):
@@ -72,9 +73,16 @@ def test_sequential_warps_approximate_fused_warp():
 def test_replay_and_seed_determinism():
     rng = np.random.default_rng(2)
     img, lab = volume(rng)
-    aug = augment.Compose([*SPATIAL[:3], augment.Window(-150, 150), augment.RandomGamma(p=1.0),
-                           augment.RandomNoise(std=(0.01, 0.05), p=1.0),
-                           augment.RandomContrast(p=1.0), augment.RandomBrightness(p=1.0)])
+    aug = augment.Compose(
+        [
+            *SPATIAL[:3],
+            augment.Window(-150, 150),
+            augment.RandomGamma(p=1.0),
+            augment.RandomNoise(std=(0.01, 0.05), p=1.0),
+            augment.RandomContrast(p=1.0),
+            augment.RandomBrightness(p=1.0),
+        ]
+    )
     a = aug(image=img, label=lab, rng=np.random.default_rng(42))
     b = aug(image=img, label=lab, rng=np.random.default_rng(42))
     c = aug(image=img, label=lab, params=a["params"])
@@ -87,17 +95,22 @@ def test_replay_and_seed_determinism():
 def test_fused_intensity_matches_reference_order():
     rng = np.random.default_rng(3)
     img, lab = volume(rng)
-    intens = [augment.Window(-150, 150), augment.RandomGamma((0.5, 2.0), p=1.0),
-              augment.RandomNoise(std=(0.02, 0.02), p=1.0),
-              augment.RandomBrightness((0.9, 1.1), p=1.0),
-              augment.RandomContrast((0.7, 1.3), p=1.0)]  # contrast about the patch mean: after
+    intens = [
+        augment.Window(-150, 150),
+        augment.RandomGamma((0.5, 2.0), p=1.0),
+        augment.RandomNoise(std=(0.02, 0.02), p=1.0),
+        augment.RandomBrightness((0.9, 1.1), p=1.0),
+        augment.RandomContrast((0.7, 1.3), p=1.0),
+    ]  # contrast about the patch mean: after
     aug = augment.Compose([augment.RandomCrop(20), augment.RandomAffine(10), *intens])
     out = aug(image=img, label=lab, rng=rng)
     p = out["params"]
     prog, post = aug.program(p)
     assert post == 4  # the patch-mean contrast runs after the pass
-    plain = augment.Compose(aug.spatial)(image=img, params=augment.ComposeParams(
-        spatial=p.spatial, intensity=(), in_shape=p.in_shape))["image"]
+    plain = augment.Compose(aug.spatial)(
+        image=img,
+        params=augment.ComposeParams(spatial=p.spatial, intensity=(), in_shape=p.in_shape),
+    )["image"]
     ref = pg.run_reference(prog, plain[None])[0]
     f = float(p.intensity[4].factor[0])
     mean = ref.mean()
@@ -106,8 +119,9 @@ def test_fused_intensity_matches_reference_order():
 
 
 def test_window_then_gamma_fuses_on_known_range():
-    aug = augment.Compose([augment.Window(-200, 250), augment.RandomGamma(p=1.0),
-                           augment.RandomNoise(p=1.0)])
+    aug = augment.Compose(
+        [augment.Window(-200, 250), augment.RandomGamma(p=1.0), augment.RandomNoise(p=1.0)]
+    )
     p = aug.sample(np.random.default_rng(0), (8, 8, 8))
     prog, post = aug.program(p)
     assert post == 3
@@ -126,8 +140,13 @@ def test_region_offset_equals_full_volume():
     lo = np.maximum(np.floor(src.min(0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(src.max(0)).astype(int) + 2, img.shape)
     region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    part = aug(image=np.ascontiguousarray(img[region]), label=np.ascontiguousarray(lab[region]),
-               params=full["params"], offset=lo, in_shape=img.shape)
+    part = aug(
+        image=np.ascontiguousarray(img[region]),
+        label=np.ascontiguousarray(lab[region]),
+        params=full["params"],
+        offset=lo,
+        in_shape=img.shape,
+    )
     np.testing.assert_allclose(part["image"], full["image"], rtol=1e-6, atol=1e-4)
     np.testing.assert_array_equal(part["label"], full["label"])
 
@@ -136,8 +155,9 @@ def test_points_follow_the_transform():
     rng = np.random.default_rng(5)
     img = np.zeros((40, 40, 40), np.float32)
     img[20, 15, 25] = 1.0
-    aug = augment.Compose([augment.RandomCrop(30), augment.RandomRot90(axes=(1, 2)),
-                           augment.RandomFlip(p=0.5)])
+    aug = augment.Compose(
+        [augment.RandomCrop(30), augment.RandomRot90(axes=(1, 2)), augment.RandomFlip(p=0.5)]
+    )
     for _ in range(5):
         out = aug(image=img, rng=rng, points=[[20, 15, 25]])
         p = out["points"][0]
@@ -175,16 +195,23 @@ def test_linear_onehot_label_mode():
 def test_image_label_shape_mismatch_and_bad_rng():
     aug = augment.Compose([augment.RandomFlip()])
     with pytest.raises(ValueError, match="shapes differ"):
-        aug(image=np.zeros((4, 4, 4), np.float32), label=np.zeros((4, 4, 5), np.uint8),
-            rng=np.random.default_rng(0))
+        aug(
+            image=np.zeros((4, 4, 4), np.float32),
+            label=np.zeros((4, 4, 5), np.uint8),
+            rng=np.random.default_rng(0),
+        )
     with pytest.raises(TypeError, match="Generator"):
         aug(image=np.zeros((4, 4, 4), np.float32), rng=np.random.RandomState(0))
     with pytest.raises(TypeError, match="label has unsupported dtype float32"):
-        aug(image=np.zeros((4, 4, 4), np.float32), label=np.zeros((4, 4, 4), np.float32),
-            rng=np.random.default_rng(0))
+        aug(
+            image=np.zeros((4, 4, 4), np.float32),
+            label=np.zeros((4, 4, 4), np.float32),
+            rng=np.random.default_rng(0),
+        )
     with pytest.raises(ValueError, match="equal sizes"):
-        augment.Compose([augment.RandomSwapAxes()])(image=np.zeros((4, 4, 5), np.float32),
-                                                    rng=np.random.default_rng(0))
+        augment.Compose([augment.RandomSwapAxes()])(
+            image=np.zeros((4, 4, 5), np.float32), rng=np.random.default_rng(0)
+        )
 
 
 def test_no_global_rng_use():
@@ -207,7 +234,9 @@ def test_sample_rng_is_keyed_not_ordered():
 
 
 def test_import_augment_alone():
-    code = ("import sys, augment; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'triton', 'loaders', 'training')]; print(bad); assert not bad")
+    code = (
+        "import sys, augment; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'triton', 'loaders', 'training')]; print(bad); assert not bad"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -29,22 +29,26 @@ def test_noise_is_standard_normal_and_thread_independent():
     np.testing.assert_allclose(b, ref, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("transform", [
-    augment.Window(-100, 300),
-    augment.Normalize("zscore", mean=40.0, std=80.0, clip=(-100.0, 200.0)),
-    augment.Normalize("range", range=(-50.0, 150.0)),
-    augment.RandomBrightness((0.8, 1.2), p=1.0),
-    augment.RandomBrightness((-0.1, 0.1), p=1.0, additive=True),
-    augment.RandomContrast((0.7, 1.3), p=1.0, centre=50.0, preserve_range=False),
-])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        augment.Window(-100, 300),
+        augment.Normalize("zscore", mean=40.0, std=80.0, clip=(-100.0, 200.0)),
+        augment.Normalize("range", range=(-50.0, 150.0)),
+        augment.RandomBrightness((0.8, 1.2), p=1.0),
+        augment.RandomBrightness((-0.1, 0.1), p=1.0, additive=True),
+        augment.RandomContrast((0.7, 1.3), p=1.0, centre=50.0, preserve_range=False),
+    ],
+)
 def test_fused_program_equals_apply(transform):
     rng = np.random.default_rng(0)
     x = rng.normal(50, 120, (1, 6, 7, 8)).astype(np.float32)
     p = transform.sample(rng)
     prog = transform.program(p, None)
     assert prog is not None
-    np.testing.assert_allclose(pg.run_reference(prog, x), transform.apply(x, p),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        pg.run_reference(prog, x), transform.apply(x, p), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gamma_on_known_range_and_patch_range():
@@ -54,12 +58,12 @@ def test_gamma_on_known_range_and_patch_range():
     p = g.sample(rng)
     prog = g.program(p, (0.0, 1.0))
     gamma = float(p.gamma[0])
-    np.testing.assert_allclose(pg.run_reference(prog, x), x.astype(np.float64) ** gamma,
-                               rtol=1e-6)
+    np.testing.assert_allclose(pg.run_reference(prog, x), x.astype(np.float64) ** gamma, rtol=1e-6)
     assert g.program(p, None) is None  # needs the patch's range: runs after the warp
     lo, hi = float(x.min()), float(x.max())
-    np.testing.assert_allclose(g.apply(x, p), lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        g.apply(x, p), lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma, rtol=1e-5
+    )
 
 
 def test_gamma_sampling_balances_below_and_above_one():

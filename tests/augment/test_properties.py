@@ -17,16 +17,35 @@ offsets = st.tuples(*[st.floats(-6.0, 6.0)] * 3)
 
 
 @settings(max_examples=60, deadline=None)
-@given(in_shape=shapes, out_shape=shapes, a=angles, s=scales, t=offsets,
-       dtype=st.sampled_from([np.float32, np.int16, np.uint8]), seed=st.integers(0, 2**31))
+@given(
+    in_shape=shapes,
+    out_shape=shapes,
+    a=angles,
+    s=scales,
+    t=offsets,
+    dtype=st.sampled_from([np.float32, np.int16, np.uint8]),
+    seed=st.integers(0, 2**31),
+)
 def test_kernel_equals_scipy_grid_constant(in_shape, out_shape, a, s, t, dtype, seed):
     rng = np.random.default_rng(seed)
     src = rng.integers(0, 200, in_shape).astype(dtype)
-    m = mx.to_3x4(mx.about(mx.rotation(a) @ mx.scaling(s), mx.centre(out_shape),
-                           mx.centre(in_shape) + np.asarray(t)))
+    m = mx.to_3x4(
+        mx.about(
+            mx.rotation(a) @ mx.scaling(s),
+            mx.centre(out_shape),
+            mx.centre(in_shape) + np.asarray(t),
+        )
+    )
     got = augment.affine_warp(src, m, out_shape, order=1, cval=-3.0)
-    ref = ndi.affine_transform(src.astype(np.float64), mx.to_4x4(m), output_shape=out_shape,
-                               order=1, mode="grid-constant", cval=-3.0, prefilter=False)
+    ref = ndi.affine_transform(
+        src.astype(np.float64),
+        mx.to_4x4(m),
+        output_shape=out_shape,
+        order=1,
+        mode="grid-constant",
+        cval=-3.0,
+        prefilter=False,
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-4)
     lab = augment.affine_warp(src, m, out_shape, order=0, cval=5)
     assert lab.dtype == src.dtype and lab.shape == out_shape
@@ -36,9 +55,14 @@ def test_kernel_equals_scipy_grid_constant(in_shape, out_shape, a, s, t, dtype, 
 
 
 @settings(max_examples=40, deadline=None)
-@given(in_shape=shapes, perm=st.permutations([0, 1, 2]),
-       flips=st.tuples(*[st.booleans()] * 3), shift=st.tuples(*[st.integers(-3, 3)] * 3),
-       dtype=st.sampled_from([np.float32, np.int16, np.uint8]), order=st.sampled_from([0, 1]))
+@given(
+    in_shape=shapes,
+    perm=st.permutations([0, 1, 2]),
+    flips=st.tuples(*[st.booleans()] * 3),
+    shift=st.tuples(*[st.integers(-3, 3)] * 3),
+    dtype=st.sampled_from([np.float32, np.int16, np.uint8]),
+    order=st.sampled_from([0, 1]),
+)
 def test_exact_maps_equal_numpy(in_shape, perm, flips, shift, dtype, order):
     src = np.arange(np.prod(in_shape)).reshape(in_shape).astype(dtype)
     view = np.transpose(src, perm)

@@ -43,16 +43,20 @@ def pool() -> Iterator[SlicePool]:
 @pytest.fixture(scope="module")
 def volume() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    return (rng.normal(0.0, 100.0, SRC).astype(np.float32),
-            rng.integers(0, 4, SRC).astype(np.uint8))
+    return (
+        rng.normal(0.0, 100.0, SRC).astype(np.float32),
+        rng.integers(0, 4, SRC).astype(np.uint8),
+    )
 
 
 def planar(rng: np.random.Generator, *, flip_z: bool, z_shift: int = 0) -> np.ndarray:
     """A random in-plane map: rotation about z, anisotropic scale, shear, translation,
     flips, and an integer z shift."""
-    lin = (mx.rotation([rng.uniform(-np.pi, np.pi), 0.0, 0.0])
-           @ mx.scaling([1.0, *rng.uniform(0.8, 1.25, 2)])
-           @ mx.shear([0.0, 0.0, 0.0, rng.uniform(-0.1, 0.1), 0.0, 0.0]))
+    lin = (
+        mx.rotation([rng.uniform(-np.pi, np.pi), 0.0, 0.0])
+        @ mx.scaling([1.0, *rng.uniform(0.8, 1.25, 2)])
+        @ mx.shear([0.0, 0.0, 0.0, rng.uniform(-0.1, 0.1), 0.0, 0.0])
+    )
     m = mx.about(lin, mx.centre(OUT), mx.centre(SRC) + [0.0, *rng.uniform(-3, 3, 2)])
     m = m @ mx.flip([flip_z, rng.random() < 0.5, rng.random() < 0.5], OUT)
     m[0, 3] = np.round(m[0, 3]) + z_shift
@@ -60,8 +64,11 @@ def planar(rng: np.random.Generator, *, flip_z: bool, z_shift: int = 0) -> np.nd
 
 
 def spatial3d(rng: np.random.Generator) -> np.ndarray:
-    return mx.about(mx.rotation(rng.uniform(-0.4, 0.4, 3)) @ mx.scaling(rng.uniform(0.8, 1.2, 3)),
-                    mx.centre(OUT), mx.centre(SRC))
+    return mx.about(
+        mx.rotation(rng.uniform(-0.4, 0.4, 3)) @ mx.scaling(rng.uniform(0.8, 1.2, 3)),
+        mx.centre(OUT),
+        mx.centre(SRC),
+    )
 
 
 def test_in_plane_detection():
@@ -84,8 +91,10 @@ def test_numba_slices_equal_3d(volume, flip_z, z_shift):
         ref = augment.affine_warp(img, m, OUT, order=1, cval=-7.0)
         got = warp_slices(img, m, OUT, processes=0, cval=-7.0)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-4)
-        np.testing.assert_array_equal(warp_slices(lab, m, OUT, processes=0, order=0, cval=9),
-                                      augment.affine_warp(lab, m, OUT, order=0, cval=9))
+        np.testing.assert_array_equal(
+            warp_slices(lab, m, OUT, processes=0, order=0, cval=9),
+            augment.affine_warp(lab, m, OUT, order=0, cval=9),
+        )
 
 
 def test_skimage_slices_equal_3d(volume):
@@ -116,12 +125,13 @@ def test_pool_equals_3d_in_plane_and_slabs(pool, volume):
         m3 = spatial3d(rng)
         assert in_plane(m3) is None
         ref = augment.affine_warp(img, m3, OUT, order=1, cval=-7.0)
-        np.testing.assert_allclose(pool.warp(img, m3, OUT, cval=-7.0), ref, rtol=1e-6,
-                                   atol=1e-4)
-        np.testing.assert_array_equal(pool.warp(lab, m3, OUT, order=0),
-                                      augment.affine_warp(lab, m3, OUT, order=0))
-        np.testing.assert_allclose(warp_slices(img, m3, OUT, processes=0, cval=-7.0), ref,
-                                   rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(pool.warp(img, m3, OUT, cval=-7.0), ref, rtol=1e-6, atol=1e-4)
+        np.testing.assert_array_equal(
+            pool.warp(lab, m3, OUT, order=0), augment.affine_warp(lab, m3, OUT, order=0)
+        )
+        np.testing.assert_allclose(
+            warp_slices(img, m3, OUT, processes=0, cval=-7.0), ref, rtol=1e-6, atol=1e-4
+        )
 
 
 def test_pool_shared_input_and_output(pool, volume):
@@ -137,7 +147,7 @@ def test_pool_shared_input_and_output(pool, volume):
     big = (SRC[0] * 2, SRC[1], SRC[2])  # the shared buffers grow
     vol2 = np.concatenate([img, img])
     m2 = mx.translation([SRC[0], 0, 0])
-    np.testing.assert_array_equal(pool.warp(vol2, m2, big)[:SRC[0]], img)
+    np.testing.assert_array_equal(pool.warp(vol2, m2, big)[: SRC[0]], img)
 
 
 def test_errors(pool, volume):
@@ -163,6 +173,7 @@ def shm_names() -> set[str]:
 def leaked(before: set[str]) -> set[str]:
     """Segments created since ``before`` and still there, other jobs' live ones aside
     (a segment some other process maps is not ours: the machine may be shared)."""
+
     def elsewhere(name: str) -> bool:
         for maps in Path("/proc").glob("[0-9]*/maps"):
             if maps.parent.name != str(os.getpid()):
@@ -184,8 +195,11 @@ def test_default_pool_reused_and_dead_process_detected(volume):
     pool = slices._DEFAULT_POOLS[1]
     warp_slices(img, m, OUT, processes=1)
     assert slices._DEFAULT_POOLS[1] is pool
-    names = {n for n in shm_names() - before
-             if any(n == b.shm.name for b in pool._state.buffers.values() if b is not None)}
+    names = {
+        n
+        for n in shm_names() - before
+        if any(n == b.shm.name for b in pool._state.buffers.values() if b is not None)
+    }
     assert len(names) == 2  # input and output
     os.kill(pool._state.procs[0].pid, signal.SIGKILL)
     pool._state.procs[0].join(5)

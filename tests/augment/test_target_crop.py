@@ -23,8 +23,7 @@ def blob_volume(shape, centre, radius):
 def test_target_inside_with_bound_margin_without_scale_or_rotation():
     shape, target = (90, 100, 110), np.array([40.0, 52.0, 61.0, 10.0])
     img, _ = blob_volume(shape, target[:3], 5)
-    crop = augment.TargetCrop(48, bound_size=12, scale=None, rotate=False, swap=False,
-                              flip_axes=())
+    crop = augment.TargetCrop(48, bound_size=12, scale=None, rotate=False, swap=False, flip_axes=())
     aug = augment.Compose([crop])
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -45,8 +44,13 @@ def test_pad_value_outside_volume():
     shape = (40, 40, 40)
     img = np.zeros(shape, np.float32)
     target = np.array([3.0, 3.0, 3.0, 4.0])  # near the corner: the crop sticks out
-    aug = augment.Compose([augment.TargetCrop(32, bound_size=2, scale=None, rotate=False,
-                                              swap=False, flip_axes=(), pad_value=170)])
+    aug = augment.Compose(
+        [
+            augment.TargetCrop(
+                32, bound_size=2, scale=None, rotate=False, swap=False, flip_axes=(), pad_value=170
+            )
+        ]
+    )
     out = aug(image=img, rng=np.random.default_rng(1), target=target)
     start = out["params"].spatial[0].start[0].astype(int)
     assert np.any(start < 0)
@@ -76,8 +80,13 @@ def test_scale_keeps_diameter_within_limits():
 def test_rotation_keeps_target_one_diameter_inside_and_tracks_it():
     shape, target = (100, 120, 120), np.array([50.0, 60.0, 58.0, 8.0])
     img, _ = blob_volume(shape, target[:3], 4)
-    aug = augment.Compose([augment.TargetCrop(48, bound_size=12, scale=(0.75, 1.25),
-                                              rotate=True, swap=True, flip_axes=(1, 2))])
+    aug = augment.Compose(
+        [
+            augment.TargetCrop(
+                48, bound_size=12, scale=(0.75, 1.25), rotate=True, swap=True, flip_axes=(1, 2)
+            )
+        ]
+    )
     rng = np.random.default_rng(3)
     rotated = 0
     for _ in range(20):
@@ -101,10 +110,10 @@ def test_swap_only_for_cubic_patches():
 def test_coord_channel_values():
     shape = (64, 64, 64)
     img = np.zeros(shape, np.float32)
-    crop = augment.TargetCrop(32, bound_size=4, scale=None, rotate=False, swap=False,
-                              flip_axes=(), coord_stride=4)
-    out = augment.Compose([crop])(image=img, rng=np.random.default_rng(4),
-                                  target=[30, 31, 32, 6])
+    crop = augment.TargetCrop(
+        32, bound_size=4, scale=None, rotate=False, swap=False, flip_axes=(), coord_stride=4
+    )
+    out = augment.Compose([crop])(image=img, rng=np.random.default_rng(4), target=[30, 31, 32, 6])
     coord = out["coord"]
     assert coord.shape == (3, 8, 8, 8) and coord.dtype == np.float32
     start = out["params"].spatial[0].start[0]
@@ -126,9 +135,13 @@ def test_coord_channel_follows_flip():
     pa = a["params"].spatial[0]
     assert bool(pa.flip[0, 2])
     unflipped = dataclasses.replace(pa, flip=np.zeros_like(pa.flip))
-    b = plain(image=img, params=augment.ComposeParams(
-        spatial=(unflipped,), intensity=(), in_shape=a["params"].in_shape),
-        target=[30, 31, 32, 6])
+    b = plain(
+        image=img,
+        params=augment.ComposeParams(
+            spatial=(unflipped,), intensity=(), in_shape=a["params"].in_shape
+        ),
+        target=[30, 31, 32, 6],
+    )
     # same crop, the flipped coordinate channel is the mirror image along x
     m_plain = plain.matrix(b["params"])[0]
     assert np.allclose(mx.apply_points(m_plain, [0, 0, 0]), a["params"].spatial[0].start[0])
@@ -137,16 +150,17 @@ def test_coord_channel_follows_flip():
 
 def test_random_crop_without_target():
     img = np.zeros((50, 50, 50), np.float32)
-    out = augment.Compose([augment.TargetCrop(32, scale=None)])(image=img,
-                                                               rng=np.random.default_rng(6))
+    out = augment.Compose([augment.TargetCrop(32, scale=None)])(
+        image=img, rng=np.random.default_rng(6)
+    )
     assert out["image"].shape == (32, 32, 32)
     assert "target" not in out
 
 
 def test_bad_target_and_stride():
     with pytest.raises(ValueError, match="target"):
-        augment.Compose([augment.TargetCrop(16)])(image=np.zeros((20, 20, 20), np.float32),
-                                                  rng=np.random.default_rng(0),
-                                                  target=[1, 2, 3])
+        augment.Compose([augment.TargetCrop(16)])(
+            image=np.zeros((20, 20, 20), np.float32), rng=np.random.default_rng(0), target=[1, 2, 3]
+        )
     with pytest.raises(ValueError, match="coord_stride"):
         augment.TargetCrop(30, coord_stride=4)

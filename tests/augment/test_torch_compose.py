@@ -27,13 +27,18 @@ def volumes(rng: np.random.Generator, shapes, channels: int = 1):
 def w2_like(patch=(10, 12, 14), **kw) -> augment.Compose:
     """Spatial W1 plus fused (window, gamma on a known range, noise) and post-warp
     (contrast about the patch mean) intensity transforms."""
-    return augment.Compose([
-        augment.RandomCrop(patch),
-        augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
-        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
-        augment.Window(-200, 250), augment.RandomGamma((0.7, 1.5), p=0.5),
-        augment.RandomNoise((0.0, 0.1), p=0.5), augment.RandomContrast((0.75, 1.25), p=0.5),
-    ], **kw)
+    return augment.Compose(
+        [
+            augment.RandomCrop(patch),
+            augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
+            augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+            augment.Window(-200, 250),
+            augment.RandomGamma((0.7, 1.5), p=0.5),
+            augment.RandomNoise((0.0, 0.1), p=0.5),
+            augment.RandomContrast((0.75, 1.25), p=0.5),
+        ],
+        **kw,
+    )
 
 
 def assert_same_as_numpy(aug, out, imgs, labs, seed, contexts=None):
@@ -51,8 +56,11 @@ def assert_same_as_numpy(aug, out, imgs, labs, seed, contexts=None):
 @pytest.mark.parametrize("as_list", [False, True])
 def test_batch_equals_numpy_per_sample(as_list):
     rng = np.random.default_rng(0)
-    shapes = [(18, 20, 22)] * 4 if not as_list else [(18, 20, 22), (15, 24, 19), (20, 14, 30),
-                                                     (16, 16, 16)]
+    shapes = (
+        [(18, 20, 22)] * 4
+        if not as_list
+        else [(18, 20, 22), (15, 24, 19), (20, 14, 30), (16, 16, 16)]
+    )
     imgs, labs = volumes(rng, shapes)
     aug = w2_like(cval=-7.0)
     if as_list:
@@ -67,8 +75,7 @@ def test_batch_equals_numpy_per_sample(as_list):
     assert_same_as_numpy(aug, out, imgs, labs, 3)
     # the batched params replay the call exactly
     again = aug(image=timg, label=tlab, params=out["params"])
-    assert torch.equal(again["image"], out["image"]) and torch.equal(again["label"],
-                                                                     out["label"])
+    assert torch.equal(again["image"], out["image"]) and torch.equal(again["label"], out["label"])
 
 
 def test_bfloat16_output():
@@ -87,13 +94,20 @@ def test_region_offsets_and_source_shapes():
     rng = np.random.default_rng(2)
     full = [rng.normal(size=(1, 24, 26, 28)).astype(np.float32) for _ in range(2)]
     offsets = np.array([[2, 3, 4], [5, 0, 1]])
-    regions = [f[:, o[0]:o[0] + 18, o[1]:o[1] + 20, o[2]:o[2] + 22]
-               for f, o in zip(full, offsets, strict=True)]
+    regions = [
+        f[:, o[0] : o[0] + 18, o[1] : o[1] + 20, o[2] : o[2] + 22]
+        for f, o in zip(full, offsets, strict=True)
+    ]
     regions = [np.ascontiguousarray(r) for r in regions]
-    aug = augment.Compose([augment.RandomCrop((8, 9, 10)),
-                           augment.RandomAffine(degrees=10, scale=(0.9, 1.1))])
-    out = aug(image=[torch.from_numpy(r) for r in regions], rng=batch_rngs(4, 0, range(2)),
-              offset=offsets, in_shape=(24, 26, 28))
+    aug = augment.Compose(
+        [augment.RandomCrop((8, 9, 10)), augment.RandomAffine(degrees=10, scale=(0.9, 1.1))]
+    )
+    out = aug(
+        image=[torch.from_numpy(r) for r in regions],
+        rng=batch_rngs(4, 0, range(2)),
+        offset=offsets,
+        in_shape=(24, 26, 28),
+    )
     ctxs = [{"offset": offsets[b], "in_shape": (24, 26, 28)} for b in range(2)]
     assert_same_as_numpy(aug, out, regions, None, 4, ctxs)
 
@@ -101,18 +115,21 @@ def test_region_offsets_and_source_shapes():
 def test_target_crop_extras_per_sample():
     rng = np.random.default_rng(3)
     imgs, labs = volumes(rng, [(40, 40, 40)] * 3)
-    targets = np.array([[20.0, 18.0, 22.0, 6.0], [15.0, 25.0, 20.0, 10.0],
-                        [22.0, 20.0, 19.0, 4.0]])
+    targets = np.array([[20.0, 18.0, 22.0, 6.0], [15.0, 25.0, 20.0, 10.0], [22.0, 20.0, 19.0, 4.0]])
     points = [rng.uniform(5, 35, (4, 3)) for _ in range(3)]
     aug = augment.Compose([augment.TargetCrop(16, bound_size=2, coord_stride=4)])
-    out = aug(image=torch.from_numpy(np.stack(imgs)), label=torch.from_numpy(np.stack(labs)),
-              rng=batch_rngs(5, 0, range(3)), target=targets, points=points)
+    out = aug(
+        image=torch.from_numpy(np.stack(imgs)),
+        label=torch.from_numpy(np.stack(labs)),
+        rng=batch_rngs(5, 0, range(3)),
+        target=targets,
+        points=points,
+    )
     assert out["target"].shape == (3, 4)
     assert isinstance(out["coord"], torch.Tensor) and out["coord"].shape == (3, 3, 4, 4, 4)
     rngs = batch_rngs(5, 0, range(3))
     for b in range(3):
-        ref = aug(image=imgs[b], label=labs[b], rng=rngs[b], target=targets[b],
-                  points=points[b])
+        ref = aug(image=imgs[b], label=labs[b], rng=rngs[b], target=targets[b], points=points[b])
         assert rel_err(out["image"][b], ref["image"]) < REL
         assert np.array_equal(out["label"][b].numpy(), ref["label"])
         np.testing.assert_allclose(out["target"][b], ref["target"])
@@ -124,11 +141,16 @@ def test_linear_onehot_labels():
     rng = np.random.default_rng(4)
     imgs, labs = volumes(rng, [(14, 15, 16), (16, 15, 14)])
     labs[1][labs[1] == 2] = 1  # a class absent from one sample
-    aug = augment.Compose([augment.RandomCrop((9, 9, 9)),
-                           augment.RandomAffine(degrees=20, scale=(0.8, 1.2))],
-                          label_mode="linear_onehot", label_cval=0)
-    out = aug(image=[torch.from_numpy(i) for i in imgs],
-              label=[torch.from_numpy(lab) for lab in labs], rng=batch_rngs(6, 0, range(2)))
+    aug = augment.Compose(
+        [augment.RandomCrop((9, 9, 9)), augment.RandomAffine(degrees=20, scale=(0.8, 1.2))],
+        label_mode="linear_onehot",
+        label_cval=0,
+    )
+    out = aug(
+        image=[torch.from_numpy(i) for i in imgs],
+        label=[torch.from_numpy(lab) for lab in labs],
+        rng=batch_rngs(6, 0, range(2)),
+    )
     assert_same_as_numpy(aug, out, imgs, labs, 6)
 
 
@@ -136,8 +158,11 @@ def test_foreground_crop_reads_the_label():
     rng = np.random.default_rng(5)
     imgs, labs = volumes(rng, [(20, 20, 20)] * 3)
     aug = augment.Compose([augment.RandomCrop(8, foreground=1.0)])
-    out = aug(image=torch.from_numpy(np.stack(imgs)), label=torch.from_numpy(np.stack(labs)),
-              rng=batch_rngs(7, 0, range(3)))
+    out = aug(
+        image=torch.from_numpy(np.stack(imgs)),
+        label=torch.from_numpy(np.stack(labs)),
+        rng=batch_rngs(7, 0, range(3)),
+    )
     assert out["params"].spatial[0].foreground.all()
     assert_same_as_numpy(aug, out, imgs, labs, 7)
 
@@ -145,10 +170,19 @@ def test_foreground_crop_reads_the_label():
 def test_exact_pipeline_is_bit_identical():
     rng = np.random.default_rng(6)
     imgs, labs = volumes(rng, [(12, 12, 12)] * 4, channels=2)
-    aug = augment.Compose([augment.RandomCrop(10), augment.RandomFlip(p=0.5),
-                           augment.RandomRot90(axes=(1, 2)), augment.RandomSwapAxes()])
-    out = aug(image=torch.from_numpy(np.stack(imgs)), label=torch.from_numpy(np.stack(labs)),
-              rng=batch_rngs(8, 0, range(4)))
+    aug = augment.Compose(
+        [
+            augment.RandomCrop(10),
+            augment.RandomFlip(p=0.5),
+            augment.RandomRot90(axes=(1, 2)),
+            augment.RandomSwapAxes(),
+        ]
+    )
+    out = aug(
+        image=torch.from_numpy(np.stack(imgs)),
+        label=torch.from_numpy(np.stack(labs)),
+        rng=batch_rngs(8, 0, range(4)),
+    )
     rngs = batch_rngs(8, 0, range(4))
     for b in range(4):
         ref = aug(image=imgs[b], label=labs[b], rng=rngs[b])
@@ -175,8 +209,8 @@ def test_one_generator_for_the_batch_and_errors():
         aug(image=torch.from_numpy(imgs[0]), rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="one output shape"):
         augment.Compose([augment.RandomAffine(degrees=5)])(
-            image=[torch.zeros(1, 5, 5, 5), torch.zeros(1, 6, 5, 5)],
-            rng=batch_rngs(0, 0, range(2)))
+            image=[torch.zeros(1, 5, 5, 5), torch.zeros(1, 6, 5, 5)], rng=batch_rngs(0, 0, range(2))
+        )
     with pytest.raises(TypeError, match="one per sample"):
         aug(image=torch.from_numpy(np.stack(imgs)), rng=batch_rngs(0, 0, range(3)))
     with pytest.raises(ValueError, match="params hold"):

@@ -21,12 +21,16 @@ from augment.warp import warp_numpy
 REL = 1e-5
 
 
-def random_matrix(rng: np.random.Generator, out_shape, in_shape, *, border: bool = False
-                  ) -> np.ndarray:
+def random_matrix(
+    rng: np.random.Generator, out_shape, in_shape, *, border: bool = False
+) -> np.ndarray:
     """Rotation, anisotropic scale, shear and an off-grid shift about the centres; with
     ``border`` the patch hangs over an edge of the source."""
-    lin = (mx.rotation(rng.uniform(-0.6, 0.6, 3)) @ mx.scaling(rng.uniform(0.7, 1.4, 3))
-           @ mx.shear(rng.uniform(-0.15, 0.15, 6)))
+    lin = (
+        mx.rotation(rng.uniform(-0.6, 0.6, 3))
+        @ mx.scaling(rng.uniform(0.7, 1.4, 3))
+        @ mx.shear(rng.uniform(-0.15, 0.15, 6))
+    )
     shift = rng.uniform(-2.5, 2.5, 3)
     if border:
         shift += rng.choice([-1, 1], 3) * np.asarray(in_shape) * rng.uniform(0.3, 0.6, 3)
@@ -35,9 +39,13 @@ def random_matrix(rng: np.random.Generator, out_shape, in_shape, *, border: bool
 
 def full_program(seed: int) -> np.ndarray:
     """Every opcode, noise included."""
-    return pg.concat(pg.op(pg.CLIP, -150.0, 200.0), pg.op(pg.AFFINE, 1 / 350, 150 / 350),
-                     pg.op(pg.GAMMA, 1.3, 0.0, 1.0), pg.op(pg.NOISE, 0.05, seed),
-                     pg.op(pg.AFFINE, 2.0, -0.5))
+    return pg.concat(
+        pg.op(pg.CLIP, -150.0, 200.0),
+        pg.op(pg.AFFINE, 1 / 350, 150 / 350),
+        pg.op(pg.GAMMA, 1.3, 0.0, 1.0),
+        pg.op(pg.NOISE, 0.05, seed),
+        pg.op(pg.AFFINE, 2.0, -0.5),
+    )
 
 
 def rel_err(got: torch.Tensor | np.ndarray, ref: np.ndarray) -> float:
@@ -70,8 +78,15 @@ def test_matches_numba_random_affine(dtype):
     assert got.dtype == torch.float32 and got.shape == (b, 2, *out_shape)
     assert got_lab.dtype == torch.int16
     for i in range(b):
-        ref, ref_lab = warp_numpy(numpy_of(src[i]), lab[i].numpy(), m[i], out_shape, cval=cval,
-                                  label_cval=9, program=progs[i])
+        ref, ref_lab = warp_numpy(
+            numpy_of(src[i]),
+            lab[i].numpy(),
+            m[i],
+            out_shape,
+            cval=cval,
+            label_cval=9,
+            program=progs[i],
+        )
         assert rel_err(got[i], ref) < REL
         assert np.array_equal(got_lab[i].numpy(), ref_lab)
     # without a program the interior is bit-identical (same float64 coordinates and lerps)
@@ -96,8 +111,9 @@ def test_nearest_image_and_uint8_labels():
     m = np.stack([random_matrix(rng, out_shape, in_shape, border=True) for _ in range(3)])
     got, got_lab = warp_torch(src, lab, m, out_shape, image_order=0, cval=2.5, label_cval=4)
     for i in range(3):
-        ref, ref_lab = warp_numpy(src[i].numpy(), lab[i].numpy(), m[i], out_shape,
-                                  image_order=0, cval=2.5, label_cval=4)
+        ref, ref_lab = warp_numpy(
+            src[i].numpy(), lab[i].numpy(), m[i], out_shape, image_order=0, cval=2.5, label_cval=4
+        )
         assert np.array_equal(got[i].numpy(), ref)
         assert np.array_equal(got_lab[i].numpy(), ref_lab)
 
@@ -113,8 +129,9 @@ def test_list_of_differently_sized_sources():
     got, got_lab = warp_torch(imgs, labs, m, out_shape, cval=0.5, programs=progs)
     assert got.shape == (3, 1, *out_shape)
     for i in range(3):
-        ref, ref_lab = warp_numpy(imgs[i].numpy(), labs[i].numpy(), m[i], out_shape, cval=0.5,
-                                  program=progs[i])
+        ref, ref_lab = warp_numpy(
+            imgs[i].numpy(), labs[i].numpy(), m[i], out_shape, cval=0.5, program=progs[i]
+        )
         assert rel_err(got[i], ref) < REL
         assert np.array_equal(got_lab[i].numpy(), ref_lab)
 
@@ -198,9 +215,13 @@ def test_noise_matches_the_reference_definition():
 def test_run_program_matches_reference_per_sample():
     rng = np.random.default_rng(18)
     x = torch.from_numpy((rng.normal(size=(3, 2, 4, 5, 6)) * 120).astype(np.float32))
-    progs = tk.pad_programs([full_program(5), pg.op(pg.NOISE, 0.3, 77),
-                             pg.concat(pg.op(pg.GAMMA, 0.7, -100.0, 100.0),
-                                       pg.op(pg.CLIP, -50.0, 50.0))])
+    progs = tk.pad_programs(
+        [
+            full_program(5),
+            pg.op(pg.NOISE, 0.3, 77),
+            pg.concat(pg.op(pg.GAMMA, 0.7, -100.0, 100.0), pg.op(pg.CLIP, -50.0, 50.0)),
+        ]
+    )
     got = tk.run_program(x, progs)
     for i in range(3):
         ref = pg.run_reference(progs[i], x[i].numpy())
@@ -233,8 +254,9 @@ def test_affine_warp_dispatches_tensors():
     lab = torch.from_numpy(rng.integers(0, 3, (1, 10, 11, 12)).astype(np.int16))
     got_lab = augment.affine_warp(lab, m, (5, 6, 7), order=0, cval=-1)
     assert got_lab.dtype == torch.int16
-    assert np.array_equal(got_lab.numpy(),
-                          augment.affine_warp(lab.numpy(), m, (5, 6, 7), order=0, cval=-1))
+    assert np.array_equal(
+        got_lab.numpy(), augment.affine_warp(lab.numpy(), m, (5, 6, 7), order=0, cval=-1)
+    )
     bf = affine_warp_torch(x, m, (5, 6, 7), out_dtype=torch.bfloat16)
     assert bf.dtype == torch.bfloat16
 

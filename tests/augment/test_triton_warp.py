@@ -36,8 +36,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def random_matrix(rng, out_shape, in_shape, *, border=False, degrees=30.0):
-    lin = (mx.rotation(np.deg2rad(rng.uniform(-degrees, degrees, 3)))
-           @ mx.scaling(rng.uniform(0.8, 1.25, 3)) @ mx.shear(rng.uniform(-0.1, 0.1, 6)))
+    lin = (
+        mx.rotation(np.deg2rad(rng.uniform(-degrees, degrees, 3)))
+        @ mx.scaling(rng.uniform(0.8, 1.25, 3))
+        @ mx.shear(rng.uniform(-0.1, 0.1, 6))
+    )
     shift = rng.uniform(-2.0, 2.0, 3)
     if border:
         shift += rng.choice([-1, 1], 3) * np.asarray(in_shape) * 0.45
@@ -45,8 +48,12 @@ def random_matrix(rng, out_shape, in_shape, *, border=False, degrees=30.0):
 
 
 def full_program(seed):
-    return pg.concat(pg.op(pg.CLIP, -2.0, 2.5), pg.op(pg.AFFINE, 0.4, 0.6),
-                     pg.op(pg.GAMMA, 1.4, 0.0, 1.5), pg.op(pg.NOISE, 0.05, seed))
+    return pg.concat(
+        pg.op(pg.CLIP, -2.0, 2.5),
+        pg.op(pg.AFFINE, 0.4, 0.6),
+        pg.op(pg.GAMMA, 1.4, 0.0, 1.5),
+        pg.op(pg.NOISE, 0.05, seed),
+    )
 
 
 def rel_err(got, ref):
@@ -66,33 +73,61 @@ def interpreter_cases():
     m = np.stack([random_matrix(rng, out_a, in_a, border=b == 2, degrees=8) for b in range(3)])
     m[1] = mx.to_3x4(mx.translation([4, 3, 5]) @ mx.flip([True, False, True], out_a))
     prog = np.stack([full_program(11 + 2**31 * b) for b in range(3)])
-    refs = [warp_numpy(img[b], lab[b], m[b], out_a, cval=-0.75, label_cval=5, program=prog[b])
-            for b in range(3)]
+    refs = [
+        warp_numpy(img[b], lab[b], m[b], out_a, cval=-0.75, label_cval=5, program=prog[b])
+        for b in range(3)
+    ]
     exact, _ = warp_numpy(img[1], None, m[1], out_a, cval=-0.75)
-    cases["a"] = dict(img=img, lab=lab, m=m, prog=prog, out=np.array(out_a), ref_exact=exact,
-                      ref_img=np.stack([r[0] for r in refs]),
-                      ref_lab=np.stack([r[1] for r in refs]))
+    cases["a"] = dict(
+        img=img,
+        lab=lab,
+        m=m,
+        prog=prog,
+        out=np.array(out_a),
+        ref_exact=exact,
+        ref_img=np.stack([r[0] for r in refs]),
+        ref_lab=np.stack([r[1] for r in refs]),
+    )
     # b: list of sizes, int16 image and label, nearest image, ragged output tiles
     out_b = (2, 5, 9)
     shapes = [(9, 10, 11), (12, 7, 8)]
     imgs = [(rng.normal(size=(1, *s)) * 300).astype(np.int16) for s in shapes]
     labs = [rng.integers(-1, 3, (1, *s)).astype(np.int16) for s in shapes]
     m = np.stack([random_matrix(rng, out_b, s, border=True) for s in shapes])
-    refs = [warp_numpy(imgs[b].astype(np.float32), labs[b], m[b], out_b, image_order=0,
-                       cval=3.0, label_cval=-7) for b in range(2)]
-    cases["b"] = dict(img0=imgs[0], img1=imgs[1], lab0=labs[0], lab1=labs[1], m=m,
-                      out=np.array(out_b), ref_img=np.stack([r[0] for r in refs]),
-                      ref_lab=np.stack([r[1] for r in refs]))
+    refs = [
+        warp_numpy(
+            imgs[b].astype(np.float32), labs[b], m[b], out_b, image_order=0, cval=3.0, label_cval=-7
+        )
+        for b in range(2)
+    ]
+    cases["b"] = dict(
+        img0=imgs[0],
+        img1=imgs[1],
+        lab0=labs[0],
+        lab1=labs[1],
+        m=m,
+        out=np.array(out_b),
+        ref_img=np.stack([r[0] for r in refs]),
+        ref_lab=np.stack([r[1] for r in refs]),
+    )
     # c: float16 source, one-hot linear labels, bfloat16 output
     out_c, in_c = (2, 6, 7), (8, 9, 10)
     img = rng.normal(size=(2, 1, *in_c)).astype(np.float16)
     lab = rng.integers(0, 3, (2, 1, *in_c)).astype(np.uint8)
     m = np.stack([random_matrix(rng, out_c, in_c, border=b == 1) for b in range(2)])
-    cases["c"] = dict(img=img, lab=lab, m=m, out=np.array(out_c),
-                      ref_img=np.stack([warp_numpy(img[b].astype(np.float32), None, m[b],
-                                                   out_c, cval=1.0)[0] for b in range(2)]),
-                      ref_lab=np.stack([onehot_linear_numpy(lab[b], m[b], out_c, 0)
-                                        for b in range(2)]))
+    cases["c"] = dict(
+        img=img,
+        lab=lab,
+        m=m,
+        out=np.array(out_c),
+        ref_img=np.stack(
+            [
+                warp_numpy(img[b].astype(np.float32), None, m[b], out_c, cval=1.0)[0]
+                for b in range(2)
+            ]
+        ),
+        ref_lab=np.stack([onehot_linear_numpy(lab[b], m[b], out_c, 0) for b in range(2)]),
+    )
     return cases
 
 
@@ -132,17 +167,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the Triton kernel cannot "
-                                           "be interpreted here (the torch path is tested)")
+@pytest.mark.skipif(
+    not HAS_TRITON,
+    reason="triton is not installed: the Triton kernel cannot "
+    "be interpreted here (the torch path is tested)",
+)
 def test_triton_kernel_under_the_interpreter(tmp_path):
     cases = interpreter_cases()
     flat = {f"{n}/{k}": v for n, c in cases.items() for k, v in c.items()}
     np.savez(tmp_path / "in.npz", **flat)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "in.npz"),
-                           str(tmp_path / "out.npz")], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = dict(np.load(tmp_path / "out.npz"))
     a, b, c = cases["a"], cases["b"], cases["c"]
@@ -165,13 +211,36 @@ def _compile(**kw):
 
     from augment.kernels.triton_warp import warp_kernel
 
-    sig = {"img_ptr": kw.pop("img", "*fp32"), "lab_ptr": kw.pop("lab", "*u8"),
-           "out_img_ptr": kw.pop("out", "*fp32"), "out_lab_ptr": "*u8", "meta_ptr": "*i64",
-           "cls_ptr": "*i64", "od": "i32", "oh": "i32", "ow": "i32", "ow_s": "i32",
-           "tiles_y": "i32", "tiles_x": "i32", "meta_stride": "i32", "cval": "fp32",
-           "lcval": "i32"}
-    consts = {"NC": 1, "NL": 1, "N_OPS": 0, "LINEAR": True, "LAB_ONEHOT": False, "N_CLS": 0,
-              "TY": 2, "TX": 64, "EVEN": True, "VEC": False, **kw}
+    sig = {
+        "img_ptr": kw.pop("img", "*fp32"),
+        "lab_ptr": kw.pop("lab", "*u8"),
+        "out_img_ptr": kw.pop("out", "*fp32"),
+        "out_lab_ptr": "*u8",
+        "meta_ptr": "*i64",
+        "cls_ptr": "*i64",
+        "od": "i32",
+        "oh": "i32",
+        "ow": "i32",
+        "ow_s": "i32",
+        "tiles_y": "i32",
+        "tiles_x": "i32",
+        "meta_stride": "i32",
+        "cval": "fp32",
+        "lcval": "i32",
+    }
+    consts = {
+        "NC": 1,
+        "NL": 1,
+        "N_OPS": 0,
+        "LINEAR": True,
+        "LAB_ONEHOT": False,
+        "N_CLS": 0,
+        "TY": 2,
+        "TX": 64,
+        "EVEN": True,
+        "VEC": False,
+        **kw,
+    }
     sig.update({k: "constexpr" for k in consts})
     try:
         src = ASTSource(fn=warp_kernel, signature=sig, constexprs=consts)
@@ -181,17 +250,22 @@ def _compile(**kw):
     return triton.compile(src, target=target, options={"num_warps": 4})
 
 
-@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="triton is not installed (or is interpreting)")
+@pytest.mark.skipif(
+    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="triton is not installed (or is interpreting)",
+)
 def test_triton_kernel_compiles_for_sm90():
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except Exception as e:  # pragma: no cover - builds without the NVIDIA backend
         pytest.skip(f"triton's NVIDIA backend is unavailable: {e}")
-    for kw in ({}, {"out": "*bf16", "TY": 16, "TX": 32, "VEC": True},
-               {"img": "*i16", "lab": "*i16", "N_OPS": 4, "EVEN": False},
-               {"img": "*bf16", "NC": 2, "NL": 0, "LINEAR": False, "N_OPS": 2},
-               {"img": "*fp16", "LAB_ONEHOT": True, "N_CLS": 3}):
+    for kw in (
+        {},
+        {"out": "*bf16", "TY": 16, "TX": 32, "VEC": True},
+        {"img": "*i16", "lab": "*i16", "N_OPS": 4, "EVEN": False},
+        {"img": "*bf16", "NC": 2, "NL": 0, "LINEAR": False, "N_OPS": 2},
+        {"img": "*fp16", "LAB_ONEHOT": True, "N_CLS": 3},
+    ):
         compiled = _compile(**dict(kw))
         assert "cubin" in compiled.asm
 
@@ -214,13 +288,23 @@ def test_cuda_kernel_matches_numba(dtype):
     lab = torch.from_numpy(rng.integers(0, 5, (4, 1, *in_shape)).astype(np.uint8))
     m = np.stack([random_matrix(rng, out_shape, in_shape, border=b % 2 == 1) for b in range(4)])
     prog = np.stack([full_program(3 + b) for b in range(4)])
-    img, out_lab = warp_torch(src.cuda(), lab.cuda(), m, out_shape, cval=-4.0, programs=prog,
-                              backend="triton")
-    bf, _ = warp_torch(src.cuda(), None, m, out_shape, cval=-4.0, programs=prog,
-                       out_dtype=torch.bfloat16, backend="triton")
+    img, out_lab = warp_torch(
+        src.cuda(), lab.cuda(), m, out_shape, cval=-4.0, programs=prog, backend="triton"
+    )
+    bf, _ = warp_torch(
+        src.cuda(),
+        None,
+        m,
+        out_shape,
+        cval=-4.0,
+        programs=prog,
+        out_dtype=torch.bfloat16,
+        backend="triton",
+    )
     for b in range(4):
-        ref, ref_lab = warp_numpy(src[b].float().numpy(), lab[b].numpy(), m[b], out_shape,
-                                  cval=-4.0, program=prog[b])
+        ref, ref_lab = warp_numpy(
+            src[b].float().numpy(), lab[b].numpy(), m[b], out_shape, cval=-4.0, program=prog[b]
+        )
         assert rel_err(img[b].cpu().numpy(), ref) < REL
         assert (out_lab[b].cpu().numpy() == ref_lab).mean() >= 0.9999
         assert rel_err(bf[b].float().cpu().numpy(), ref) < 2.0**-7
@@ -234,14 +318,23 @@ def test_cuda_compose_matches_numpy(backend):
     shapes = [(30, 34, 38), (28, 40, 32), (36, 30, 30)]
     imgs = [rng.normal(0, 150, (1, *s)).astype(np.float32) for s in shapes]
     labs = [rng.integers(0, 3, (1, *s)).astype(np.uint8) for s in shapes]
-    aug = augment.Compose([
-        augment.RandomCrop((20, 24, 28)), augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
-        augment.RandomFlip(p=0.5), augment.Window(-200, 250),
-        augment.RandomGamma((0.7, 1.5), p=0.5), augment.RandomNoise(0.1, p=0.5),
-        augment.RandomContrast(p=0.5)])
-    out = aug(image=[torch.from_numpy(i).cuda() for i in imgs],
-              label=[torch.from_numpy(lab).cuda() for lab in labs],
-              rng=batch_rngs(0, 0, range(3)), backend=backend)
+    aug = augment.Compose(
+        [
+            augment.RandomCrop((20, 24, 28)),
+            augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
+            augment.RandomFlip(p=0.5),
+            augment.Window(-200, 250),
+            augment.RandomGamma((0.7, 1.5), p=0.5),
+            augment.RandomNoise(0.1, p=0.5),
+            augment.RandomContrast(p=0.5),
+        ]
+    )
+    out = aug(
+        image=[torch.from_numpy(i).cuda() for i in imgs],
+        label=[torch.from_numpy(lab).cuda() for lab in labs],
+        rng=batch_rngs(0, 0, range(3)),
+        backend=backend,
+    )
     rngs = batch_rngs(0, 0, range(3))
     for b in range(3):
         ref = aug(image=imgs[b], label=labs[b], rng=rngs[b])

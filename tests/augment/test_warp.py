@@ -10,8 +10,16 @@ import augment
 from augment import matrices as mx
 
 
-def random_matrix(rng: np.random.Generator, out_shape, in_shape, *, degrees=25.0,
-                  scale=(0.7, 1.4), shear=0.1, jitter=3.0) -> np.ndarray:
+def random_matrix(
+    rng: np.random.Generator,
+    out_shape,
+    in_shape,
+    *,
+    degrees=25.0,
+    scale=(0.7, 1.4),
+    shear=0.1,
+    jitter=3.0,
+) -> np.ndarray:
     angles = np.deg2rad(rng.uniform(-degrees, degrees, 3))
     s = rng.uniform(*scale, 3)
     lin = mx.rotation(angles) @ mx.scaling(1.0 / s) @ mx.shear(rng.uniform(-shear, shear, 6))
@@ -20,9 +28,15 @@ def random_matrix(rng: np.random.Generator, out_shape, in_shape, *, degrees=25.0
 
 
 def scipy_ref(src, m, out_shape, order, cval):
-    return ndi.affine_transform(src.astype(np.float64) if order == 1 else src, mx.to_4x4(m),
-                                output_shape=out_shape, order=order, mode="grid-constant",
-                                cval=cval, prefilter=False)
+    return ndi.affine_transform(
+        src.astype(np.float64) if order == 1 else src,
+        mx.to_4x4(m),
+        output_shape=out_shape,
+        order=order,
+        mode="grid-constant",
+        cval=cval,
+        prefilter=False,
+    )
 
 
 def interior_mask(m, in_shape, out_shape, margin=1.0):
@@ -75,8 +89,9 @@ def test_channels_first_and_out_argument():
     res = augment.affine_warp(src, m, (8, 9, 10), out=out)
     assert res is out and np.isfinite(out).all()
     for c in range(3):
-        np.testing.assert_allclose(out[c], scipy_ref(src[c], m, (8, 9, 10), 1, 0.0),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            out[c], scipy_ref(src[c], m, (8, 9, 10), 1, 0.0), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_int16_label_keeps_dtype_and_ignore_index():
@@ -152,21 +167,42 @@ def test_serial_and_parallel_kernels_agree():
     "kwargs, exc, text",
     [
         (dict(image=np.zeros((4, 4)), matrix=np.eye(4), out_shape=(2, 2, 2)), ValueError, "image"),
-        (dict(image=np.zeros((2, 4, 4, 4, 4)), matrix=np.eye(4), out_shape=(2, 2, 2)),
-         ValueError, "(D, H, W)"),
-        (dict(image=np.zeros((4, 4, 4)), matrix=np.full((3, 4), np.nan), out_shape=(2, 2, 2)),
-         ValueError, "finite"),
-        (dict(image=np.zeros((4, 4, 4)), matrix=np.eye(3), out_shape=(2, 2, 2)),
-         ValueError, "shape"),
-        (dict(image=np.zeros((4, 4, 4)), matrix=np.eye(4), out_shape=(2, 0, 2)),
-         ValueError, "out_shape"),
-        (dict(image=np.zeros((4, 4, 4)), matrix=np.eye(4), out_shape=(2, 2)),
-         ValueError, "out_shape"),
-        (dict(image=np.zeros((4, 4, 4), np.complex64), matrix=np.eye(4), out_shape=(2, 2, 2)),
-         TypeError, "complex64"),
+        (
+            dict(image=np.zeros((2, 4, 4, 4, 4)), matrix=np.eye(4), out_shape=(2, 2, 2)),
+            ValueError,
+            "(D, H, W)",
+        ),
+        (
+            dict(image=np.zeros((4, 4, 4)), matrix=np.full((3, 4), np.nan), out_shape=(2, 2, 2)),
+            ValueError,
+            "finite",
+        ),
+        (
+            dict(image=np.zeros((4, 4, 4)), matrix=np.eye(3), out_shape=(2, 2, 2)),
+            ValueError,
+            "shape",
+        ),
+        (
+            dict(image=np.zeros((4, 4, 4)), matrix=np.eye(4), out_shape=(2, 0, 2)),
+            ValueError,
+            "out_shape",
+        ),
+        (
+            dict(image=np.zeros((4, 4, 4)), matrix=np.eye(4), out_shape=(2, 2)),
+            ValueError,
+            "out_shape",
+        ),
+        (
+            dict(image=np.zeros((4, 4, 4), np.complex64), matrix=np.eye(4), out_shape=(2, 2, 2)),
+            TypeError,
+            "complex64",
+        ),
         (dict(image=[[[1.0]]], matrix=np.eye(4), out_shape=(1, 1, 1)), TypeError, "list"),
-        (dict(image=np.zeros((4, 4, 4)), matrix=np.eye(4), out_shape=(2, 2, 2), order=3),
-         ValueError, "order"),
+        (
+            dict(image=np.zeros((4, 4, 4)), matrix=np.eye(4), out_shape=(2, 2, 2), order=3),
+            ValueError,
+            "order",
+        ),
     ],
 )
 def test_bad_input_errors(kwargs, exc, text):
@@ -177,8 +213,12 @@ def test_bad_input_errors(kwargs, exc, text):
 
 def test_bad_out_buffer():
     with pytest.raises(ValueError, match="out must be"):
-        augment.affine_warp(np.zeros((4, 4, 4), np.float32), np.eye(4), (2, 2, 2),
-                            out=np.zeros((3, 3, 3), np.float32))
+        augment.affine_warp(
+            np.zeros((4, 4, 4), np.float32),
+            np.eye(4),
+            (2, 2, 2),
+            out=np.zeros((3, 3, 3), np.float32),
+        )
 
 
 def test_float16_source_is_computed_in_float32():
@@ -187,5 +227,6 @@ def test_float16_source_is_computed_in_float32():
     m = random_matrix(rng, (7, 7, 7), (9, 10, 11))
     got = augment.affine_warp(src, m, (7, 7, 7))
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, scipy_ref(src.astype(np.float32), m, (7, 7, 7), 1, 0.0),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, scipy_ref(src.astype(np.float32), m, (7, 7, 7), 1, 0.0), rtol=1e-5, atol=1e-5
+    )

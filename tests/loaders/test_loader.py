@@ -59,6 +59,7 @@ def leaked(before: set[str]) -> set[str]:
 @pytest.fixture(autouse=True)
 def watchdog() -> Iterator[None]:
     """Fail (TimeoutError in the test) instead of hanging."""
+
     def expire(signum, frame):
         raise TimeoutError("test exceeded its watchdog limit (a hang?)")
 
@@ -80,13 +81,18 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_sampler(root: Path, **kw) -> PatchSampler:
-    aug = augment.Compose([
-        augment.RandomCrop(PATCH),
-        augment.RandomAffine(degrees=20, scale=(0.8, 1.2)),
-        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
-        augment.Window(-200, 250), augment.RandomGamma((0.7, 1.5), p=0.5),
-        augment.RandomNoise((0.0, 0.1), p=0.5), augment.RandomContrast((0.75, 1.25), p=0.5),
-    ], cval=-1024)
+    aug = augment.Compose(
+        [
+            augment.RandomCrop(PATCH),
+            augment.RandomAffine(degrees=20, scale=(0.8, 1.2)),
+            augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+            augment.Window(-200, 250),
+            augment.RandomGamma((0.7, 1.5), p=0.5),
+            augment.RandomNoise((0.0, 0.1), p=0.5),
+            augment.RandomContrast((0.75, 1.25), p=0.5),
+        ],
+        cval=-1024,
+    )
     return PatchSampler(VolumeCache(root), aug, seed=3, **kw)
 
 
@@ -105,8 +111,10 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
 def test_batches_identical_for_0_1_2_4_workers(cache_root):
     before = shm_names()
     sampler = make_sampler(cache_root)
-    loaders = {n: PatchLoader(sampler, batch_size=B, batches_per_epoch=3, num_workers=n)
-               for n in (0, 1, 2, 4)}
+    loaders = {
+        n: PatchLoader(sampler, batch_size=B, batches_per_epoch=3, num_workers=n)
+        for n in (0, 1, 2, 4)
+    }
     try:
         sampler.sample(0, 0)  # compile (cold cache) here once; the workers load the result
         for loader in loaders.values():
@@ -152,12 +160,14 @@ def test_batches_identical_for_0_1_2_4_workers(cache_root):
 def test_gpu_mode_matches_cpu_mode(cache_root):
     sampler = make_sampler(cache_root)
     cpu = collect(PatchLoader(sampler, batch_size=B, batches_per_epoch=2, num_workers=0), 0)
-    with PatchLoader(sampler, batch_size=B, batches_per_epoch=2, num_workers=1, mode="gpu",
-                     region_capacity=3000) as loader:
+    with PatchLoader(
+        sampler, batch_size=B, batches_per_epoch=2, num_workers=1, mode="gpu", region_capacity=3000
+    ) as loader:
         gpu = collect(loader, 0)
         assert loader.stats.oversize > 0  # regions above the slot size still arrive
-    inline = collect(PatchLoader(sampler, batch_size=B, batches_per_epoch=2, num_workers=0,
-                                 mode="gpu"), 0)
+    inline = collect(
+        PatchLoader(sampler, batch_size=B, batches_per_epoch=2, num_workers=0, mode="gpu"), 0
+    )
     assert_same(gpu, inline)
     for g, c in zip(gpu, cpu, strict=True):
         assert g["image"].device.type == "cpu"  # no CUDA here: the torch fallback
@@ -198,8 +208,9 @@ def test_worker_exception_surfaces_with_traceback(cache_root, tmp_path):
 
 def test_killed_worker_is_detected(cache_root):
     before = shm_names()
-    loader = PatchLoader(make_sampler(cache_root), batch_size=B, batches_per_epoch=100,
-                         num_workers=2, prefetch=1)
+    loader = PatchLoader(
+        make_sampler(cache_root), batch_size=B, batches_per_epoch=100, num_workers=2, prefetch=1
+    )
     it = iter(loader)
     next(it)
     name = loader._res.shm.name
@@ -216,8 +227,9 @@ def test_killed_worker_is_detected(cache_root):
 
 def test_interrupt_then_garbage_collection_release_everything(cache_root):
     before = shm_names()
-    loader = PatchLoader(make_sampler(cache_root), batch_size=B, batches_per_epoch=20,
-                         num_workers=1)
+    loader = PatchLoader(
+        make_sampler(cache_root), batch_size=B, batches_per_epoch=20, num_workers=1
+    )
     with pytest.raises(KeyboardInterrupt):
         for i, _ in enumerate(loader):
             if i == 1:
@@ -250,8 +262,9 @@ def test_interrupt_at_interpreter_exit_releases_shared_memory(cache_root):
                 raise KeyboardInterrupt
     """)
     before = shm_names()
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=100, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=100, cwd=REPO
+    )
     assert "KeyboardInterrupt" in proc.stderr
     name = proc.stdout.strip().splitlines()[-1]
     assert name.startswith("psm_")
@@ -273,9 +286,15 @@ def test_options_are_checked(cache_root):
 
 def test_ranks_shard_the_sample_space(cache_root):
     sampler = make_sampler(cache_root)
-    shards = [collect(PatchLoader(sampler, batch_size=B, batches_per_epoch=2, num_workers=0,
-                                  rank=r, world_size=2), 0) for r in (0, 1)]
+    shards = [
+        collect(
+            PatchLoader(
+                sampler, batch_size=B, batches_per_epoch=2, num_workers=0, rank=r, world_size=2
+            ),
+            0,
+        )
+        for r in (0, 1)
+    ]
     assert [b["index"].tolist() for b in shards[0]] == [[0, 2], [4, 6]]
     assert [b["index"].tolist() for b in shards[1]] == [[1, 3], [5, 7]]
-    np.testing.assert_array_equal(shards[1][0]["image"][1].numpy(),
-                                  sampler.sample(0, 3)["image"])
+    np.testing.assert_array_equal(shards[1][0]["image"][1].numpy(), sampler.sample(0, 3)["image"])

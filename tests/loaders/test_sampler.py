@@ -34,13 +34,17 @@ def volumes(cache: VolumeCache) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def pipeline(patch=PATCH, **kw) -> augment.Compose:
-    return augment.Compose([
-        augment.RandomCrop(patch),
-        augment.RandomAffine(degrees=25, scale=(0.7, 1.3), shear=0.05),
-        augment.RandomFlip(axes=(0, 1, 2), p=0.5),
-        augment.Window(-200, 250), augment.RandomNoise((0.0, 0.1), p=0.5),
-        augment.RandomContrast((0.75, 1.25), p=0.5),
-    ], **kw)
+    return augment.Compose(
+        [
+            augment.RandomCrop(patch),
+            augment.RandomAffine(degrees=25, scale=(0.7, 1.3), shear=0.05),
+            augment.RandomFlip(axes=(0, 1, 2), p=0.5),
+            augment.Window(-200, 250),
+            augment.RandomNoise((0.0, 0.1), p=0.5),
+            augment.RandomContrast((0.75, 1.25), p=0.5),
+        ],
+        **kw,
+    )
 
 
 def test_region_patch_equals_whole_volume_patch(cache, volumes):
@@ -94,8 +98,13 @@ def test_sample_region_then_compose_equals_sample(cache):
     for i in range(4):
         reg = sampler.sample_region(1, i)
         assert reg["image"].dtype == np.int16 and reg["label"].dtype == np.uint8
-        again = sampler.compose(image=reg["image"], label=reg["label"], params=reg["params"],
-                                offset=reg["offset"], in_shape=reg["in_shape"])
+        again = sampler.compose(
+            image=reg["image"],
+            label=reg["label"],
+            params=reg["params"],
+            offset=reg["offset"],
+            in_shape=reg["in_shape"],
+        )
         out = sampler.sample(1, i)
         np.testing.assert_array_equal(again["image"], out["image"])
         np.testing.assert_array_equal(again["label"], out["label"])
@@ -159,8 +168,9 @@ def test_case_weights(cache):
 def test_target_crop_patch(cache, volumes):
     case = cache.cases[0]
     target = np.array([12.0, 20.0, 18.0, 6.0])
-    tc = augment.TargetCrop(16, bound_size=2, scale=(0.8, 1.2), diameter_limits=(4, 12),
-                            pad_value=170, coord_stride=4)
+    tc = augment.TargetCrop(
+        16, bound_size=2, scale=(0.8, 1.2), diameter_limits=(4, 12), pad_value=170, coord_stride=4
+    )
     aug = augment.Compose([tc])
     sampler = PatchSampler(cache, aug, cases=[case], targets={case: [target]}, foreground=1.0)
     img, lab = volumes[case]
@@ -179,17 +189,24 @@ def test_clip_box_never_empty():
     assert clip_box(((12, 0, 0), (20, 4, 4)), (10, 10, 10)) == ((9, 0, 0), (10, 4, 4))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(compose=augment.Compose([augment.RandomAffine(10), augment.RandomCrop(8)])),
-     "first spatial transform"),
-    (dict(compose=augment.Compose([augment.RandomCrop(8, foreground=0.3)])),
-     "not on the RandomCrop"),
-    (dict(cases=["nope"]), "not in the cache"),
-    (dict(case_weights=[1.0]), "one weight per case"),
-    (dict(case_weights=[0.0, 0.0]), "not all 0"),
-    (dict(foreground=1.5), "foreground must be in"),
-    (dict(seed=-1), "seed must be"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            dict(compose=augment.Compose([augment.RandomAffine(10), augment.RandomCrop(8)])),
+            "first spatial transform",
+        ),
+        (
+            dict(compose=augment.Compose([augment.RandomCrop(8, foreground=0.3)])),
+            "not on the RandomCrop",
+        ),
+        (dict(cases=["nope"]), "not in the cache"),
+        (dict(case_weights=[1.0]), "one weight per case"),
+        (dict(case_weights=[0.0, 0.0]), "not all 0"),
+        (dict(foreground=1.5), "foreground must be in"),
+        (dict(seed=-1), "seed must be"),
+    ],
+)
 def test_errors_name_the_problem(cache, bad, match):
     kw = {"compose": augment.Compose([augment.RandomCrop(8)]), **bad}
     with pytest.raises(ValueError, match=match):

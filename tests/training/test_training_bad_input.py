@@ -31,8 +31,13 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def data_config(root: Path, cache: Path):
     return resolve_config(
         preset="smoke",
-        overrides=[f'data.root="{root}"', f'data.cache="{cache}"', "data.phantom=false",
-                   "data.build_workers=1", "data.spacing=[]"],
+        overrides=[
+            f'data.root="{root}"',
+            f'data.cache="{cache}"',
+            "data.phantom=false",
+            "data.build_workers=1",
+            "data.spacing=[]",
+        ],
     ).data
 
 
@@ -53,9 +58,21 @@ def test_dataset_without_labels(small_dataset, tmp_path, capsys):
     with pytest.raises(TrainingDataError, match="no training cases"):
         prepare_dataset(data_config(root, tmp_path / "c.zarr"), progress=False)
     # the CLI: exit status 2 and the message, no traceback
-    code = main(["--preset", "smoke", "--set", f'data.root="{root}"', "--set", "data.phantom=false",
-                 "--set", f'run.runs_dir="{tmp_path / "runs"}"', "--set",
-                 f'data.cache="{tmp_path / "c.zarr"}"', "--no-progress"])
+    code = main(
+        [
+            "--preset",
+            "smoke",
+            "--set",
+            f'data.root="{root}"',
+            "--set",
+            "data.phantom=false",
+            "--set",
+            f'run.runs_dir="{tmp_path / "runs"}"',
+            "--set",
+            f'data.cache="{tmp_path / "c.zarr"}"',
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot train on the dataset")
     assert "Traceback" not in err
@@ -120,10 +137,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config):
 
 def test_nan_loss_through_the_cli(smoke_config, smoke_data, tmp_path, monkeypatch, capsys):
     real = training.trainer.DeepSupervisionLoss
-    monkeypatch.setattr(training.trainer, "DeepSupervisionLoss",
-                        lambda *a, **k: NaNAfter(real(*a, **k), 3))
-    code = main(["--preset", "smoke", "--set", f'data.root="{smoke_data}"', "--set",
-                 f'run.runs_dir="{tmp_path}"', "--no-progress"])
+    monkeypatch.setattr(
+        training.trainer, "DeepSupervisionLoss", lambda *a, **k: NaNAfter(real(*a, **k), 3)
+    )
+    code = main(
+        [
+            "--preset",
+            "smoke",
+            "--set",
+            f'data.root="{smoke_data}"',
+            "--set",
+            f'run.runs_dir="{tmp_path}"',
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3 and "non-finite loss" in err and "Last good checkpoint" in err
 

@@ -27,8 +27,13 @@ from training.config import resolve_config
 from training.trainer import Trainer
 
 WORLD = 2
-COMMON = ["model.batch_dice=false", "data.foreground=0.33", "run.max_steps=1", "run.threads=1",
-          'run.name="ddp"']
+COMMON = [
+    "model.batch_dice=false",
+    "data.foreground=0.33",
+    "run.max_steps=1",
+    "run.threads=1",
+    'run.name="ddp"',
+]
 
 
 def one_step(overrides: list[str]) -> dict:

@@ -39,14 +39,32 @@ def test_smoke_on_cuda_with_bf16_and_gpu_augmentation(smoke_config):
 
 
 def test_gpu_check_prints_its_table(tmp_path, capsys):
-    code = gpu_check([
-        "--seconds", "8", "--data", str(tmp_path / "data"),
-        "--set", "data.phantom_cases=3", "--set", "data.val_cases=1",
-        "--set", 'data.phantom_size="small"', "--set", "data.spacing=[4.0, 4.0, 4.0]",
-        "--set", "data.patch_size=[32, 64, 64]", "--set", "model.base_width=8",
-        "--set", "model.depth=4", "--set", "model.adv_depth=3",
-        "--set", f'run.runs_dir="{tmp_path / "runs"}"',
-    ])
+    code = gpu_check(
+        [
+            "--seconds",
+            "8",
+            "--data",
+            str(tmp_path / "data"),
+            "--set",
+            "data.phantom_cases=3",
+            "--set",
+            "data.val_cases=1",
+            "--set",
+            'data.phantom_size="small"',
+            "--set",
+            "data.spacing=[4.0, 4.0, 4.0]",
+            "--set",
+            "data.patch_size=[32, 64, 64]",
+            "--set",
+            "model.base_width=8",
+            "--set",
+            "model.depth=4",
+            "--set",
+            "model.adv_depth=3",
+            "--set",
+            f'run.runs_dir="{tmp_path / "runs"}"',
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "stage 1 (segnet)" in out and "stage 3 (adversarial)" in out

@@ -28,10 +28,20 @@ def test_read_metrics_keeps_the_latest_record_of_an_epoch(tmp_path):
 def test_summary_is_strict_json_and_the_table_says_capped(tmp_path):
     summary = {
         "stages": [
-            {"name": "segnet", "gate": "train_voe < 0.2", "value": 0.1, "reached": True,
-             "epochs": 3},
-            {"name": "adversary", "gate": "heldout_accuracy >= 0.9", "value": 0.6,
-             "reached": False, "epochs": 5},
+            {
+                "name": "segnet",
+                "gate": "train_voe < 0.2",
+                "value": 0.1,
+                "reached": True,
+                "epochs": 3,
+            },
+            {
+                "name": "adversary",
+                "gate": "heldout_accuracy >= 0.9",
+                "value": 0.6,
+                "reached": False,
+                "epochs": 5,
+            },
         ],
         "val": {"voe": 0.12, "dice": 0.93, "rvd": 0.01, "assd_mm": 1.0, "msd_mm": math.inf},
         "data_wait_fraction": 0.02,
@@ -40,6 +50,7 @@ def test_summary_is_strict_json_and_the_table_says_capped(tmp_path):
         "extra": math.nan,
     }
     path = write_summary(summary, tmp_path / "summary.json")
+
     def reject(token: str) -> None:
         raise AssertionError(f"non-standard JSON token {token}")
 

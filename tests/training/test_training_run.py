@@ -76,12 +76,16 @@ def test_smoke_preset_writes_the_whole_report(smoke_run: Path, smoke_data: Path,
         assert 1 <= s["epochs"] <= cap
         assert s["reached"] or s["epochs"] == cap  # capped honestly, never silently
         op, threshold = s["gate"].split()[1:]
-        assert s["reached"] == (s["value"] < float(threshold) if op == "<"
-                                else s["value"] >= float(threshold))
+        assert s["reached"] == (
+            s["value"] < float(threshold) if op == "<" else s["value"] >= float(threshold)
+        )
     assert set(summary["val"]) == VAL_KEYS
     assert 0.0 <= summary["val"]["voe"] <= 1.0
-    assert math.isclose(summary["val"]["dice"], 2 * (1 - summary["val"]["voe"])
-                        / (2 - summary["val"]["voe"]), rel_tol=1e-9)  # one validation case
+    assert math.isclose(
+        summary["val"]["dice"],
+        2 * (1 - summary["val"]["voe"]) / (2 - summary["val"]["voe"]),
+        rel_tol=1e-9,
+    )  # one validation case
     assert 0.0 <= summary["data_wait_fraction"] < 1.0
     assert summary["device"].startswith("cpu")
 
@@ -128,8 +132,11 @@ def test_cli_prints_the_summary(smoke_run: Path, capsys: pytest.CaptureFixture[s
 
     table = summary_table(json.loads((smoke_run / "summary.json").read_text()))
     assert "segnet" in table and "adversarial" in table and "validation (1 cases)" in table
-    assert ("CAPPED" in table) == (not all(
-        s["reached"] for s in json.loads((smoke_run / "summary.json").read_text())["stages"]))
+    assert ("CAPPED" in table) == (
+        not all(
+            s["reached"] for s in json.loads((smoke_run / "summary.json").read_text())["stages"]
+        )
+    )
 
 
 def test_kill_9_mid_stage_then_resume_finishes_identically(
@@ -140,9 +147,11 @@ def test_kill_9_mid_stage_then_resume_finishes_identically(
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.run",
-         *cli_args(runs, "run.checkpoint_every=3")],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "training.run", *cli_args(runs, "run.checkpoint_every=3")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     first = run / "checkpoints" / "ckpt-000000003.pt"
     deadline = time.monotonic() + 180
@@ -163,14 +172,20 @@ def test_kill_9_mid_stage_then_resume_finishes_identically(
     ck = load_checkpoint(path)
     state = ck["extra"]["state"]
     assert ck["stage"] in STAGES and state["stage"] < 3  # killed in the middle of training
-    print(f"killed after {path.name}: stage {ck['stage']}, epoch {state['epoch']}, "
-          f"batch {state['batch']}")
+    print(
+        f"killed after {path.name}: stage {ck['stage']}, epoch {state['epoch']}, "
+        f"batch {state['batch']}"
+    )
     assert main([*cli_args(runs, "run.checkpoint_every=3"), "--resume"]) == 0
 
     resumed = [e for e in events(run) if e["event"] == "resume"]
     assert len(resumed) == 1 and resumed[0]["path"] == str(path)
     assert (resumed[0]["stage"], resumed[0]["epoch"], resumed[0]["batch"], resumed[0]["step"]) == (
-        ck["stage"], state["epoch"], state["batch"], state["step"])
+        ck["stage"],
+        state["epoch"],
+        state["batch"],
+        state["step"],
+    )
 
     got = json.loads((run / "summary.json").read_text())
     want = json.loads((smoke_run / "summary.json").read_text())
@@ -191,10 +206,17 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(cli_args: Any, tmp_path: Pa
     runs = tmp_path / "runs"
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.run", *cli_args(runs, "run.checkpoint_every=3",
-                                                          "data.num_workers=1")],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": path},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "training.run",
+            *cli_args(runs, "run.checkpoint_every=3", "data.num_workers=1"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     ckpts = runs / "smoke" / "checkpoints"
     deadline = time.monotonic() + 180

@@ -52,10 +52,12 @@ def run_stages_1_and_2(cfg) -> Record:
             rec.segnet_flags.append(module.training)
 
         def on_adversary(module: nn.Module, args: object) -> None:
-            rec.watch.append((
-                any(m.training for m in seg.modules()),
-                any(p.requires_grad for p in seg.parameters()),
-            ))
+            rec.watch.append(
+                (
+                    any(m.training for m in seg.modules()),
+                    any(p.requires_grad for p in seg.parameters()),
+                )
+            )
 
         hooks = [m.register_forward_pre_hook(on_segnet) for m in seg.modules()]
         hooks.append(tr.adversary.register_forward_pre_hook(on_adversary))

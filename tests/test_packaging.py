@@ -149,7 +149,7 @@ def test_importing_a_package_without_its_extra_names_the_extra(
 
 def _extras() -> tuple[set[str], dict[str, set[str]]]:
     """The core and, per extra, every distribution it brings (self-references resolved)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["name"] == PROJECT
 
     def names(reqs: list[str]) -> set[str]:
@@ -182,7 +182,7 @@ def test_the_core_is_numpy_numba_scipy_and_each_extra_what_its_package_needs() -
 def _module_level_imports(path: Path) -> set[str]:
     """Top-level names imported unconditionally when ``path`` is imported."""
     out = set()
-    for node in ast.parse(path.read_text()).body:  # not inside try / if / functions
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:  # not inside try / if / functions
         if isinstance(node, ast.Import):
             out |= {alias.name.partition(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -207,7 +207,7 @@ def test_module_level_imports_come_from_the_core_or_the_package_extra(package: s
 
 
 def test_readme_set_up_commands_name_real_extras_and_ci_runs_the_test_command() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```shell\n(.*?)\n```", readme, flags=re.DOTALL)
     train, test = blocks[0], blocks[1]  # the two first commands: a complete set-up each
     assert train == 'python -m pip install -e ".[train]" && python -m training.run'
@@ -220,5 +220,5 @@ def test_readme_set_up_commands_name_real_extras_and_ci_runs_the_test_command() 
         for e in group.split(",")
     }
     assert named and named <= set(extras), named - set(extras)
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert test in ci

@@ -8,6 +8,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CHECKOUT_RESULTS = Path("benchmarks", "results")
+"""Where results go when the current folder is a checkout of this project."""
+ELSEWHERE_RESULTS = Path("benchmark-results")
+"""Where results go from any other folder (an installed package is never written to)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,22 @@ def with_ratios(results: list[Result]) -> list[Result]:
         ratio = base.value / r.value if lower_is_better else r.value / base.value
         out.append(Result(**{**asdict(r), "ratio": round(ratio, 3)}))
     return out
+
+
+def default_results_dir(cwd: Path | None = None) -> Path:
+    """The folder ``benchmarks.run`` writes to and ``benchmarks.report`` reads from.
+
+    Args:
+        cwd: the folder to resolve against (default: the current one).
+
+    Returns:
+        ``cwd/benchmarks/results`` when ``cwd`` is a checkout of this project (it holds
+        ``benchmarks/run.py``), else ``cwd/benchmark-results``; never the installed package.
+    """
+    base = Path.cwd() if cwd is None else cwd
+    if (base / "benchmarks" / "run.py").is_file():
+        return base / CHECKOUT_RESULTS
+    return base / ELSEWHERE_RESULTS
 
 
 def machine_info() -> dict[str, object]:

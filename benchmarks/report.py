@@ -1,7 +1,8 @@
 """``python -m benchmarks.report [RESULTS.json] [--check]``: a results file as Markdown.
 
-Prints the table of one ``benchmarks.run`` results file (the newest under
-``benchmarks/results/`` by default) as Markdown, with the machine and date it was measured
+Prints the table of one ``benchmarks.run`` results file (by default the newest in the
+folder ``benchmarks.run`` writes to from the current folder: ``benchmarks/results/`` in a
+checkout, else ``benchmark-results/``) as Markdown, with the machine and date it was measured
 on, ready for the README's "Performance" section. ``--check`` recomputes every ratio from
 the values in the file (``value / baseline`` for rates, ``baseline / value`` for times and
 sizes) and exits with status 1 when one does not match what the file says.
@@ -16,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Result, with_ratios
-from benchmarks.run import RESULTS_DIR
+from benchmarks.common import Result, default_results_dir, with_ratios
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -65,7 +65,9 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def latest(directory: Path = RESULTS_DIR) -> Path:
+def latest(directory: Path | None = None) -> Path:
+    """The newest results file in ``directory`` (default: where ``benchmarks.run`` writes)."""
+    directory = default_results_dir() if directory is None else directory
     files = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise SystemExit(f"no results in {directory}; run python -m benchmarks.run first")

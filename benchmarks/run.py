@@ -1,8 +1,11 @@
-"""``python -m benchmarks.run [w1 w2 ...] [--quick] [--json PATH]``: one table, one plot.
+"""``python -m benchmarks.run [w1 w2 ...] [--quick] [--out DIR | --json PATH]``: table, plot.
 
 Runs the named workloads (all by default) on what this machine has, prints one table,
-writes ``benchmarks/results/<machine>-<date>.json`` (or ``--json PATH``) and a PNG plot
-beside it. Figures are ratios against a baseline measured in the same invocation.
+writes ``<machine>-<date>.json`` and a PNG plot beside it, and names the folder in its
+last line. The folder is under the current one, never the installed package:
+``benchmarks/results/`` in a checkout of this project, else ``benchmark-results/``
+(``--out DIR`` chooses another; ``--json PATH`` names the file). Figures are ratios
+against a baseline measured in the same invocation.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import datetime as dt
 import importlib
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
 
-from benchmarks.common import Result, machine_info, with_ratios
+from benchmarks.common import Result, default_results_dir, machine_info, with_ratios
 
 WORKLOADS = {
     "w1": "benchmarks.w1",
@@ -25,7 +29,6 @@ WORKLOADS = {
     "w4": "benchmarks.w4",
     "w5": "benchmarks.w5",
 }
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def format_table(results: list[Result]) -> str:
@@ -76,11 +79,49 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(
+    results: list[Result], path: Path, *, stamp: str, quick: bool, with_plot: bool
+) -> list[Path]:
+    """Write the results file (and its plot beside it, as ``.png``).
+
+    Args:
+        results: the figures, ratios filled.
+        path: the JSON file to write; missing folders are made.
+        stamp: when the run started (``YYYYmmdd-HHMMSS``), recorded in the file.
+        quick: whether the run was ``--quick`` (recorded in the file).
+        with_plot: also write the PNG plot.
+
+    Returns:
+        The files written, the JSON first.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": machine_info(),
+        "date": stamp,
+        "quick": quick,
+        "results": [r.as_dict() for r in results],
+    }
+    path.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    written = [path]
+    if with_plot:
+        png = path.with_suffix(".png")
+        plot(results, png)
+        written.append(png)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("workloads", nargs="*", help=f"any of {sorted(WORKLOADS)} (default all)")
     parser.add_argument("--quick", action="store_true", help="small repeats, each under ~20 s")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        type=Path,
+        help="folder for <machine>-<date>.json and .png (default: benchmarks/results/ in a "
+        "checkout of this project, else benchmark-results/, under the current folder)",
+    )
+    where.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     names = args.workloads or list(WORKLOADS)
@@ -88,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}")
 
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     results: list[Result] = []
     for name in names:
         try:
@@ -104,21 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     results = with_ratios(results)
 
     print(format_table(results))
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.json or RESULTS_DIR / f"{platform.node() or 'machine'}-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "machine": machine_info(),
-        "date": stamp,
-        "quick": args.quick,
-        "results": [r.as_dict() for r in results],
-    }
-    out.write_text(json.dumps(payload, indent=2, allow_nan=True))
-    print(f"\nresults: {out}")
-    if not args.no_plot:
-        png = out.with_suffix(".png")
-        plot(results, png)
-        print(f"plot: {png}")
+    path = args.json or (args.out or default_results_dir()) / (
+        f"{platform.node() or 'machine'}-{stamp}.json"
+    )
+    written = write_results(
+        results, path, stamp=stamp, quick=args.quick, with_plot=not args.no_plot
+    )
+    folder = path.parent.resolve()
+    print(f"\nresults written to {folder}{os.sep}: {', '.join(p.name for p in written)}")
     return 0
 
 

@@ -6,12 +6,20 @@ cache warm: every file was just written and read once):
 - ``zarr-cache``: ``loaders.VolumeCache.read_region``, decoded-chunk LRU off, one thread;
   ``zarr-cache-2threads`` decodes on two threads; ``zarr-cache-lru`` keeps the default
   256 MiB LRU of decoded chunks (regions of one volume overlap, so most chunks are hits);
+- ``zarr-python-sharded``: zarr-python (``zarr.open_array(...)[box]``) reading the very
+  sharded array the ``VolumeCache`` wrote: what the custom chunk reader
+  (``loaders/chunkstore.py``) buys over zarr-python on the same layout;
 - ``npy-memmap``: an uncompressed .npy opened with ``mmap_mode="r"``, region copied out;
 - ``zarr-defaults``: ``zarr.create_array`` with its default chunks and codecs, sliced;
 - ``nifti-gz-whole``: read the whole .nii.gz with SimpleITK, then crop.
 
 Figures: ms per region (median), bytes on disk of the image, and the cache build
 throughput (MB of voxels per second, one worker process, from the .nii.gz sources).
+
+Decision rule for the custom chunk reader: it is kept only while zarr-python reading the
+same sharded layout (``zarr-python-sharded``) is more than 1.5x slower than ``zarr-cache``
+on the random 160^3 region; within 1.5x, delete ``loaders/chunkstore.py`` and read the
+cache with zarr-python. The ``zarr-python-sharded`` row's note states the verdict of its run.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from loaders.phantom import generate_case
 FULL = ((200, 512, 512), (160, 160, 160))
 QUICK = ((192, 384, 384), (160, 160, 160))  # 57 MB: still larger than a CPU cache
 WORKLOAD = "w5"
+KEEP_READER_ABOVE = 1.5
+"""zarr-python on the cache's layout must be slower than this many times the custom
+reader for ``loaders/chunkstore.py`` to stay (see the module docstring)."""
 
 
 def _dir_bytes(path: Path) -> int:
@@ -75,6 +86,8 @@ def run(quick: bool = False) -> list[Result]:
         }
         memmap = np.load(tmp / "ct.npy", mmap_mode="r")
         zd = zarr.open_array(str(tmp / "defaults.zarr"), mode="r")
+        case_dir = next(p for p in (tmp / "cache").iterdir() if p.name.startswith("ct@"))
+        zs = zarr.open_array(str(case_dir / "image"), mode="r")
 
         def box(s: tuple[int, ...]) -> tuple[slice, slice, slice]:
             return (
@@ -88,6 +101,7 @@ def run(quick: bool = False) -> list[Result]:
 
         ways: dict[str, Callable[[tuple[int, ...]], Any]] = {
             **{name: cache_way(c) for name, c in caches.items()},
+            "zarr-python-sharded": lambda s: zs[box(s)],
             "npy-memmap": lambda s: np.array(memmap[box(s)]),
             "zarr-defaults": lambda s: zd[box(s)],
             "nifti-gz-whole": lambda s: read_volume(nii).array[box(s)],
@@ -106,6 +120,7 @@ def run(quick: bool = False) -> list[Result]:
             c.read("ct")
         np.array(memmap)
         zd[...]
+        zs[...]
 
         def cycling(fn: Callable[[tuple[int, ...]], Any]) -> Callable[[], Any]:
             regions = itertools.cycle(starts)  # every call reads the next random region
@@ -157,6 +172,17 @@ def run(quick: bool = False) -> list[Result]:
             "zarr-cache",
             "256 MiB LRU of decoded chunks, 64 regions cycling (mostly hits)",
         )
+        slower = ms["zarr-python-sharded"] / ms["zarr-cache"]
+        verdict = "keep" if slower > KEEP_READER_ABOVE else "delete"
+        add(
+            "zarr-python-sharded",
+            ms["zarr-python-sharded"],
+            "ms",
+            "zarr-cache",
+            f"zarr.open_array(...)[box] on the cache's own array ({cache_note}); it takes "
+            f"{slower:.2f}x the custom reader's time, so {verdict} loaders/chunkstore.py "
+            f"(rule: delete it if zarr-python is within {KEEP_READER_ABOVE}x)",
+        )
         add(
             "npy-memmap",
             ms["npy-memmap"],
@@ -194,7 +220,6 @@ def run(quick: bool = False) -> list[Result]:
             "SimpleITK reads the whole .nii.gz, then crop",
         )
 
-        case_dir = next(p for p in (tmp / "cache").iterdir() if p.name.startswith("ct@"))
         sizes = {
             "npy-memmap-bytes": (tmp / "ct.npy").stat().st_size,
             "zarr-cache-bytes": _dir_bytes(case_dir / "image"),

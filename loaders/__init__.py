@@ -10,7 +10,35 @@ direction are stored in the same order (see ``loaders.volume``).
     >>> patch = cache.read_region(cases[0].id, ((0, 0, 0), (64, 128, 128)))
 """
 
+# ruff: noqa: E402 (the io extra is checked before the modules that need it are imported)
 from __future__ import annotations
+
+import importlib.util
+
+_IO_MODULES = ("SimpleITK", "zarr", "numcodecs", "tqdm")
+"""What ``loaders`` imports beyond the core, all from the ``io`` extra."""
+
+
+def _absent(names: tuple[str, ...]) -> list[str]:
+    """The ones of ``names`` that cannot be imported, found without importing them."""
+    absent = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # refused by an import hook, or a broken entry
+            found = False
+        if not found:
+            absent.append(name)
+    return absent
+
+
+if _missing := _absent(_IO_MODULES):
+    raise ModuleNotFoundError(
+        f"loaders needs {', '.join(_missing)}, not installed here: install the io extra, "
+        f"python -m pip install 'voxaug[io]' (from a checkout: python -m pip install -e "
+        f"'.[io]'; 'voxaug[train]' includes it)",
+        name=_missing[0],
+    )
 
 from loaders import phantom
 from loaders.cache import BuildReport, CaseInfo, VolumeCache

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
+
+from benchmarks import report, run
 from benchmarks.common import Result, with_ratios
 
 
@@ -62,8 +66,6 @@ def _write(path: Path, results: list[Result]) -> Path:
 
 
 def test_report_checks_ratios_and_prints_markdown(tmp_path: Path) -> None:
-    from benchmarks import report
-
     good = with_ratios(
         [
             Result("w1", "ours", 30.0, "patches/s", baseline="scipy"),
@@ -83,3 +85,72 @@ def test_report_checks_ratios_and_prints_markdown(tmp_path: Path) -> None:
     assert report.mismatches(report.load(bad)["results"]) == [
         "w1/ours: ratio 20.0 but the values give 10.0"
     ]
+
+
+def test_quick_w5_compares_the_chunk_reader_with_zarr_python_on_its_own_layout() -> None:
+    from benchmarks import w5
+
+    rows = {r.name: r for r in with_ratios(w5.run(quick=True))}
+    assert {"zarr-cache", "zarr-python-sharded", "zarr-defaults", "npy-memmap"} <= set(rows)
+    ours, theirs = rows["zarr-cache"], rows["zarr-python-sharded"]
+    assert theirs.unit == "ms" and theirs.value > 0 and theirs.baseline == "zarr-cache"
+    assert theirs.ratio == round(ours.value / theirs.value, 3)
+    slower = theirs.value / ours.value
+    verdict = "keep" if slower > w5.KEEP_READER_ABOVE else "delete"
+    assert f"{slower:.2f}x the custom reader's time, so {verdict} " in theirs.note
+
+
+def _fake_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register workload ``w0``: two figures, no measuring, so ``main`` runs in a moment."""
+    module = types.ModuleType("fake_w0")
+    module.run = lambda quick=False: [  # type: ignore[attr-defined]
+        Result("w0", "ours", 2.0, "ms", baseline="theirs"),
+        Result("w0", "theirs", 6.0, "ms"),
+    ]
+    monkeypatch.setitem(sys.modules, "fake_w0", module)
+    monkeypatch.setitem(run.WORKLOADS, "w0", "fake_w0")
+
+
+def _written(stdout: str) -> tuple[Path, list[str]]:
+    """The folder and file names the last line of ``benchmarks.run`` names."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("results written to "), last
+    folder, names = last.removeprefix("results written to ").split(": ")
+    return Path(folder), names.split(", ")
+
+
+def test_results_go_under_the_current_folder_never_into_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package_results = Path(run.__file__).resolve().parent / "results"
+    before = set(package_results.iterdir()) if package_results.exists() else set()
+    _fake_workload(monkeypatch)
+
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run.main(["w0"]) == 0
+    folder, names = _written(capsys.readouterr().out)
+    assert folder == elsewhere / "benchmark-results"
+    assert [n.rsplit(".", 1)[1] for n in names] == ["json", "png"]
+    data = json.loads((folder / names[0]).read_text())
+    assert [(r["name"], r["ratio"]) for r in data["results"]] == [("ours", 3.0), ("theirs", None)]
+    assert (folder / names[1]).stat().st_size > 1000
+    assert report.latest() == folder / names[0]
+
+    checkout = tmp_path / "checkout"
+    (checkout / "benchmarks").mkdir(parents=True)
+    (checkout / "benchmarks" / "run.py").write_text("")
+    monkeypatch.chdir(checkout)
+    assert run.main(["w0", "--no-plot"]) == 0
+    folder, names = _written(capsys.readouterr().out)
+    assert folder == checkout / "benchmarks" / "results" and len(names) == 1
+    assert (folder / names[0]).is_file()
+
+    chosen = tmp_path / "chosen" / "deeper"
+    assert run.main(["w0", "--no-plot", "--out", str(chosen)]) == 0
+    folder, names = _written(capsys.readouterr().out)
+    assert folder == chosen and (chosen / names[0]).is_file()
+
+    after = set(package_results.iterdir()) if package_results.exists() else set()
+    assert after == before

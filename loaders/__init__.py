@@ -37,6 +37,7 @@ from loaders.sampler import PatchSampler, footprint
 from loaders.volume import (
     SUPPORTED_SUFFIXES,
     Volume,
+    detached_data_names,
     dicom_series,
     read_volume,
     reorient,
@@ -67,6 +68,7 @@ __all__ = [
     "VolumeNotFoundError",
     "apply_label_map",
     "case_id_from_path",
+    "detached_data_names",
     "dicom_series",
     "liver_label",
     "lits_cases",

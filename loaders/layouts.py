@@ -16,7 +16,7 @@ from typing import Any
 
 from loaders.cases import Case
 from loaders.errors import DatasetError
-from loaders.volume import volume_suffix
+from loaders.volume import detached_data_names, volume_suffix
 
 __all__ = [
     "case_id_from_path",
@@ -56,6 +56,35 @@ def _inside(root: Path, rel: Any, where: Path, what: str) -> Path:
     if os.path.commonpath([full, os.path.normpath(root)]) != os.path.normpath(root):
         raise DatasetError(where, f"{what} {rel!r} escapes the dataset root {root}")
     return Path(full)
+
+
+def _check_data_files(cases: Iterable[Case], root: Path | None) -> None:
+    """The data files named by MetaImage / NRRD headers must stay inside ``root`` (None:
+    each header's own folder), like the paths of dataset.json: ITK reads whatever file a
+    header names, an absolute path or one reached through ``..`` included."""
+    for c in cases:
+        for header in (c.image, c.label):
+            if header is None or header.is_dir():
+                continue
+            base = header.parent if root is None else root
+            field = (
+                "data file" if volume_suffix(header) in (".nhdr", ".nrrd") else "ElementDataFile"
+            )
+            for name in detached_data_names(header):
+                if os.path.isabs(name) or Path(name).drive:
+                    raise DatasetError(
+                        header,
+                        f"its {field} {name!r} is an absolute path; data files must lie "
+                        f"inside the dataset root {base} (a name relative to the header)",
+                    )
+                full = os.path.normpath(os.path.join(header.parent, name))
+                base_n = os.path.normpath(os.path.abspath(base))
+                if os.path.commonpath([os.path.abspath(full), base_n]) != base_n:
+                    raise DatasetError(
+                        header,
+                        f"its {field} {name!r} escapes the dataset root {base}; data files "
+                        "must lie inside it",
+                    )
 
 
 def _check_exist(cases: Iterable[Case], where: Path) -> None:
@@ -120,7 +149,8 @@ def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
 
     Raises:
         DatasetError: malformed dataset.json, wrong entry types, a path that is absolute or
-            escapes root, duplicate ids, listed files that do not exist, no cases.
+            escapes root (in dataset.json or in a MetaImage / NRRD header's data file),
+            duplicate ids, listed files that do not exist, no cases.
     """
     if split not in ("training", "test"):
         raise ValueError(f"split must be 'training' or 'test', got {split!r}")
@@ -173,6 +203,7 @@ def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
         raise DatasetError(where, f"no {split} cases listed")
     cases = _unique(cases, where)
     _check_exist(cases, where)
+    _check_data_files(cases, root)
     return cases
 
 
@@ -226,7 +257,8 @@ def sliver_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
             has ``label=None``, like the SLIVER07 test cases).
 
     Returns:
-        Cases ``sliver_NNN`` sorted by number; labels are 0/1.
+        Cases ``sliver_NNN`` sorted by number; labels are 0/1. A header's data file must
+        lie inside root.
     """
     root = _root_dir(root)
     vols = _numbered(root, r"^liver-orig(\d+)\.(mhd|mha)$")
@@ -255,25 +287,31 @@ def _pair_numbered(
             vols[unlabelled[0]],
             f"{len(unlabelled)} image(s) without a segmentation (numbers {unlabelled[:10]})",
         )
-    return [Case(f"{prefix}_{n:03d}", vols[n], segs.get(n)) for n in sorted(vols)]
+    cases = [Case(f"{prefix}_{n:03d}", vols[n], segs.get(n)) for n in sorted(vols)]
+    _check_data_files(cases, root)
+    return cases
 
 
 def pair_cases(
     pairs: Iterable[Sequence[PathLike | None]],
     *,
     ids: Sequence[str] | None = None,
+    root: PathLike | None = None,
 ) -> list[Case]:
     """Cases from a plain list of ``(image, label)`` pairs (label may be None).
 
     Args:
         pairs: ``(image, label)`` or ``(image,)`` items.
         ids: case ids, one per pair; by default the image file names without suffix.
+        root: the folder the data files of MetaImage / NRRD headers must lie in; by
+            default each header's own folder.
 
     Returns:
         The cases in the given order.
 
     Raises:
-        DatasetError: malformed pair, missing file, duplicate id.
+        DatasetError: malformed pair, missing file, duplicate id, a header's data file
+            outside ``root``.
     """
     cases = []
     items = list(pairs)
@@ -296,4 +334,5 @@ def pair_cases(
         for p in (c.image, c.label):
             if p is not None and not p.exists():
                 raise DatasetError(p, "no such file (listed in the pair list)")
+    _check_data_files(cases, None if root is None else Path(root))
     return cases

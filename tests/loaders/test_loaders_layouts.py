@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from loaders import (
     Case,
@@ -208,6 +209,65 @@ def test_pair_cases(tmp_path, make_volume_file):
     assert [c.id for c in pair_cases([(a, b), (a, None)], ids=["x", "y"])] == ["x", "y"]
     with pytest.raises(DatasetError, match=r"must be \(image, label\)"):
         pair_cases([str(a)])
+
+
+def _point_data_file(header, name):
+    """Rewrite a MetaImage header's ElementDataFile (or a NRRD's data file) to ``name``."""
+    text = header.read_text()
+    if header.suffix == ".mhd":
+        old = next(ln for ln in text.splitlines() if ln.startswith("ElementDataFile"))
+        header.write_text(text.replace(old, f"ElementDataFile = {name}"))
+    else:
+        old = next(ln for ln in text.splitlines() if ln.startswith("data file"))
+        header.write_text(text.replace(old, f"data file: {name}"))
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_header_data_file_outside_the_root_is_refused(tmp_path, make_volume_file, suffix):
+    outside = make_volume_file(f"secret/other{suffix}", IMG)
+    outside_raw = next(p for p in outside.parent.iterdir() if p.suffix != suffix)
+    root = tmp_path / "Task09"
+    make_volume_file(f"Task09/imagesTr/a{suffix}", IMG)
+    make_volume_file(f"Task09/labelsTr/a{suffix}", LAB)
+    write_json(
+        root,
+        {
+            "labels": {"0": "background", "1": "liver", "2": "tumour"},
+            "training": [{"image": f"imagesTr/a{suffix}", "label": f"labelsTr/a{suffix}"}],
+        },
+    )
+    assert [c.id for c in msd_cases(root)] == ["a"]  # the writer's own names stay inside
+    header = root / "imagesTr" / f"a{suffix}"
+    field = "ElementDataFile" if suffix == ".mhd" else "data file"
+    # SimpleITK itself reads what such a header points to
+    _point_data_file(header, str(outside_raw))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(header))), IMG)
+    with pytest.raises(DatasetError, match="is an absolute path") as err:
+        msd_cases(root)
+    assert str(header) in str(err.value) and field in str(err.value)
+    assert str(outside_raw) in str(err.value)
+    _point_data_file(header, f"../../secret/{outside_raw.name}")
+    with pytest.raises(DatasetError, match="escapes the dataset root") as err:
+        msd_cases(root)
+    assert str(header) in str(err.value) and "../../secret" in str(err.value)
+    # within the root, even through "..", is fine
+    _point_data_file(header, f"../labelsTr/{outside_raw.name.replace('other', 'a')}")
+    assert [c.id for c in msd_cases(root)] == ["a"]
+
+
+def test_header_data_file_checks_in_sliver_and_pair_layouts(tmp_path, make_volume_file):
+    make_volume_file("elsewhere/x.mhd", IMG)
+    seg = make_volume_file("sliver/liver-seg001.mhd", LAB)
+    make_volume_file("sliver/liver-orig001.mhd", IMG)
+    _point_data_file(seg, "../elsewhere/x.raw")
+    with pytest.raises(DatasetError, match="escapes the dataset root") as err:
+        sliver_cases(tmp_path / "sliver")
+    assert str(seg) in str(err.value)
+    # a pair list checks against each header's own folder, or the root it is given
+    img = tmp_path / "sliver" / "liver-orig001.mhd"
+    with pytest.raises(DatasetError, match="escapes the dataset root"):
+        pair_cases([(img, seg)])
+    assert len(pair_cases([(img, seg)], root=tmp_path)) == 1
 
 
 def test_case_ids_are_checked():

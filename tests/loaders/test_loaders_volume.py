@@ -232,6 +232,54 @@ def test_truncated_other_formats(tmp_path, make_volume_file, suffix):
     assert str(path) in str(err.value)
 
 
+def test_truncated_raw_of_a_metaimage_names_the_sizes(tmp_path, make_volume_file):
+    # ITK's own message for this is "Reason: Success"
+    path = make_volume_file("cut.mhd", ARRAY)  # 7 * 11 * 13 int16 voxels = 2002 bytes
+    raw = tmp_path / "cut.raw"
+    assert raw.stat().st_size == ARRAY.nbytes == 2002
+    raw.write_bytes(raw.read_bytes()[:1500])
+    with pytest.raises(VolumeError, match="truncated") as err:
+        read_volume(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and str(raw) in msg
+    assert "expected 2002 bytes" in msg and "found 1500 bytes" in msg and "Success" not in msg
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncated_mha_names_the_sizes(tmp_path, compress):
+    path = tmp_path / "cut.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(ARRAY), str(path), useCompression=compress)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    header = data[: data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")]
+    expected = len(data) - len(header)  # every byte after the header is voxel data
+    with pytest.raises(VolumeError, match="truncated") as err:
+        read_volume(path)
+    msg = str(err.value)
+    assert f"expected {expected} bytes" in msg and f"found {expected - 100} bytes" in msg
+    assert ("compressed" in msg) == compress and "Success" not in msg
+
+
+def test_missing_raw_of_a_metaimage(tmp_path, make_volume_file):
+    path = make_volume_file("gone.mhd", ARRAY)
+    (tmp_path / "gone.raw").unlink()
+    with pytest.raises(
+        VolumeError, match=r"data file 'gone.raw' \(ElementDataFile\) does not exist"
+    ):
+        read_volume(path)
+
+
+def test_complete_metaimage_with_header_size_reads(tmp_path, make_volume_file):
+    # HeaderSize = -1: the voxels are the last bytes of a data file with a preamble
+    path = make_volume_file("pre.mhd", ARRAY)
+    raw = tmp_path / "pre.raw"
+    raw.write_bytes(b"preamble" * 10 + raw.read_bytes())
+    text = path.read_text().replace("ElementDataFile", "HeaderSize = -1\nElementDataFile")
+    path.write_text(text)
+    np.testing.assert_array_equal(read_volume(path).array, ARRAY)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), ARRAY)
+
+
 def test_4d_image_is_rejected(tmp_path):
     img = sitk.JoinSeries([sitk.GetImageFromArray(ARRAY)] * 3)
     path = tmp_path / "dynamic.nii.gz"

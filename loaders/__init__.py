@@ -13,7 +13,7 @@ direction are stored in the same order (see ``loaders.volume``).
 from __future__ import annotations
 
 from loaders import phantom
-from loaders.cache import BuildReport, CaseInfo, VolumeCache
+from loaders.cache import BuildReport, CaseInfo, VolumeCache, default_cache_root
 from loaders.cases import Case, LabelMap, apply_label_map, liver_label, read_case
 from loaders.chunkstore import Region
 from loaders.errors import (
@@ -68,6 +68,7 @@ __all__ = [
     "VolumeNotFoundError",
     "apply_label_map",
     "case_id_from_path",
+    "default_cache_root",
     "detached_data_names",
     "dicom_series",
     "liver_label",

@@ -76,7 +76,7 @@ from loaders.errors import (
 )
 from loaders.fingerprint import SourceDigest, digest_source
 
-__all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache"]
+__all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache", "default_cache_root"]
 
 CACHE_FORMAT = 1
 CACHE_CHUNKS: tuple[int, int, int] = (32, 64, 64)
@@ -404,6 +404,16 @@ def _fingerprint(options: dict[str, Any], sources: dict[str, SourceDigest | None
         "label": sources["label"]["sha256"] if sources["label"] else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_root(dataset_root: str | os.PathLike[str]) -> Path:
+    """The cache folder of a dataset folder when none is given: its name plus ``.zarr``,
+    beside it (``data/ds_v1.2`` -> ``data/ds_v1.2.zarr``; ``with_suffix`` would give two
+    versions of a dataset one ``ds_v1.zarr``)."""
+    root = Path(dataset_root)
+    if root.name in ("", ".."):  # "." or "..": name the folder they stand for
+        root = Path(os.path.abspath(root))
+    return root.parent / (root.name + ".zarr")
 
 
 # ------------------------------------------------------------------------------ cache

@@ -14,18 +14,27 @@ from __future__ import annotations
 
 from loaders import phantom
 from loaders.cache import BuildReport, CaseInfo, VolumeCache, default_cache_root
-from loaders.cases import Case, LabelMap, apply_label_map, liver_label, read_case
+from loaders.cases import (
+    Case,
+    LabelMap,
+    apply_label_map,
+    label_values,
+    liver_label,
+    read_case,
+)
 from loaders.chunkstore import Region
 from loaders.errors import (
     CacheError,
     CaseError,
     DatasetError,
+    DataWarning,
     LoaderError,
     VolumeError,
     VolumeNotFoundError,
 )
 from loaders.layouts import (
     case_id_from_path,
+    declared_labels,
     lits_cases,
     load_dataset_json,
     msd_cases,
@@ -58,6 +67,7 @@ __all__ = [
     "Case",
     "CaseError",
     "CaseInfo",
+    "DataWarning",
     "DatasetError",
     "LabelMap",
     "LoaderError",
@@ -68,9 +78,11 @@ __all__ = [
     "VolumeNotFoundError",
     "apply_label_map",
     "case_id_from_path",
+    "declared_labels",
     "default_cache_root",
     "detached_data_names",
     "dicom_series",
+    "label_values",
     "liver_label",
     "lits_cases",
     "load_dataset_json",

@@ -22,9 +22,9 @@ nothing to do; build workers hold a shared lock on ``.tmp`` so that a new build 
 workers orphaned by a killed one before it clears ``.tmp``.
 
 Incremental: a case's fingerprint is the SHA-256 of its source files' contents (reused
-from the last build when their size and mtime are unchanged) and of the build options.
-Cases whose fingerprint is unchanged are kept; new or changed ones are rebuilt; cases no
-longer listed are dropped.
+from the last build when their size and mtime are unchanged), its declared label values
+and the build options. Cases whose fingerprint is unchanged are kept; new or changed ones
+are rebuilt; cases no longer listed are dropped.
 
 Chunking and codec, measured on a 200x512x512 int16 phantom (``benchmarks/w5.py`` and
 the experiments behind it): random 160^3 regions, warm page cache, one thread, 2-core VM
@@ -52,6 +52,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -71,6 +72,7 @@ from loaders.errors import (
     CacheError,
     CaseError,
     DatasetError,
+    DataWarning,
     LoaderError,
     VolumeNotFoundError,
 )
@@ -114,6 +116,7 @@ class CaseInfo:
         source_image: the image file it was built from.
         source_label: the label file, or None.
         fingerprint: hex digest of sources and build options.
+        warnings: the ``DataWarning`` messages the build gave for this case.
     """
 
     id: str
@@ -133,6 +136,7 @@ class CaseInfo:
     source_image: str
     source_label: str | None
     fingerprint: str
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,13 +335,18 @@ def _build_case(job: _Job) -> dict[str, Any]:
     root = Path(job.root)
     opts = job.options
     with _flock(root / ".tmp", exclusive=False):
-        image, label = read_case(
-            job.case,
-            canonical=opts["canonical"],
-            spacing=opts["spacing"],
-            label_map=job.label_map,
-            allow_empty_label=opts["allow_empty_label"],
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            image, label = read_case(
+                job.case,
+                canonical=opts["canonical"],
+                spacing=opts["spacing"],
+                label_map=job.label_map,
+                allow_empty_label=opts["allow_empty_label"],
+            )
+        for w in caught:  # DataWarnings go to the builder's process; others show here
+            if not issubclass(w.category, DataWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         img = _to_cache_dtype(image.array, opts["image_dtype"], job.case.image)
         lab = None if label is None else label.array
         seed = np.random.SeedSequence([opts["seed"], zlib.crc32(job.case.id.encode())])
@@ -355,6 +364,7 @@ def _build_case(job: _Job) -> dict[str, Any]:
             "direction": image.direction.tolist(),
             "has_label": lab is not None,
             "pad_value": float(img.min()),
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, DataWarning)],
             **stats,
         }
         tmp = root / ".tmp" / f"{job.dir_name}.{os.getpid()}"
@@ -394,12 +404,15 @@ def _build_case(job: _Job) -> dict[str, Any]:
     return record
 
 
-def _fingerprint(options: dict[str, Any], sources: dict[str, SourceDigest | None]) -> str:
+def _fingerprint(
+    options: dict[str, Any], sources: dict[str, SourceDigest | None], case: Case
+) -> str:
     payload = {
         "format": CACHE_FORMAT,
         "chunks": CACHE_CHUNKS,
         "codec": _BLOSC,
         "options": options,
+        "labels": None if case.labels is None else list(case.labels),
         "image": sources["image"]["sha256"] if sources["image"] else None,
         "label": sources["label"]["sha256"] if sources["label"] else None,
     }
@@ -558,6 +571,7 @@ class VolumeCache:
             source_image=e["sources"]["image"]["path"],
             source_label=(e["sources"]["label"] or {}).get("path"),
             fingerprint=e["fingerprint"],
+            warnings=tuple(e.get("warnings", ())),
         )
         info.direction.setflags(write=False)
         self._infos[case] = info
@@ -715,8 +729,8 @@ class VolumeCache:
 
         Raises:
             DatasetError: duplicate case ids.
-            VolumeError, CaseError: a case failed (the first failure is raised after the
-                other cases finished; they stay in the cache).
+            VolumeError, CaseError: a case failed, e.g. undeclared label values (the first
+                failure is raised after the other cases finished; they stay in the cache).
             CacheError: several cases failed, or the root is not a cache folder.
         """
         t0 = time.perf_counter()
@@ -767,7 +781,7 @@ class VolumeCache:
                 sources = dict(zip(seen, ex.map(digests, cases), strict=True))
             jobs, kept = [], []
             for c in cases:
-                fp = _fingerprint(options, sources[c.id])
+                fp = _fingerprint(options, sources[c.id], c)
                 prev = old.get(c.id)
                 if (
                     not force
@@ -801,6 +815,8 @@ class VolumeCache:
                         errors.append((job.case.id, result))
                     else:
                         voxel_bytes += result.pop("voxel_bytes")
+                        for message in result["warnings"]:
+                            warnings.warn(message, DataWarning, stacklevel=2)
                         manifest["cases"][job.case.id] = result
                         built.append(job.case.id)
                         if time.perf_counter() - last_write >= _MANIFEST_EVERY_S:

@@ -13,6 +13,7 @@ from loaders import (
     CaseError,
     DatasetError,
     apply_label_map,
+    declared_labels,
     lits_cases,
     liver_label,
     load_dataset_json,
@@ -181,10 +182,11 @@ def test_lits_layout(tmp_path, make_volume_file):
 
 
 def test_sliver_layout(tmp_path, make_volume_file):
+    liver = (LAB > 0).astype(np.uint8)  # SLIVER07 labels are 0/1
     for n in (1, 2):
         make_volume_file(f"sliver/liver-orig{n:03d}.mhd", IMG)
-        make_volume_file(f"sliver/liver-seg{n:03d}.mhd", LAB)
-    make_volume_file("sliver/liver-seg007.mhd", LAB)
+        make_volume_file(f"sliver/liver-seg{n:03d}.mhd", liver)
+    make_volume_file("sliver/liver-seg007.mhd", liver)
     with pytest.raises(DatasetError, match=r"segmentation without an image \(numbers \[7\]"):
         sliver_cases(tmp_path / "sliver")
     (tmp_path / "sliver" / "liver-seg007.mhd").unlink()
@@ -192,7 +194,11 @@ def test_sliver_layout(tmp_path, make_volume_file):
     assert [c.id for c in cases] == ["sliver_001", "sliver_002"]
     image, label = read_case(cases[0])
     np.testing.assert_array_equal(image.array, IMG)
-    np.testing.assert_array_equal(label.array, LAB)
+    np.testing.assert_array_equal(label.array, liver)
+    make_volume_file("sliver/liver-seg002.mhd", LAB)  # a 2 where SLIVER07 declares 0/1
+    with pytest.raises(CaseError, match=r"label values 2 \(1 voxels\) are not among") as err:
+        read_case(sliver_cases(tmp_path / "sliver")[1])
+    assert "liver-seg002.mhd" in str(err.value) and "[0, 1]" in str(err.value)
 
 
 def test_pair_cases(tmp_path, make_volume_file):
@@ -268,6 +274,27 @@ def test_header_data_file_checks_in_sliver_and_pair_layouts(tmp_path, make_volum
     with pytest.raises(DatasetError, match="escapes the dataset root"):
         pair_cases([(img, seg)])
     assert len(pair_cases([(img, seg)], root=tmp_path)) == 1
+
+
+def test_declared_labels_from_dataset_json(msd_root, tmp_path):
+    assert [c.labels for c in msd_cases(msd_root)] == [(0, 1, 2), (0, 1, 2)]
+    meta = json.loads((msd_root / "dataset.json").read_text())
+    where = msd_root / "dataset.json"
+    assert declared_labels({"labels": {"background": 0, "liver": 1}}, where) == (0, 1)
+    regions = {"labels": {"background": 0, "liver": [1, 2], "tumour": 2, "ignore": 255}}
+    assert declared_labels(regions, where) == (0, 1, 2, 255)
+    assert declared_labels({}, where) is None
+    for bad in ({"background": "zero"}, [0, 1], {}, {"liver": -1}, {"liver": True}):
+        with pytest.raises(DatasetError, match='"labels" must map') as err:
+            declared_labels({"labels": bad}, where)
+        assert str(where) in str(err.value)
+    del meta["labels"]
+    write_json(msd_root, meta)
+    assert msd_cases(msd_root)[0].labels is None
+    assert pair_cases([(msd_root / "imagesTr" / "liver_0.nii.gz",)], labels=[1, 0])[0].labels == (
+        0,
+        1,
+    )
 
 
 def test_case_ids_are_checked():

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from loaders.errors import CaseError, DatasetError, DataWarning
-from loaders.volume import Volume, read_volume, reorient, resample
+from loaders.orientation import Reorientation, to_canonical
+from loaders.volume import Volume, read_volume, resample
 
 __all__ = [
     "FOREGROUND_WARN_FRACTION",
     "Case",
     "LabelMap",
     "apply_label_map",
+    "canonical_pair",
     "label_map_key",
     "label_values",
     "liver_label",
@@ -187,6 +189,39 @@ def _check_declared(label: Volume, case: Case) -> None:
         )
 
 
+def canonical_pair(
+    image: Volume,
+    label: Volume | None,
+    *,
+    spacing: Sequence[float] | None = None,
+) -> tuple[Volume, Volume | None, Reorientation]:
+    """Put a case's image and label on the canonical grid, then resample them.
+
+    The image's reorientation (``loaders.orientation.to_canonical``) is applied to both,
+    so a label whose direction differs from the image's within ``read_case``'s tolerance
+    gets the same permutation.
+
+    Args:
+        image: the image as read (``read_case`` without ``canonical`` and ``spacing``).
+        label: its label, or None.
+        spacing: resample both to this spacing (z, y, x) in mm afterwards (label: nearest).
+
+    Returns:
+        ``(image, label, reorientation)``; the reorientation maps the canonical grid of
+        the original spacing back to the stored file (``Reorientation.undo``).
+
+    Raises:
+        VolumeError: the image is oblique (see ``to_canonical``).
+    """
+    image, reo = to_canonical(image)
+    if label is not None:
+        label = reo.apply_volume(label)
+    if spacing is not None:
+        image = resample(image, spacing)
+        label = None if label is None else resample(label, spacing, is_label=True)
+    return image, label, reo
+
+
 def read_case(
     case: Case,
     *,
@@ -207,7 +242,8 @@ def read_case(
 
     Args:
         case: the case.
-        canonical: reorient both to the canonical orientation (see ``read_volume``).
+        canonical: put both on the canonical grid (``canonical_pair``; oblique volumes
+            are refused).
         spacing: resample both to this spacing (z, y, x) in mm (label: nearest).
         label_map: applied to the label; the result is uint8.
         allow_empty_label: accept a label without any foreground (after mapping).
@@ -219,7 +255,8 @@ def read_case(
         ``(image, label)``; label is None for an unlabelled case, else a uint8 ``Volume``.
 
     Raises:
-        VolumeError: either file is unreadable or invalid (see ``read_volume``).
+        VolumeError: either file is unreadable or invalid (see ``read_volume``), or
+            oblique with ``canonical``.
         CaseError: shape / spacing / origin / direction mismatch, undeclared label values,
             an empty label, or a label map that fails; the message starts with the
             label's path.
@@ -258,9 +295,8 @@ def read_case(
             )
         label = label.with_array(mapped)
     if canonical:
-        image = reorient(image)
-        label = None if label is None else reorient(label)
-    if spacing is not None:
+        image, label, _ = canonical_pair(image, label, spacing=spacing)
+    elif spacing is not None:
         image = resample(image, spacing)
         label = None if label is None else resample(label, spacing, is_label=True)
     return image, label

@@ -37,10 +37,9 @@ from loaders.errors import VolumeError, VolumeNotFoundError
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "Volume",
-    "detached_data_names",
     "dicom_series",
+    "detached_data_names",
     "read_volume",
-    "reorient",
     "resample",
     "volume_suffix",
     "write_array",
@@ -59,11 +58,6 @@ _IMAGE_IOS = {
 }
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_IMAGE_IOS)
 """File suffixes ``read_volume`` accepts; a folder is read as a DICOM series."""
-
-CANONICAL_ORIENTATION = "LPS"
-"""``read_volume(canonical=True)`` reorients to this (SimpleITK ``DICOMOrient`` code): array
-axes (z, y, x) advance towards the patient's Superior, Posterior and Left, i.e. an identity
-direction for an axis-aligned scan."""
 
 Triple = tuple[float, float, float]
 
@@ -524,16 +518,6 @@ def _read_with_itk(path: Path, name: Path, suffix: str) -> sitk.Image:
         raise VolumeError(path, f"truncated or corrupt voxel data: {_itk_message(exc)}") from None
 
 
-def reorient(volume: Volume, orientation: str = CANONICAL_ORIENTATION) -> Volume:
-    """Permute/flip the axes so they point along ``orientation`` (SimpleITK ``DICOMOrient``).
-
-    The result is an exact permutation of the voxels (no interpolation); the remaining
-    direction (identity unless the scan is oblique) stays in the metadata.
-    """
-    out = Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), orientation), path=volume.path)
-    return replace(out, array=out.array.astype(volume.dtype, copy=False))
-
-
 def resample(volume: Volume, spacing: Sequence[float], *, is_label: bool = False) -> Volume:
     """Resample to a target spacing (z, y, x) in mm with SimpleITK.
 
@@ -611,7 +595,6 @@ def _check_voxels(array: np.ndarray, path: Path | None, *, is_label: bool) -> np
 def read_volume(
     path: str | os.PathLike[str],
     *,
-    canonical: bool = False,
     spacing: Sequence[float] | None = None,
     is_label: bool = False,
     series_uid: str | None = None,
@@ -621,9 +604,8 @@ def read_volume(
     Args:
         path: a .nii / .nii.gz / .mha / .mhd (+ data file) / .nrrd / .nhdr file, or a
             folder holding a DICOM series (read with GDCM).
-        canonical: reorient to ``CANONICAL_ORIENTATION`` (an exact axis permutation/flip)
-            so that an array axis means the same anatomical direction in every case.
-        spacing: resample to this spacing (z, y, x) in mm (after reorientation).
+        spacing: resample to this spacing (z, y, x) in mm (the grid keeps its direction;
+            ``loaders.orientation.to_canonical`` puts volumes on one axis order).
         is_label: the file is a label map: nearest-neighbour resampling, integer values
             required (float files with integer values and signed types become the
             smallest unsigned dtype that fits).
@@ -655,8 +637,6 @@ def read_volume(
         )
     vol = Volume.from_sitk(image, path=p)
     vol = vol.with_array(_check_voxels(vol.array, p, is_label=is_label))
-    if canonical:
-        vol = reorient(vol)
     if spacing is not None:
         vol = resample(vol, spacing, is_label=is_label)
     return vol

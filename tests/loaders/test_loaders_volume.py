@@ -13,7 +13,6 @@ from loaders import (
     VolumeError,
     VolumeNotFoundError,
     read_volume,
-    reorient,
     resample,
     write_array,
     write_volume,
@@ -114,37 +113,6 @@ def test_empty_folder_is_not_a_dicom_series(tmp_path):
     with pytest.raises(VolumeError, match="no DICOM series") as err:
         read_volume(tmp_path)
     assert str(tmp_path) in str(err.value)
-
-
-def test_canonical_orientation_flips_exactly(make_volume_file):
-    # Many NIfTI files are stored RAS: ITK direction diag(-1, -1, 1).
-    flip = np.diag([-1.0, -1.0, 1.0])
-    path = make_volume_file(
-        "ras.nii.gz", ARRAY, spacing_xyz=SPACING_XYZ, origin_xyz=ORIGIN_XYZ, direction_xyz=flip
-    )
-    raw = read_volume(path)
-    canon = read_volume(path, canonical=True)
-    np.testing.assert_array_equal(canon.array, ARRAY[:, ::-1, ::-1])
-    np.testing.assert_allclose(canon.direction, np.eye(3), atol=1e-6)
-    assert canon.dtype == raw.dtype
-    # every voxel keeps its physical position: compare the two geometries voxel by voxel
-    for idx in [(0, 0, 0), (6, 10, 12), (2, 3, 4)]:
-        p = np.array(canon.origin) + canon.direction @ (np.array(canon.spacing) * idx)
-        src = np.linalg.solve(raw.direction * np.array(raw.spacing), p - np.array(raw.origin))
-        src = tuple(int(round(v)) for v in src)
-        assert canon.array[idx] == raw.array[src]
-
-
-def test_canonical_orientation_permutes_axes(make_volume_file):
-    # array axis x runs along physical y and vice versa
-    swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
-    path = make_volume_file("swap.mha", ARRAY, spacing_xyz=(0.5, 0.9, 3.0), direction_xyz=swap)
-    raw = read_volume(path)
-    canon = reorient(raw)
-    assert canon.shape == (7, 13, 11)
-    np.testing.assert_allclose(canon.direction, np.eye(3), atol=1e-6)
-    np.testing.assert_allclose(canon.spacing, (3.0, 0.5, 0.9))
-    np.testing.assert_array_equal(canon.array, np.transpose(ARRAY, (0, 2, 1))[::-1])
 
 
 def test_resample_linear_ramp_and_nearest_label(tmp_path):

@@ -41,19 +41,29 @@ if _missing := _absent(_IO_MODULES):
     )
 
 from loaders import phantom
-from loaders.cache import BuildReport, CaseInfo, VolumeCache
-from loaders.cases import Case, LabelMap, apply_label_map, liver_label, read_case
+from loaders.cache import BuildReport, CaseInfo, VolumeCache, default_cache_root
+from loaders.cases import (
+    Case,
+    LabelMap,
+    apply_label_map,
+    canonical_pair,
+    label_values,
+    liver_label,
+    read_case,
+)
 from loaders.chunkstore import Region
 from loaders.errors import (
     CacheError,
     CaseError,
     DatasetError,
+    DataWarning,
     LoaderError,
     VolumeError,
     VolumeNotFoundError,
 )
 from loaders.layouts import (
     case_id_from_path,
+    declared_labels,
     lits_cases,
     load_dataset_json,
     msd_cases,
@@ -61,13 +71,14 @@ from loaders.layouts import (
     sliver_cases,
 )
 from loaders.loader import LoaderStats, PatchLoader, WorkerError
+from loaders.orientation import ORIENTATION_TOL, Geometry, Reorientation, to_canonical
 from loaders.sampler import PatchSampler, footprint
 from loaders.volume import (
     SUPPORTED_SUFFIXES,
     Volume,
+    detached_data_names,
     dicom_series,
     read_volume,
-    reorient,
     resample,
     write_array,
     write_volume,
@@ -85,17 +96,26 @@ __all__ = [
     "Case",
     "CaseError",
     "CaseInfo",
+    "DataWarning",
     "DatasetError",
+    "Geometry",
     "LabelMap",
     "LoaderError",
+    "ORIENTATION_TOL",
     "Region",
+    "Reorientation",
     "Volume",
     "VolumeCache",
     "VolumeError",
     "VolumeNotFoundError",
     "apply_label_map",
+    "canonical_pair",
     "case_id_from_path",
+    "detached_data_names",
+    "default_cache_root",
+    "declared_labels",
     "dicom_series",
+    "label_values",
     "liver_label",
     "lits_cases",
     "load_dataset_json",
@@ -104,9 +124,9 @@ __all__ = [
     "phantom",
     "read_case",
     "read_volume",
-    "reorient",
     "resample",
     "sliver_cases",
+    "to_canonical",
     "write_array",
     "write_volume",
 ]

@@ -22,9 +22,15 @@ nothing to do; build workers hold a shared lock on ``.tmp`` so that a new build 
 workers orphaned by a killed one before it clears ``.tmp``.
 
 Incremental: a case's fingerprint is the SHA-256 of its source files' contents (reused
-from the last build when their size and mtime are unchanged) and of the build options.
-Cases whose fingerprint is unchanged are kept; new or changed ones are rebuilt; cases no
-longer listed are dropped.
+from the last build when their size and mtime are unchanged), its declared label values
+and the build options. Cases whose fingerprint is unchanged are kept; new or changed ones
+are rebuilt; cases no longer listed are dropped. A cache of an older format is rebuilt
+whole by ``build`` and refused by readers.
+
+Orientation: every case is stored on its canonical grid (``loaders.orientation``: an
+exact permutation/flip of the array, identity direction); its record keeps the
+``Reorientation`` (original shape, spacing, origin, direction, permutation and flips), so
+``info(case).reorientation.undo`` maps an array on the canonical grid back to the file.
 
 Chunking and codec, measured on a 200x512x512 int16 phantom (``benchmarks/w5.py`` and
 the experiments behind it): random 160^3 regions, warm page cache, one thread, 2-core VM
@@ -52,6 +58,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -65,20 +72,24 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from loaders.cases import Case, LabelMap, label_map_key, read_case
+from loaders.cases import Case, LabelMap, canonical_pair, label_map_key, read_case
 from loaders.chunkstore import ArrayReader, ChunkLRU, Region, parse_region
 from loaders.errors import (
     CacheError,
     CaseError,
     DatasetError,
+    DataWarning,
     LoaderError,
     VolumeNotFoundError,
 )
 from loaders.fingerprint import SourceDigest, digest_source
+from loaders.orientation import Reorientation
 
-__all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache"]
+__all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache", "default_cache_root"]
 
-CACHE_FORMAT = 1
+# 2: cases on their canonical grid, with a "reorientation" record (format 1 stored them as
+# the files did, so its arrays would be misread next to reoriented ones)
+CACHE_FORMAT = 2
 CACHE_CHUNKS: tuple[int, int, int] = (32, 64, 64)
 """Inner chunk shape (z, y, x) of the image and label arrays (see the module docstring)."""
 # c-blosc scales a forced block size by the item size with a 64 KiB floor: 64 KiB blocks
@@ -99,7 +110,8 @@ class CaseInfo:
         shape: array shape.
         spacing: voxel spacing in mm.
         origin: position of voxel (0, 0, 0) in mm.
-        direction: 3x3 direction cosines (see ``loaders.volume``).
+        direction: 3x3 direction cosines (see ``loaders.volume``): the identity, since
+            cases are stored on their canonical grid.
         dtype: dtype of the cached image.
         has_label: whether a label array exists.
         fg_bbox: half-open ``((z0, z1), (y0, y1), (x0, x1))`` of label > 0, or None.
@@ -114,6 +126,10 @@ class CaseInfo:
         source_image: the image file it was built from.
         source_label: the label file, or None.
         fingerprint: hex digest of sources and build options.
+        reorientation: how the source files' grid maps onto the stored one (before any
+            resampling); ``reorientation.undo`` and ``to_sitk`` take an array on the
+            canonical grid of the original spacing back to the file's geometry.
+        warnings: the ``DataWarning`` messages the build gave for this case.
     """
 
     id: str
@@ -133,6 +149,8 @@ class CaseInfo:
     source_image: str
     source_label: str | None
     fingerprint: str
+    reorientation: Reorientation
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,8 +196,13 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     _write_json_atomic(root / "zarr.json", meta)
 
 
+class _OtherFormat(CacheError):
+    """A cache of another ``CACHE_FORMAT``: readers refuse it, a build replaces it."""
+
+
 def _read_manifest(root: Path) -> dict[str, Any] | None:
-    """The manifest, or None where no cache exists; CacheError for anything else."""
+    """The manifest, or None where no cache exists; ``_OtherFormat`` for a cache of another
+    format, CacheError for anything else."""
     path = root / "zarr.json"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -191,10 +214,10 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     if not isinstance(manifest, dict):
         raise CacheError(path, "a zarr group but not a volume cache (no 'voxaug_cache' attribute)")
     if manifest.get("format") != CACHE_FORMAT:
-        raise CacheError(
+        raise _OtherFormat(
             path,
             f"cache format {manifest.get('format')!r}; this version reads "
-            f"{CACHE_FORMAT}: rebuild the cache",
+            f"{CACHE_FORMAT}: rebuild the cache (VolumeCache.build replaces it)",
         )
     manifest.setdefault("cases", {})
     return manifest
@@ -331,15 +354,20 @@ def _build_case(job: _Job) -> dict[str, Any]:
     root = Path(job.root)
     opts = job.options
     with _flock(root / ".tmp", exclusive=False):
-        image, label = read_case(
-            job.case,
-            canonical=opts["canonical"],
-            spacing=opts["spacing"],
-            label_map=job.label_map,
-            allow_empty_label=opts["allow_empty_label"],
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            image, label = read_case(
+                job.case, label_map=job.label_map, allow_empty_label=opts["allow_empty_label"]
+            )
+        for w in caught:  # DataWarnings go to the builder's process; others show here
+            if not issubclass(w.category, DataWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        image, label, reorientation = canonical_pair(image, label, spacing=opts["spacing"])
+        # one copy of a flipped/permuted view here instead of one per ravel() below
+        img = np.ascontiguousarray(
+            _to_cache_dtype(image.array, opts["image_dtype"], job.case.image)
         )
-        img = _to_cache_dtype(image.array, opts["image_dtype"], job.case.image)
-        lab = None if label is None else label.array
+        lab = None if label is None else np.ascontiguousarray(label.array)
         seed = np.random.SeedSequence([opts["seed"], zlib.crc32(job.case.id.encode())])
         stats, fg_idx, fg_cls = _case_stats(
             img, lab, rng=np.random.default_rng(seed), n_foreground=opts["n_foreground"]
@@ -353,8 +381,10 @@ def _build_case(job: _Job) -> dict[str, Any]:
             "spacing": list(image.spacing),
             "origin": list(image.origin),
             "direction": image.direction.tolist(),
+            "reorientation": reorientation.to_record(),
             "has_label": lab is not None,
             "pad_value": float(img.min()),
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, DataWarning)],
             **stats,
         }
         tmp = root / ".tmp" / f"{job.dir_name}.{os.getpid()}"
@@ -394,16 +424,29 @@ def _build_case(job: _Job) -> dict[str, Any]:
     return record
 
 
-def _fingerprint(options: dict[str, Any], sources: dict[str, SourceDigest | None]) -> str:
+def _fingerprint(
+    options: dict[str, Any], sources: dict[str, SourceDigest | None], case: Case
+) -> str:
     payload = {
         "format": CACHE_FORMAT,
         "chunks": CACHE_CHUNKS,
         "codec": _BLOSC,
         "options": options,
+        "labels": None if case.labels is None else list(case.labels),
         "image": sources["image"]["sha256"] if sources["image"] else None,
         "label": sources["label"]["sha256"] if sources["label"] else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_root(dataset_root: str | os.PathLike[str]) -> Path:
+    """The cache folder of a dataset folder when none is given: its name plus ``.zarr``,
+    beside it (``data/ds_v1.2`` -> ``data/ds_v1.2.zarr``; ``with_suffix`` would give two
+    versions of a dataset one ``ds_v1.zarr``)."""
+    root = Path(dataset_root)
+    if root.name in ("", ".."):  # "." or "..": name the folder they stand for
+        root = Path(os.path.abspath(root))
+    return root.parent / (root.name + ".zarr")
 
 
 # ------------------------------------------------------------------------------ cache
@@ -465,12 +508,18 @@ class VolumeCache:
         self.close()
 
     def __repr__(self) -> str:
+        if self._other_format is not None:
+            return f"VolumeCache({str(self.root)!r}, {self._other_format.problem})"
         return f"VolumeCache({str(self.root)!r}, cases={len(self.cases)}, complete={self.complete})"
 
     # ------------------------------------------------------------------ manifest / info
     def refresh(self) -> None:
         """Re-read the manifest (to see a build that finished since this was opened)."""
-        self._manifest = _read_manifest(self.root)
+        self._other_format: CacheError | None = None
+        try:
+            self._manifest = _read_manifest(self.root)
+        except _OtherFormat as exc:  # refused by every read, replaced by build()
+            self._manifest, self._other_format = None, exc
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
@@ -478,6 +527,8 @@ class VolumeCache:
         self._lru.clear()
 
     def _entries(self) -> dict[str, Any]:
+        if self._other_format is not None:
+            raise CacheError(self._other_format.path, self._other_format.problem)
         return {} if self._manifest is None else self._manifest["cases"]
 
     def _entry(self, case: str) -> dict[str, Any]:
@@ -548,6 +599,8 @@ class VolumeCache:
             source_image=e["sources"]["image"]["path"],
             source_label=(e["sources"]["label"] or {}).get("path"),
             fingerprint=e["fingerprint"],
+            reorientation=Reorientation.from_record(e["reorientation"]),
+            warnings=tuple(e.get("warnings", ())),
         )
         info.direction.setflags(write=False)
         self._infos[case] = info
@@ -659,7 +712,10 @@ class VolumeCache:
         root = self.root
         root.mkdir(parents=True, exist_ok=True)
         if (root / "zarr.json").exists():
-            _read_manifest(root)  # raises unless it is a cache of this format
+            try:
+                _read_manifest(root)  # raises unless it is a volume cache
+            except _OtherFormat:
+                pass  # replaced by the build
         elif any(p.name != ".tmp" for p in root.iterdir()):
             raise CacheError(
                 root, "exists, is not empty and is not a volume cache; refusing to write into it"
@@ -671,7 +727,6 @@ class VolumeCache:
         *,
         workers: int | None = None,
         label_map: LabelMap | None = None,
-        canonical: bool = False,
         spacing: Sequence[float] | None = None,
         image_dtype: str = "auto",
         allow_empty_label: bool = False,
@@ -690,8 +745,8 @@ class VolumeCache:
                 case's volumes in memory.
             label_map: applied to labels before storing (e.g. ``liver_label``); a
                 module-level function or a dict, so that workers can unpickle it.
-            canonical: reorient to the canonical orientation (``read_volume``).
-            spacing: resample to this spacing (z, y, x) in mm.
+            spacing: resample to this spacing (z, y, x) in mm (after the reorientation
+                onto the canonical grid, which every case gets).
             image_dtype: ``"auto"`` (int16 for integer-valued images in range, as CT;
                 else the source dtype, float64 as float32) or an explicit dtype.
             allow_empty_label: accept labels with no foreground.
@@ -705,8 +760,9 @@ class VolumeCache:
 
         Raises:
             DatasetError: duplicate case ids.
-            VolumeError, CaseError: a case failed (the first failure is raised after the
-                other cases finished; they stay in the cache).
+            VolumeError, CaseError: a case failed, e.g. an oblique volume or undeclared
+                label values (the first failure is raised after the other cases
+                finished; they stay in the cache).
             CacheError: several cases failed, or the root is not a cache folder.
         """
         t0 = time.perf_counter()
@@ -717,7 +773,6 @@ class VolumeCache:
                 raise DatasetError(c.image, f"duplicate case id {c.id!r} (also {seen[c.id].image})")
             seen[c.id] = c
         options = {
-            "canonical": bool(canonical),
             "spacing": None if spacing is None else [float(s) for s in spacing],
             "label_map": label_map_key(label_map),
             "image_dtype": str(image_dtype),
@@ -735,7 +790,11 @@ class VolumeCache:
                 with _flock(tmp, exclusive=True):
                     shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            if not (root / "zarr.json").exists():
+            try:
+                fresh = _read_manifest(root) is None
+            except _OtherFormat:
+                fresh = True  # its cases are rebuilt, its folders removed at the end
+            if fresh:
                 _write_manifest(root, {"format": CACHE_FORMAT, "complete": False, "cases": {}})
             self.refresh()
             old = dict(self._entries())
@@ -757,7 +816,7 @@ class VolumeCache:
                 sources = dict(zip(seen, ex.map(digests, cases), strict=True))
             jobs, kept = [], []
             for c in cases:
-                fp = _fingerprint(options, sources[c.id])
+                fp = _fingerprint(options, sources[c.id], c)
                 prev = old.get(c.id)
                 if (
                     not force
@@ -791,6 +850,8 @@ class VolumeCache:
                         errors.append((job.case.id, result))
                     else:
                         voxel_bytes += result.pop("voxel_bytes")
+                        for message in result["warnings"]:
+                            warnings.warn(message, DataWarning, stacklevel=2)
                         manifest["cases"][job.case.id] = result
                         built.append(job.case.id)
                         if time.perf_counter() - last_write >= _MANIFEST_EVERY_S:

@@ -7,6 +7,7 @@ import os
 __all__ = [
     "CacheError",
     "CaseError",
+    "DataWarning",
     "DatasetError",
     "LoaderError",
     "VolumeError",
@@ -50,3 +51,8 @@ class DatasetError(LoaderError):
 
 class CacheError(LoaderError):
     """A volume cache is missing, from an incompatible version, or was changed under us."""
+
+
+class DataWarning(UserWarning):
+    """Input that is accepted but probably wrong (a label that is mostly foreground, a
+    volume smaller than the training patch); the message names the file or case."""

@@ -10,34 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
+
+from loaders.volume import detached_data_names
 
 __all__ = ["SourceDigest", "digest_source", "source_files", "stat_signature"]
 
 _CHUNK = 1 << 22
-_MHD_DATA = re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-_NHDR_DATA = re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 SourceDigest = dict[str, object]
 """``{"path": str, "stat": str, "sha256": str}`` as stored in the cache manifest."""
 
 
-def _detached_data(header: Path, pattern: re.Pattern[str]) -> list[Path]:
-    try:
-        text = header.read_text(errors="replace")
-    except OSError:
-        return []
-    m = pattern.search(text)
-    if m is None:
-        return []
-    name = m.group(1).strip()
-    if name.upper() in ("LOCAL", "LIST") or name.upper().startswith("LIST") or " " in name:
-        # data in the header itself, or a list/pattern of files: hash the header's folder
-        # siblings that share the header's stem as a conservative approximation.
-        return sorted(p for p in header.parent.glob(header.stem + ".*") if p != header)
-    data = header.parent / name
-    return [data] if data.is_file() else []
+def _detached_data(header: Path) -> list[Path]:
+    """The existing data files a MetaImage / NRRD header names (``detached_data_names``)."""
+    files = [header.parent / name for name in detached_data_names(header)]
+    return [f for f in files if f.is_file()]
 
 
 def source_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -45,12 +33,7 @@ def source_files(path: str | os.PathLike[str]) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-    name = p.name.lower()
-    if name.endswith(".mhd"):
-        return [p, *_detached_data(p, _MHD_DATA)]
-    if name.endswith(".nhdr"):
-        return [p, *_detached_data(p, _NHDR_DATA)]
-    return [p]
+    return [p, *_detached_data(p)]
 
 
 def stat_signature(path: str | os.PathLike[str]) -> str:

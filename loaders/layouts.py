@@ -16,10 +16,13 @@ from typing import Any
 
 from loaders.cases import Case
 from loaders.errors import DatasetError
-from loaders.volume import volume_suffix
+from loaders.volume import detached_data_names, volume_suffix
 
 __all__ = [
+    "LITS_LABELS",
+    "SLIVER_LABELS",
     "case_id_from_path",
+    "declared_labels",
     "load_dataset_json",
     "lits_cases",
     "msd_cases",
@@ -28,6 +31,11 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+
+LITS_LABELS = (0, 1, 2)
+"""LiTS label values: background, liver, tumour."""
+SLIVER_LABELS = (0, 1)
+"""SLIVER07 label values: background, liver."""
 
 
 def case_id_from_path(path: PathLike) -> str:
@@ -56,6 +64,35 @@ def _inside(root: Path, rel: Any, where: Path, what: str) -> Path:
     if os.path.commonpath([full, os.path.normpath(root)]) != os.path.normpath(root):
         raise DatasetError(where, f"{what} {rel!r} escapes the dataset root {root}")
     return Path(full)
+
+
+def _check_data_files(cases: Iterable[Case], root: Path | None) -> None:
+    """The data files named by MetaImage / NRRD headers must stay inside ``root`` (None:
+    each header's own folder), like the paths of dataset.json: ITK reads whatever file a
+    header names, an absolute path or one reached through ``..`` included."""
+    for c in cases:
+        for header in (c.image, c.label):
+            if header is None or header.is_dir():
+                continue
+            base = header.parent if root is None else root
+            field = (
+                "data file" if volume_suffix(header) in (".nhdr", ".nrrd") else "ElementDataFile"
+            )
+            for name in detached_data_names(header):
+                if os.path.isabs(name) or Path(name).drive:
+                    raise DatasetError(
+                        header,
+                        f"its {field} {name!r} is an absolute path; data files must lie "
+                        f"inside the dataset root {base} (a name relative to the header)",
+                    )
+                full = os.path.normpath(os.path.join(header.parent, name))
+                base_n = os.path.normpath(os.path.abspath(base))
+                if os.path.commonpath([os.path.abspath(full), base_n]) != base_n:
+                    raise DatasetError(
+                        header,
+                        f"its {field} {name!r} escapes the dataset root {base}; data files "
+                        "must lie inside it",
+                    )
 
 
 def _check_exist(cases: Iterable[Case], where: Path) -> None:
@@ -102,6 +139,44 @@ def load_dataset_json(root: PathLike) -> dict[str, Any]:
     return meta
 
 
+def declared_labels(meta: dict[str, Any], where: Path) -> tuple[int, ...] | None:
+    """The label values a dataset.json declares in ``"labels"``.
+
+    MSD / nnU-Net v1 map values to names (``{"0": "background", "1": "liver"}``); nnU-Net
+    v2 maps names to a value or, for regions, a list of values (``{"background": 0,
+    "liver": 1}``).
+
+    Args:
+        meta: the parsed dataset.json.
+        where: its path, for messages.
+
+    Returns:
+        The sorted values, or None where dataset.json has no ``"labels"``.
+
+    Raises:
+        DatasetError: ``"labels"`` is not an object of integer values or keys.
+    """
+    labels = meta.get("labels")
+    if labels is None:
+        return None
+    bad = DatasetError(
+        where,
+        '"labels" must map values to names ({"0": "background", ...}) or names to values '
+        f'({{"background": 0, ...}}), got {labels!r}',
+    )
+    if not isinstance(labels, dict) or not labels:
+        raise bad
+    if all(isinstance(k, str) and re.fullmatch(r"\s*\d+\s*", k) for k in labels):
+        return tuple(sorted({int(k) for k in labels}))
+    values: set[int] = set()
+    for v in labels.values():
+        for item in v if isinstance(v, list) else [v]:
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise bad
+            values.add(item)
+    return tuple(sorted(values))
+
+
 def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
     """Cases of a Medical Segmentation Decathlon or nnU-Net (v1/v2) dataset folder.
 
@@ -116,17 +191,20 @@ def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
 
     Returns:
         The cases sorted by id; the id is the image file name without suffix (and without
-        nnU-Net's ``_0000`` channel suffix).
+        nnU-Net's ``_0000`` channel suffix). Their ``labels`` are dataset.json's declared
+        label values (``declared_labels``), so undeclared values are refused when read.
 
     Raises:
         DatasetError: malformed dataset.json, wrong entry types, a path that is absolute or
-            escapes root, duplicate ids, listed files that do not exist, no cases.
+            escapes root (in dataset.json or in a MetaImage / NRRD header's data file),
+            duplicate ids, listed files that do not exist, no cases.
     """
     if split not in ("training", "test"):
         raise ValueError(f"split must be 'training' or 'test', got {split!r}")
     root = Path(root)
     meta = load_dataset_json(root)
     where = root / "dataset.json"
+    labels = declared_labels(meta, where)
     if "training" in meta or "test" in meta:
         entries = meta.get(split, [])
         if not isinstance(entries, list):
@@ -147,7 +225,7 @@ def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
             img = _inside(
                 root, img_rel, where, f'"{split}"[{i}]' + ("" if split == "test" else '["image"]')
             )
-            cases.append(Case(case_id_from_path(img), img, lab))
+            cases.append(Case(case_id_from_path(img), img, lab, labels))
     else:
         ending = meta.get("file_ending")
         if not isinstance(ending, str) or not ending.startswith("."):
@@ -165,7 +243,7 @@ def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
         if split == "training":
             for lab in sorted((root / "labelsTr").glob(f"*{ending}")):
                 cid = lab.name[: -len(ending)]
-                cases.append(Case(cid, root / "imagesTr" / f"{cid}_0000{ending}", lab))
+                cases.append(Case(cid, root / "imagesTr" / f"{cid}_0000{ending}", lab, labels))
         else:
             for img in sorted((root / "imagesTs").glob(f"*_0000{ending}")):
                 cases.append(Case(img.name[: -len(ending) - 5], img, None))
@@ -173,6 +251,7 @@ def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
         raise DatasetError(where, f"no {split} cases listed")
     cases = _unique(cases, where)
     _check_exist(cases, where)
+    _check_data_files(cases, root)
     return cases
 
 
@@ -207,13 +286,14 @@ def lits_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
             has ``label=None``).
 
     Returns:
-        Cases ``lits_NNN`` sorted by N. LiTS labels are 1 liver, 2 tumour: pass
-        ``label_map=liver_label`` to the cache for liver = label >= 1.
+        Cases ``lits_NNN`` sorted by N. LiTS labels are 1 liver, 2 tumour (other values
+        are refused when read): pass ``label_map=liver_label`` to the cache for liver =
+        label >= 1.
     """
     root = _root_dir(root)
     vols = _numbered(root, r"^volume-(\d+)\.nii(\.gz)?$")
     segs = _numbered(root, r"^segmentation-(\d+)\.nii(\.gz)?$")
-    return _pair_numbered(root, vols, segs, "lits", require_labels, "volume-N.nii")
+    return _pair_numbered(root, vols, segs, "lits", require_labels, "volume-N.nii", LITS_LABELS)
 
 
 def sliver_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
@@ -226,12 +306,15 @@ def sliver_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
             has ``label=None``, like the SLIVER07 test cases).
 
     Returns:
-        Cases ``sliver_NNN`` sorted by number; labels are 0/1.
+        Cases ``sliver_NNN`` sorted by number; labels are 0/1 (other values are refused
+        when read). A header's data file must lie inside root.
     """
     root = _root_dir(root)
     vols = _numbered(root, r"^liver-orig(\d+)\.(mhd|mha)$")
     segs = _numbered(root, r"^liver-seg(\d+)\.(mhd|mha)$")
-    return _pair_numbered(root, vols, segs, "sliver", require_labels, "liver-origNNN.mhd")
+    return _pair_numbered(
+        root, vols, segs, "sliver", require_labels, "liver-origNNN.mhd", SLIVER_LABELS
+    )
 
 
 def _pair_numbered(
@@ -241,6 +324,7 @@ def _pair_numbered(
     prefix: str,
     require_labels: bool,
     pattern: str,
+    labels: tuple[int, ...],
 ) -> list[Case]:
     if not vols:
         raise DatasetError(root, f"no {pattern} files found under the folder")
@@ -255,25 +339,34 @@ def _pair_numbered(
             vols[unlabelled[0]],
             f"{len(unlabelled)} image(s) without a segmentation (numbers {unlabelled[:10]})",
         )
-    return [Case(f"{prefix}_{n:03d}", vols[n], segs.get(n)) for n in sorted(vols)]
+    cases = [Case(f"{prefix}_{n:03d}", vols[n], segs.get(n), labels) for n in sorted(vols)]
+    _check_data_files(cases, root)
+    return cases
 
 
 def pair_cases(
     pairs: Iterable[Sequence[PathLike | None]],
     *,
     ids: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    root: PathLike | None = None,
 ) -> list[Case]:
     """Cases from a plain list of ``(image, label)`` pairs (label may be None).
 
     Args:
         pairs: ``(image, label)`` or ``(image,)`` items.
         ids: case ids, one per pair; by default the image file names without suffix.
+        labels: the label values the files may hold (others are refused when read);
+            None accepts any.
+        root: the folder the data files of MetaImage / NRRD headers must lie in; by
+            default each header's own folder.
 
     Returns:
         The cases in the given order.
 
     Raises:
-        DatasetError: malformed pair, missing file, duplicate id.
+        DatasetError: malformed pair, missing file, duplicate id, a header's data file
+            outside ``root``.
     """
     cases = []
     items = list(pairs)
@@ -285,7 +378,7 @@ def pair_cases(
         image = Path(item[0])  # type: ignore[arg-type]
         label = Path(item[1]) if len(item) == 2 and item[1] is not None else None
         cid = ids[i] if ids is not None else case_id_from_path(image)
-        cases.append(Case(cid, image, label))
+        cases.append(Case(cid, image, label, None if labels is None else tuple(labels)))
     seen: dict[str, Path] = {}
     for c in cases:
         if c.id in seen:
@@ -296,4 +389,5 @@ def pair_cases(
         for p in (c.image, c.label):
             if p is not None and not p.exists():
                 raise DatasetError(p, "no such file (listed in the pair list)")
+    _check_data_files(cases, None if root is None else Path(root))
     return cases

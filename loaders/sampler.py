@@ -20,6 +20,7 @@ is needed (the region is clipped, never padded). A whole volume is never read fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from augment.compose import ComposeParams
 from augment.spatial import CropParams, RandomCrop
 from augment.target_crop import TargetCrop
 from loaders.cache import VolumeCache
+from loaders.errors import DataWarning
 
 __all__ = ["Draw", "PatchSampler", "clip_box", "footprint"]
 
@@ -110,6 +112,10 @@ class PatchSampler:
     Raises:
         ValueError: no crop first in the Compose, a RandomCrop with its own ``foreground``,
             unknown cases, bad weights or probabilities, patch shapes that vary by case.
+
+    Warns:
+        DataWarning: cases smaller than the crop along some axis (their patches are
+            partly padding); the cache build does not know the patch size.
     """
 
     def __init__(
@@ -160,6 +166,22 @@ class PatchSampler:
         if len(shapes) != 1:
             raise ValueError(f"the patch shape depends on the case: {sorted(shapes)}")
         self.patch_shape: tuple[int, int, int] = shapes.pop()
+        crop = self.crop.out_shape(cache.shape(self.cases[0]))
+        small = [
+            f"{c} {cache.shape(c)}"
+            for c in self.cases
+            if any(n < k for n, k in zip(cache.shape(c), crop, strict=True))
+        ]
+        if small:
+            warnings.warn(
+                f"{len(small)} of {len(self.cases)} cases of the cache at {cache.root} are "
+                f"smaller than the crop (z, y, x) {tuple(crop)} along some axis: "
+                f"{', '.join(small[:5])}{', ...' if len(small) > 5 else ''}; their patches "
+                "are padded with the Compose's cval / label_cval there (a smaller "
+                "patch_size or a finer cache spacing avoids it)",
+                DataWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -37,8 +38,8 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "Volume",
     "dicom_series",
+    "detached_data_names",
     "read_volume",
-    "reorient",
     "resample",
     "volume_suffix",
     "write_array",
@@ -57,11 +58,6 @@ _IMAGE_IOS = {
 }
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_IMAGE_IOS)
 """File suffixes ``read_volume`` accepts; a folder is read as a DICOM series."""
-
-CANONICAL_ORIENTATION = "LPS"
-"""``read_volume(canonical=True)`` reorients to this (SimpleITK ``DICOMOrient`` code): array
-axes (z, y, x) advance towards the patient's Superior, Posterior and Left, i.e. an identity
-direction for an axis-aligned scan."""
 
 Triple = tuple[float, float, float]
 
@@ -311,6 +307,152 @@ def _check_nifti(path: Path) -> None:
         )
 
 
+_HEADER_LIMIT = 1 << 20  # bytes of a MetaImage / NRRD header searched for its fields
+_META_FIELD = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+_NRRD_DATA_FILE = re.compile(r"^\s*data ?file\s*:\s*(.*?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class _TextHeader:
+    fields: dict[str, str]  # MetaImage "Key = Value" lines; NRRD: only "data file"
+    data_offset: int  # byte offset just past the data-file line (attached data follows)
+    rest: list[str]  # the lines after the data-file line (a LIST of files)
+
+
+def _text_header(path: Path) -> _TextHeader:
+    """The fields of a MetaImage (``.mhd`` / ``.mha``) or NRRD (``.nhdr`` / ``.nrrd``)
+    header, up to its data-file line (MetaImage's last field) or its end."""
+    metaimage = volume_suffix(path) in (".mhd", ".mha")
+    fields: dict[str, str] = {}
+    offset = 0
+    rest: list[str] = []
+    with open(path, "rb") as fh:
+        for raw in fh:
+            offset += len(raw)
+            line = raw.decode("latin-1").rstrip("\r\n")
+            if metaimage:
+                m = _META_FIELD.match(line)
+                if m is not None:
+                    fields[m.group(1)] = m.group(2)
+                    if m.group(1) == "ElementDataFile":
+                        break
+            else:
+                if not line.strip():
+                    break  # a blank line ends a NRRD header
+                m = _NRRD_DATA_FILE.match(line)
+                if m is not None:
+                    fields["data file"] = m.group(1)
+                    break
+            if offset > _HEADER_LIMIT:
+                break
+        else:
+            return _TextHeader(fields, offset, rest)
+        key = "ElementDataFile" if metaimage else "data file"
+        if key in fields and fields[key].upper().startswith("LIST"):
+            text = fh.read(_HEADER_LIMIT).decode("latin-1")
+            rest = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return _TextHeader(fields, offset, rest)
+
+
+def _pattern_names(value: str) -> list[str] | None:
+    """The file names of a ``format min max step`` data-file pattern, or None if
+    ``value`` is not one."""
+    parts = value.split()
+    if len(parts) < 4 or "%" not in parts[0]:
+        return None
+    try:
+        lo, hi, step = (int(v) for v in parts[1:4])
+        if step == 0 or (hi - lo) // step > 1_000_000:
+            return None
+        return [parts[0] % i for i in range(lo, hi + (1 if step > 0 else -1), step)]
+    except (ValueError, TypeError):
+        return None
+
+
+def detached_data_names(path: str | os.PathLike[str]) -> list[str]:
+    """The data files a MetaImage or NRRD header names, as written in it.
+
+    Names are relative to the header's folder unless absolute. A MetaImage's
+    ``ElementDataFile`` or a NRRD's ``data file`` field may name one file, a ``LIST`` of
+    files (the lines that follow) or a ``format min max step`` pattern (expanded here).
+
+    Args:
+        path: a ``.mhd`` / ``.mha`` / ``.nhdr`` / ``.nrrd`` file (other files: none).
+
+    Returns:
+        The names; empty where the voxels are in the header's own file (``LOCAL``).
+    """
+    p = Path(path)
+    if volume_suffix(p) not in (".mhd", ".mha", ".nhdr", ".nrrd") or not p.is_file():
+        return []
+    try:
+        header = _text_header(p)
+    except OSError:
+        return []
+    value = header.fields.get("ElementDataFile", header.fields.get("data file", "")).strip()
+    if not value or value.upper() == "LOCAL":
+        return []
+    if value.upper().startswith("LIST"):
+        return header.rest
+    names = _pattern_names(value)
+    return [value] if names is None else names
+
+
+def _check_metaimage_data(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse a MetaImage whose data file is missing or shorter than its header announces.
+
+    ITK fails on these with "Reason: Success" (or a misleading "No such file"), so the
+    sizes are compared first. Lists and patterns of data files are left to ITK.
+    """
+    header = _text_header(path)
+    value = header.fields.get("ElementDataFile", "").strip()
+    if not value or value.upper().startswith("LIST") or _pattern_names(value) is not None:
+        return
+    local = value.upper() == "LOCAL"
+    data = path if local else path.parent / value
+    if not data.is_file():
+        raise VolumeError(
+            path, f"its data file {value!r} (ElementDataFile) does not exist: looked for {data}"
+        )
+    pixel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())
+    itemsize = pixel.GetSizeOfPixelComponent() * reader.GetNumberOfComponents()
+    n_voxels = math.prod(reader.GetSize())
+    if header.fields.get("CompressedData", "False").strip().lower() == "true":
+        size_field = header.fields.get("CompressedDataSize", "").strip()
+        if not size_field.isdigit():
+            return  # a compressed stream of unknown length: ITK's zlib decides
+        expected = int(size_field)
+        what = f"{expected} bytes of compressed voxel data (CompressedDataSize)"
+    else:
+        expected = n_voxels * itemsize
+        what = (
+            f"{expected} bytes of voxel data ({n_voxels} voxels of {itemsize} bytes, "
+            f"DimSize {' '.join(str(n) for n in reader.GetSize())})"
+        )
+    try:
+        header_size = int(header.fields.get("HeaderSize", "0"))
+    except ValueError:
+        header_size = 0
+    size = data.stat().st_size
+    if header_size == -1:  # the voxels are the last bytes of the file
+        start = 0
+    elif local:
+        start = header.data_offset
+    else:
+        start = max(header_size, 0)
+    found = size - start
+    if found < expected:
+        where = (
+            "after its header"
+            if local
+            else f"in {data}" + (f" after HeaderSize {header_size}" if start else "")
+        )
+        whole = f" ({data.name} is {size} bytes)" if start else ""
+        raise VolumeError(
+            path, f"truncated: expected {what} {where}, found {max(found, 0)} bytes{whole}"
+        )
+
+
 @contextmanager
 def _unambiguous(path: Path) -> Iterator[Path]:
     """A name ITK will resolve to ``path`` itself.
@@ -368,20 +510,12 @@ def _read_with_itk(path: Path, name: Path, suffix: str) -> sitk.Image:
             f"has {reader.GetNumberOfComponents()} components per voxel "
             "(vector/RGB image); a scalar volume is expected",
         )
+    if suffix in (".mhd", ".mha"):
+        _check_metaimage_data(path, reader)
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise VolumeError(path, f"truncated or corrupt voxel data: {_itk_message(exc)}") from None
-
-
-def reorient(volume: Volume, orientation: str = CANONICAL_ORIENTATION) -> Volume:
-    """Permute/flip the axes so they point along ``orientation`` (SimpleITK ``DICOMOrient``).
-
-    The result is an exact permutation of the voxels (no interpolation); the remaining
-    direction (identity unless the scan is oblique) stays in the metadata.
-    """
-    out = Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), orientation), path=volume.path)
-    return replace(out, array=out.array.astype(volume.dtype, copy=False))
 
 
 def resample(volume: Volume, spacing: Sequence[float], *, is_label: bool = False) -> Volume:
@@ -461,7 +595,6 @@ def _check_voxels(array: np.ndarray, path: Path | None, *, is_label: bool) -> np
 def read_volume(
     path: str | os.PathLike[str],
     *,
-    canonical: bool = False,
     spacing: Sequence[float] | None = None,
     is_label: bool = False,
     series_uid: str | None = None,
@@ -471,9 +604,8 @@ def read_volume(
     Args:
         path: a .nii / .nii.gz / .mha / .mhd (+ data file) / .nrrd / .nhdr file, or a
             folder holding a DICOM series (read with GDCM).
-        canonical: reorient to ``CANONICAL_ORIENTATION`` (an exact axis permutation/flip)
-            so that an array axis means the same anatomical direction in every case.
-        spacing: resample to this spacing (z, y, x) in mm (after reorientation).
+        spacing: resample to this spacing (z, y, x) in mm (the grid keeps its direction;
+            ``loaders.orientation.to_canonical`` puts volumes on one axis order).
         is_label: the file is a label map: nearest-neighbour resampling, integer values
             required (float files with integer values and signed types become the
             smallest unsigned dtype that fits).
@@ -505,8 +637,6 @@ def read_volume(
         )
     vol = Volume.from_sitk(image, path=p)
     vol = vol.with_array(_check_voxels(vol.array, p, is_label=is_label))
-    if canonical:
-        vol = reorient(vol)
     if spacing is not None:
         vol = resample(vol, spacing, is_label=is_label)
     return vol

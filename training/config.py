@@ -100,8 +100,14 @@ class DataConfig:
 
     @property
     def cache_root(self) -> Path:
-        """The cache folder: ``cache`` or ``<root>.zarr``."""
-        return Path(self.cache) if self.cache else Path(self.root).with_suffix(".zarr")
+        """The cache folder: ``cache`` or ``<root>.zarr`` beside root (the rule of
+        ``loaders.default_cache_root``, not imported here to keep this module light)."""
+        if self.cache:
+            return Path(self.cache)
+        root = Path(self.root)
+        if root.name in ("", ".."):  # "." or "..": name the folder they stand for
+            root = Path(os.path.abspath(root))
+        return root.parent / (root.name + ".zarr")
 
 
 @dataclasses.dataclass

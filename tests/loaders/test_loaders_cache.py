@@ -33,6 +33,7 @@ from loaders import (
     write_array,
 )
 from loaders.phantom import write_msd_dataset
+from training.config import DataConfig
 
 REPO = Path(loaders.__file__).resolve().parents[1]
 
@@ -465,3 +466,14 @@ def test_build_killed_mid_write_is_redone(tmp_path):
         np.testing.assert_array_equal(cache.read(case), image)
         np.testing.assert_array_equal(cache.read(case, array="label"), label)
     assert seen_while_building <= published
+
+
+def test_default_cache_root_keeps_dotted_dataset_names_apart(tmp_path, monkeypatch):
+    assert loaders.default_cache_root("data/ds_v1.2") == Path("data/ds_v1.2.zarr")
+    assert loaders.default_cache_root("data/ds_v1.3/") == Path("data/ds_v1.3.zarr")
+    assert loaders.default_cache_root("data/Task03_Liver") == Path("data/Task03_Liver.zarr")
+    monkeypatch.chdir(tmp_path)
+    assert loaders.default_cache_root(".") == tmp_path.parent / f"{tmp_path.name}.zarr"
+    for root in ("data/ds_v1.2", "data/ds_v1.3/", "data/phantom", ".", ".."):
+        assert DataConfig(root=root).cache_root == loaders.default_cache_root(root)
+    assert DataConfig(root="a", cache="elsewhere.zarr").cache_root == Path("elsewhere.zarr")

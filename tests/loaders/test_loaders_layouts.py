@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from loaders import (
     Case,
     CaseError,
     DatasetError,
     apply_label_map,
+    declared_labels,
     lits_cases,
     liver_label,
     load_dataset_json,
@@ -180,10 +182,11 @@ def test_lits_layout(tmp_path, make_volume_file):
 
 
 def test_sliver_layout(tmp_path, make_volume_file):
+    liver = (LAB > 0).astype(np.uint8)  # SLIVER07 labels are 0/1
     for n in (1, 2):
         make_volume_file(f"sliver/liver-orig{n:03d}.mhd", IMG)
-        make_volume_file(f"sliver/liver-seg{n:03d}.mhd", LAB)
-    make_volume_file("sliver/liver-seg007.mhd", LAB)
+        make_volume_file(f"sliver/liver-seg{n:03d}.mhd", liver)
+    make_volume_file("sliver/liver-seg007.mhd", liver)
     with pytest.raises(DatasetError, match=r"segmentation without an image \(numbers \[7\]"):
         sliver_cases(tmp_path / "sliver")
     (tmp_path / "sliver" / "liver-seg007.mhd").unlink()
@@ -191,7 +194,11 @@ def test_sliver_layout(tmp_path, make_volume_file):
     assert [c.id for c in cases] == ["sliver_001", "sliver_002"]
     image, label = read_case(cases[0])
     np.testing.assert_array_equal(image.array, IMG)
-    np.testing.assert_array_equal(label.array, LAB)
+    np.testing.assert_array_equal(label.array, liver)
+    make_volume_file("sliver/liver-seg002.mhd", LAB)  # a 2 where SLIVER07 declares 0/1
+    with pytest.raises(CaseError, match=r"label values 2 \(1 voxels\) are not among") as err:
+        read_case(sliver_cases(tmp_path / "sliver")[1])
+    assert "liver-seg002.mhd" in str(err.value) and "[0, 1]" in str(err.value)
 
 
 def test_pair_cases(tmp_path, make_volume_file):
@@ -208,6 +215,86 @@ def test_pair_cases(tmp_path, make_volume_file):
     assert [c.id for c in pair_cases([(a, b), (a, None)], ids=["x", "y"])] == ["x", "y"]
     with pytest.raises(DatasetError, match=r"must be \(image, label\)"):
         pair_cases([str(a)])
+
+
+def _point_data_file(header, name):
+    """Rewrite a MetaImage header's ElementDataFile (or a NRRD's data file) to ``name``."""
+    text = header.read_text()
+    if header.suffix == ".mhd":
+        old = next(ln for ln in text.splitlines() if ln.startswith("ElementDataFile"))
+        header.write_text(text.replace(old, f"ElementDataFile = {name}"))
+    else:
+        old = next(ln for ln in text.splitlines() if ln.startswith("data file"))
+        header.write_text(text.replace(old, f"data file: {name}"))
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_header_data_file_outside_the_root_is_refused(tmp_path, make_volume_file, suffix):
+    outside = make_volume_file(f"secret/other{suffix}", IMG)
+    outside_raw = next(p for p in outside.parent.iterdir() if p.suffix != suffix)
+    root = tmp_path / "Task09"
+    make_volume_file(f"Task09/imagesTr/a{suffix}", IMG)
+    make_volume_file(f"Task09/labelsTr/a{suffix}", LAB)
+    write_json(
+        root,
+        {
+            "labels": {"0": "background", "1": "liver", "2": "tumour"},
+            "training": [{"image": f"imagesTr/a{suffix}", "label": f"labelsTr/a{suffix}"}],
+        },
+    )
+    assert [c.id for c in msd_cases(root)] == ["a"]  # the writer's own names stay inside
+    header = root / "imagesTr" / f"a{suffix}"
+    field = "ElementDataFile" if suffix == ".mhd" else "data file"
+    # SimpleITK itself reads what such a header points to
+    _point_data_file(header, str(outside_raw))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(header))), IMG)
+    with pytest.raises(DatasetError, match="is an absolute path") as err:
+        msd_cases(root)
+    assert str(header) in str(err.value) and field in str(err.value)
+    assert str(outside_raw) in str(err.value)
+    _point_data_file(header, f"../../secret/{outside_raw.name}")
+    with pytest.raises(DatasetError, match="escapes the dataset root") as err:
+        msd_cases(root)
+    assert str(header) in str(err.value) and "../../secret" in str(err.value)
+    # within the root, even through "..", is fine
+    _point_data_file(header, f"../labelsTr/{outside_raw.name.replace('other', 'a')}")
+    assert [c.id for c in msd_cases(root)] == ["a"]
+
+
+def test_header_data_file_checks_in_sliver_and_pair_layouts(tmp_path, make_volume_file):
+    make_volume_file("elsewhere/x.mhd", IMG)
+    seg = make_volume_file("sliver/liver-seg001.mhd", LAB)
+    make_volume_file("sliver/liver-orig001.mhd", IMG)
+    _point_data_file(seg, "../elsewhere/x.raw")
+    with pytest.raises(DatasetError, match="escapes the dataset root") as err:
+        sliver_cases(tmp_path / "sliver")
+    assert str(seg) in str(err.value)
+    # a pair list checks against each header's own folder, or the root it is given
+    img = tmp_path / "sliver" / "liver-orig001.mhd"
+    with pytest.raises(DatasetError, match="escapes the dataset root"):
+        pair_cases([(img, seg)])
+    assert len(pair_cases([(img, seg)], root=tmp_path)) == 1
+
+
+def test_declared_labels_from_dataset_json(msd_root, tmp_path):
+    assert [c.labels for c in msd_cases(msd_root)] == [(0, 1, 2), (0, 1, 2)]
+    meta = json.loads((msd_root / "dataset.json").read_text())
+    where = msd_root / "dataset.json"
+    assert declared_labels({"labels": {"background": 0, "liver": 1}}, where) == (0, 1)
+    regions = {"labels": {"background": 0, "liver": [1, 2], "tumour": 2, "ignore": 255}}
+    assert declared_labels(regions, where) == (0, 1, 2, 255)
+    assert declared_labels({}, where) is None
+    for bad in ({"background": "zero"}, [0, 1], {}, {"liver": -1}, {"liver": True}):
+        with pytest.raises(DatasetError, match='"labels" must map') as err:
+            declared_labels({"labels": bad}, where)
+        assert str(where) in str(err.value)
+    del meta["labels"]
+    write_json(msd_root, meta)
+    assert msd_cases(msd_root)[0].labels is None
+    assert pair_cases([(msd_root / "imagesTr" / "liver_0.nii.gz",)], labels=[1, 0])[0].labels == (
+        0,
+        1,
+    )
 
 
 def test_case_ids_are_checked():

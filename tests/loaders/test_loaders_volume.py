@@ -13,7 +13,6 @@ from loaders import (
     VolumeError,
     VolumeNotFoundError,
     read_volume,
-    reorient,
     resample,
     write_array,
     write_volume,
@@ -116,37 +115,6 @@ def test_empty_folder_is_not_a_dicom_series(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
-def test_canonical_orientation_flips_exactly(make_volume_file):
-    # Many NIfTI files are stored RAS: ITK direction diag(-1, -1, 1).
-    flip = np.diag([-1.0, -1.0, 1.0])
-    path = make_volume_file(
-        "ras.nii.gz", ARRAY, spacing_xyz=SPACING_XYZ, origin_xyz=ORIGIN_XYZ, direction_xyz=flip
-    )
-    raw = read_volume(path)
-    canon = read_volume(path, canonical=True)
-    np.testing.assert_array_equal(canon.array, ARRAY[:, ::-1, ::-1])
-    np.testing.assert_allclose(canon.direction, np.eye(3), atol=1e-6)
-    assert canon.dtype == raw.dtype
-    # every voxel keeps its physical position: compare the two geometries voxel by voxel
-    for idx in [(0, 0, 0), (6, 10, 12), (2, 3, 4)]:
-        p = np.array(canon.origin) + canon.direction @ (np.array(canon.spacing) * idx)
-        src = np.linalg.solve(raw.direction * np.array(raw.spacing), p - np.array(raw.origin))
-        src = tuple(int(round(v)) for v in src)
-        assert canon.array[idx] == raw.array[src]
-
-
-def test_canonical_orientation_permutes_axes(make_volume_file):
-    # array axis x runs along physical y and vice versa
-    swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
-    path = make_volume_file("swap.mha", ARRAY, spacing_xyz=(0.5, 0.9, 3.0), direction_xyz=swap)
-    raw = read_volume(path)
-    canon = reorient(raw)
-    assert canon.shape == (7, 13, 11)
-    np.testing.assert_allclose(canon.direction, np.eye(3), atol=1e-6)
-    np.testing.assert_allclose(canon.spacing, (3.0, 0.5, 0.9))
-    np.testing.assert_array_equal(canon.array, np.transpose(ARRAY, (0, 2, 1))[::-1])
-
-
 def test_resample_linear_ramp_and_nearest_label(tmp_path):
     z = np.arange(20, dtype=np.float32)[:, None, None] * 2.0  # value = physical z (mm)
     ramp = np.broadcast_to(z, (20, 8, 9)).copy()
@@ -230,6 +198,54 @@ def test_truncated_other_formats(tmp_path, make_volume_file, suffix):
     with pytest.raises(VolumeError) as err:
         read_volume(path)
     assert str(path) in str(err.value)
+
+
+def test_truncated_raw_of_a_metaimage_names_the_sizes(tmp_path, make_volume_file):
+    # ITK's own message for this is "Reason: Success"
+    path = make_volume_file("cut.mhd", ARRAY)  # 7 * 11 * 13 int16 voxels = 2002 bytes
+    raw = tmp_path / "cut.raw"
+    assert raw.stat().st_size == ARRAY.nbytes == 2002
+    raw.write_bytes(raw.read_bytes()[:1500])
+    with pytest.raises(VolumeError, match="truncated") as err:
+        read_volume(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and str(raw) in msg
+    assert "expected 2002 bytes" in msg and "found 1500 bytes" in msg and "Success" not in msg
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncated_mha_names_the_sizes(tmp_path, compress):
+    path = tmp_path / "cut.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(ARRAY), str(path), useCompression=compress)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    header = data[: data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")]
+    expected = len(data) - len(header)  # every byte after the header is voxel data
+    with pytest.raises(VolumeError, match="truncated") as err:
+        read_volume(path)
+    msg = str(err.value)
+    assert f"expected {expected} bytes" in msg and f"found {expected - 100} bytes" in msg
+    assert ("compressed" in msg) == compress and "Success" not in msg
+
+
+def test_missing_raw_of_a_metaimage(tmp_path, make_volume_file):
+    path = make_volume_file("gone.mhd", ARRAY)
+    (tmp_path / "gone.raw").unlink()
+    with pytest.raises(
+        VolumeError, match=r"data file 'gone.raw' \(ElementDataFile\) does not exist"
+    ):
+        read_volume(path)
+
+
+def test_complete_metaimage_with_header_size_reads(tmp_path, make_volume_file):
+    # HeaderSize = -1: the voxels are the last bytes of a data file with a preamble
+    path = make_volume_file("pre.mhd", ARRAY)
+    raw = tmp_path / "pre.raw"
+    raw.write_bytes(b"preamble" * 10 + raw.read_bytes())
+    text = path.read_text().replace("ElementDataFile", "HeaderSize = -1\nElementDataFile")
+    path.write_text(text)
+    np.testing.assert_array_equal(read_volume(path).array, ARRAY)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), ARRAY)
 
 
 def test_4d_image_is_rejected(tmp_path):

@@ -350,7 +350,7 @@ class PatchLoader:
         self.stats = LoaderStats()
         self._next_epoch = int(start_epoch)
         self._generation = 0
-        self._pool = WorkerPool("PatchLoader-worker")
+        self._pool = WorkerPool("PatchLoader")
         self._ring: Segment | None = None  # the slots; ``views`` holds each slot's arrays
         self._layout: _Layout | None = None
         self._free: list[int] = []

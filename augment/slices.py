@@ -45,7 +45,7 @@ from augment.warp import (
     check_out_shape,
     warp_numpy,
 )
-from augment.workers import Segment, WorkerDied, WorkerPool
+from augment.workers import Segment, WorkerDied, WorkerFailed, WorkerPool
 
 __all__ = ["SlicePool", "in_plane", "warp_slices"]
 
@@ -382,6 +382,9 @@ class SlicePool:
                 f"SlicePool process {exc.worker} (pid {exc.pid}) died: it {exc.how}; "
                 "the pool is closed"
             ) from None
+        except WorkerFailed as exc:
+            self.close()
+            raise RuntimeError(f"the SlicePool is closed: {exc}") from None
         if out is not None:
             if out.shape != shape or out.dtype != dtype:
                 raise ValueError(

@@ -20,21 +20,16 @@ of processes that share the input and the output through ``multiprocessing.share
         src[...] = volume
         out = pool.warp(src, matrix, src.shape, backend="numba")
 
-Processes are spawned (safe with threads and CUDA in the caller) with one thread each.
+Processes are spawned (safe with threads and CUDA in the caller) with one thread each, by
+:class:`augment.workers.WorkerPool`, and die with the process that started them.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
-import signal
-import sys
-import threading
 import time
 import traceback
-import weakref
-from dataclasses import dataclass, field
-from multiprocessing import connection, get_context
+from multiprocessing import connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -50,13 +45,12 @@ from augment.warp import (
     check_out_shape,
     warp_numpy,
 )
+from augment.workers import Segment, WorkerDied, WorkerFailed, WorkerPool
 
 __all__ = ["SlicePool", "in_plane", "warp_slices"]
 
 BACKENDS = ("numba", "skimage")
 _TOL = 1e-9
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
-_ENV_LOCK = threading.Lock()
 _DEFAULT_POOLS: dict[int, SlicePool] = {}
 
 
@@ -196,11 +190,8 @@ def _check(volume: Any, order: int, backend: str) -> NDArray[Any]:
 
 
 # ------------------------------------------------------------------------------ processes
-def _worker_main(conn: connection.Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import numba
-
-    numba.set_num_threads(1)
+def _serve(conn: connection.Connection) -> None:
+    """A pool process: warp the ranges it is sent until None or the pipe's end."""
     attached: dict[str, SharedMemory] = {}
     while True:
         try:
@@ -243,55 +234,6 @@ def _worker_main(conn: connection.Connection) -> None:
             break
     for shm in attached.values():
         shm.close()
-    sys.stdout.flush()
-    os._exit(0)
-
-
-@dataclass
-class _Buffer:
-    shm: SharedMemory
-    nbytes: int
-
-
-@dataclass
-class _State:
-    """What ``close`` (or the finaliser) must release; never references the pool."""
-
-    procs: list[Any] = field(default_factory=list)
-    conns: list[connection.Connection] = field(default_factory=list)
-    buffers: dict[str, _Buffer | None] = field(default_factory=lambda: {"in": None, "out": None})
-
-    def release(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + 2.0
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.terminate()
-                p.join(1.0)
-        for c in self.conns:
-            c.close()
-        self.procs.clear()
-        self.conns.clear()
-        for key, buf in self.buffers.items():
-            if buf is not None:
-                _unlink(buf.shm)
-            self.buffers[key] = None
-
-
-def _unlink(shm: SharedMemory) -> None:
-    try:
-        shm.close()
-    except BufferError:  # an array over it is still referenced; the unlink still frees it
-        pass
-    try:
-        shm.unlink()
-    except FileNotFoundError:
-        pass
 
 
 class SlicePool:
@@ -305,38 +247,19 @@ class SlicePool:
 
     The pool keeps one shared input and one shared output buffer, grown as needed. Use it
     as a context manager or call ``close()``; garbage collection and interpreter exit
-    close it too, so nothing is left in /dev/shm.
+    close it too, so nothing is left in /dev/shm. The processes die with this one
+    (``augment.workers``).
     """
 
     def __init__(self, processes: int = 2) -> None:
         if int(processes) != processes or processes < 1:
             raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
         self.processes = int(processes)
-        self._state = _State()
-        self._finalizer = weakref.finalize(self, self._state.release)
-        self._arrays: dict[str, NDArray[Any] | None] = {"in": None, "out": None}
+        self._workers = WorkerPool("SlicePool")
+        self._buffers: dict[str, Segment | None] = {"in": None, "out": None}
         self.last_seconds: list[float] = []
         self.last_cpu_seconds: list[float] = []
-        ctx = get_context("spawn")
-        with _ENV_LOCK:
-            saved = {k: os.environ.get(k) for k in _THREAD_ENV}
-            os.environ.update({k: "1" for k in _THREAD_ENV})
-            try:
-                for i in range(self.processes):
-                    parent, child = ctx.Pipe(duplex=True)
-                    p = ctx.Process(
-                        target=_worker_main, args=(child,), daemon=True, name=f"SlicePool-{i}"
-                    )
-                    p.start()
-                    child.close()
-                    self._state.procs.append(p)
-                    self._state.conns.append(parent)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+        self._workers.start(_serve, [()] * self.processes)
 
     def __enter__(self) -> SlicePool:
         return self
@@ -346,30 +269,35 @@ class SlicePool:
 
     def close(self) -> None:
         """Stop the processes and unlink the shared buffers (idempotent)."""
-        self._arrays = {"in": None, "out": None}
-        self._finalizer()
+        self._buffers = {"in": None, "out": None}
+        self._workers.close()
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        return self._workers.closed
 
     def __repr__(self) -> str:
         return f"SlicePool(processes={self.processes}{', closed' if self.closed else ''})"
 
     def _buffer(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> NDArray[Any]:
+        """The shared array ``key`` with this shape and dtype (its segment grown if needed;
+        the segment keeps the array as its one view)."""
         nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-        buf = self._state.buffers[key]
-        if buf is None or buf.nbytes < nbytes:
-            self._arrays[key] = None
-            if buf is not None:
-                _unlink(buf.shm)
-            buf = _Buffer(SharedMemory(create=True, size=nbytes), nbytes)
-            self._state.buffers[key] = buf
-        arr = self._arrays[key]
+        seg = self._buffers[key]
+        if seg is None or seg.nbytes < nbytes:
+            if seg is not None:
+                self._workers.free(seg)
+            seg = self._workers.segment(nbytes)
+            self._buffers[key] = seg
+        arr = seg.views[0] if seg.views else None
         if arr is None or arr.shape != shape or arr.dtype != dtype:
-            arr = np.ndarray(shape, dtype, buf.shm.buf)
-            self._arrays[key] = arr
+            arr = np.ndarray(shape, dtype, seg.buf)
+            seg.views[:] = [arr]
         return arr
+
+    def _current(self, key: str) -> NDArray[Any] | None:
+        seg = self._buffers[key]
+        return seg.views[0] if seg is not None and seg.views else None
 
     def shared(self, shape: tuple[int, int, int], dtype: Any = np.float32) -> NDArray[Any]:
         """The pool's shared input array: write a volume into it and pass it to
@@ -413,7 +341,7 @@ class SlicePool:
                 f"backend {backend!r} warps z-slices and needs an in-plane "
                 f"matrix (rotation about z, flips, ...); this one is 3D"
             )
-        shared_in = self._arrays["in"]
+        shared_in = self._current("in")
         if shared_in is None or not (
             shared_in.ctypes.data == src.ctypes.data
             and shared_in.shape == src.shape
@@ -423,18 +351,18 @@ class SlicePool:
             np.copyto(shared_in, src)
         dtype = _out_dtype(src.dtype, order)
         shared_out = self._buffer("out", shape, dtype)
-        in_buf, out_buf = self._state.buffers["in"], self._state.buffers["out"]
-        assert in_buf is not None and out_buf is not None
+        in_seg, out_seg = self._buffers["in"], self._buffers["out"]
+        assert in_seg is not None and out_seg is not None
         ranges = _split(shape[0], self.processes)
-        conns = self._state.conns[: len(ranges)]
-        for i, (c, (z0, z1)) in enumerate(zip(conns, ranges, strict=True)):
-            try:
-                c.send(
+        try:
+            for i, (z0, z1) in enumerate(ranges):
+                self._workers.send(
+                    i,
                     (
-                        in_buf.shm.name,
+                        in_seg.name,
                         src.shape,
                         src.dtype.str,
-                        out_buf.shm.name,
+                        out_seg.name,
                         shape,
                         dtype.str,
                         m,
@@ -443,11 +371,20 @@ class SlicePool:
                         backend,
                         order,
                         float(cval),
-                    )
+                    ),
                 )
-            except (BrokenPipeError, OSError):
-                self._died(i)
-        self.last_seconds, self.last_cpu_seconds = self._gather(conns)
+            self.last_seconds, self.last_cpu_seconds = self._gather(len(ranges))
+        except WorkerDied as exc:
+            self.close()
+            if not exc.started:
+                raise RuntimeError(f"{exc}; the pool is closed") from None
+            raise RuntimeError(
+                f"SlicePool process {exc.worker} (pid {exc.pid}) died: it {exc.how}; "
+                "the pool is closed"
+            ) from None
+        except WorkerFailed as exc:
+            self.close()
+            raise RuntimeError(f"the SlicePool is closed: {exc}") from None
         if out is not None:
             if out.shape != shape or out.dtype != dtype:
                 raise ValueError(
@@ -457,43 +394,19 @@ class SlicePool:
             return out
         return shared_out.copy() if copy else shared_out
 
-    def _gather(self, conns: list[connection.Connection]) -> tuple[list[float], list[float]]:
-        """Every worker's compute seconds, wall and CPU; a death or an error raises."""
-        procs = self._state.procs
+    def _gather(self, n: int) -> tuple[list[float], list[float]]:
+        """The compute seconds, wall and CPU, of workers ``0..n-1``; an error raises."""
         replies: dict[int, tuple[Any, ...]] = {}
-        index = {id(c): i for i, c in enumerate(conns)}
-        while len(replies) < len(conns):
-            waiting = [c for i, c in enumerate(conns) if i not in replies]
-            ready = connection.wait(
-                waiting + [procs[i].sentinel for i in range(len(conns)) if i not in replies], 0.5
-            )
-            for c in waiting:
-                if c in ready:
-                    try:
-                        replies[index[id(c)]] = c.recv()
-                    except (EOFError, OSError):
-                        pass
-            for i in range(len(conns)):
-                if i not in replies and procs[i].exitcode is not None:
-                    self._died(i)
+        while len(replies) < n:
+            waiting = [i for i in range(n) if i not in replies]
+            for i, reply in self._workers.receive(0.5, waiting):
+                replies[i] = reply
         errors = [r for r in replies.values() if r[0] == "error"]
         if errors:
             raise RuntimeError(
                 f"a SlicePool process failed: {errors[0][1]}\n\nworker traceback:\n{errors[0][2]}"
             )
-        return (
-            [replies[i][1] for i in range(len(conns))],
-            [replies[i][2] for i in range(len(conns))],
-        )
-
-    def _died(self, i: int) -> None:
-        p = self._state.procs[i]
-        p.join(0.5)
-        self.close()
-        raise RuntimeError(
-            f"SlicePool process {i} (pid {p.pid}) died with exit code "
-            f"{p.exitcode}; the pool is closed"
-        )
+        return [replies[i][1] for i in range(n)], [replies[i][2] for i in range(n)]
 
 
 def _default_pool(processes: int) -> SlicePool:

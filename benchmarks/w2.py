@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 import augment
+from augment.workers import single_thread_env, spawn_executor
 from benchmarks.common import Result
 from benchmarks.w4 import machine_parallelism
 
@@ -59,7 +60,6 @@ QUICK: dict[str, Any] = {
     "warmup": 3,
 }
 BATCH = 2
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def w2_compose(patch: tuple[int, int, int]) -> augment.Compose:
@@ -119,27 +119,16 @@ class PlainPair:
     """Two spawned processes (one thread each, as loader workers) that sample in loops."""
 
     def __init__(self, root: Path, patch: tuple[int, int, int]) -> None:
-        from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
-        ctx = get_context("spawn")
-        saved = {k: os.environ.get(k) for k in THREAD_ENV}
-        os.environ.update({k: "1" for k in THREAD_ENV})
-        try:
-            self.ex = ProcessPoolExecutor(
+        with single_thread_env():
+            self.ex = spawn_executor(
                 2,
-                mp_context=ctx,
                 initializer=_plain_init,
-                initargs=(str(root), patch, ctx.Barrier(2)),
+                initargs=(str(root), patch, get_context("spawn").Barrier(2)),
             )
             self.window(4, start=30_000, sync=False)  # start both, warm up (first touches
             # of the cache's shard maps, lazily loaded kernels)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         self.next = 40_000
 
     def window(self, n: int, *, start: int | None = None, sync: bool = True) -> tuple[float, float]:

@@ -29,6 +29,7 @@ import numpy as np
 
 import augment
 from augment import matrices as mx
+from augment.workers import spawn_executor
 from benchmarks.common import Result, median_seconds
 
 SHAPE = (200, 512, 512)
@@ -60,12 +61,9 @@ def machine_parallelism(seconds: float = 0.4, repeats: int = 3) -> float:
     """How much of 2 cores two processes get right now: time of one busy loop in one
     process / time of two in two processes (1.0 on 2 free cores). On a machine shared with
     other jobs no 2-process figure can beat it."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     n = int(200_000 * seconds / max(_spin(200_000), 1e-6))
     ratios = []
-    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as ex:
+    with spawn_executor(2) as ex:
         list(ex.map(_spin, [1000, 1000]))
         for _ in range(repeats):
             t0 = time.perf_counter()

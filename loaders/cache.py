@@ -61,17 +61,17 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from augment.workers import spawn_executor
 from loaders.cases import Case, LabelMap, canonical_pair, label_map_key, read_case
 from loaders.chunkstore import ArrayReader, ChunkLRU, Region, parse_region
 from loaders.errors import (
@@ -897,7 +897,7 @@ class VolumeCache:
             return
         from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(n, mp_context=get_context("spawn")) as ex:
+        with spawn_executor(n) as ex:
             futures = {ex.submit(_build_case, job): job for job in jobs}
             for fut in as_completed(futures):
                 job = futures[fut]

@@ -13,10 +13,11 @@ Design:
 - Sample ``index`` of an epoch is ``sampler.sample(epoch, index * world_size + rank)``; its
   randomness depends only on (seed, epoch, sample index), so an epoch's batches are
   bit-identical whatever ``num_workers`` is (0 computes them in this process).
-- Workers are spawned processes (safe with CUDA and threads; the sampler pickles small, its
-  cache as its root). They start with OMP/MKL/OpenBLAS/NUMBA thread counts of 1 in their
-  environment and set numba's and torch's thread counts to 1, so that N workers use N
-  cores. Workers persist across epochs until ``close()``.
+- Workers are spawned processes of an ``augment.workers.WorkerPool`` (safe with CUDA and
+  threads; the sampler pickles small, its cache as its root). They start with
+  OMP/MKL/OpenBLAS/NUMBA thread counts of 1 in their environment and set numba's and
+  torch's thread counts to 1, so that N workers use N cores. Workers persist across epochs
+  until ``close()``, and die with this process even when it is killed.
 - A ring of sample slots lives in one ``multiprocessing.shared_memory`` segment. The main
   process sends a worker ``(generation, epoch, index, slot)`` through the worker's own
   pipe; the worker writes the finished patch into the slot and answers with a few bytes of
@@ -31,46 +32,31 @@ Design:
   through its process sentinel within ``poll_s``; either way nothing hangs. ``close()``
   (also ``with``, garbage collection and interpreter exit) stops the workers and unlinks
   the shared memory, so nothing is left in /dev/shm. Workers ignore SIGINT (Ctrl-C reaches
-  the whole process group): the main process decides, and a worker whose main process is
-  gone exits on its pipe's end of file.
+  the whole process group): the main process decides.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import signal
-import sys
-import threading
 import time
 import traceback
 import warnings
-import weakref
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from multiprocessing import connection, get_context
+from dataclasses import asdict, dataclass
+from multiprocessing import connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
 
+from augment.workers import Segment, WorkerDied, WorkerFailed, WorkerPool
 from loaders.sampler import PatchSampler
 
 __all__ = ["LoaderStats", "PatchLoader", "WorkerError"]
 
 MODES = ("cpu", "gpu")
-THREAD_ENV = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "NUMBA_NUM_THREADS",
-)
 _ALIGN = 64
-_ENV_LOCK = threading.Lock()
 _CAPACITY_DRAWS = 256  # parameter draws used to size the GPU-mode region slots
 
 
@@ -186,30 +172,14 @@ def _aligned(n: int) -> int:
 
 # ----------------------------------------------------------------------------- worker side
 def _worker_main(
-    wid: int, conn: connection.Connection, sampler: PatchSampler, shm_name: str, layout: _Layout
+    conn: connection.Connection, sampler: PatchSampler, shm_name: str, layout: _Layout
 ) -> None:
     """Serve ``(generation, epoch, index, slot)`` tasks until None or the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
-        try:
-            import numba
-
-            numba.set_num_threads(1)
-            if "torch" in sys.modules:
-                sys.modules["torch"].set_num_threads(1)
-            shm = SharedMemory(name=shm_name)
-            views = layout.views(shm.buf)
-        except Exception as exc:
-            conn.send(
-                ("error", -1, None, None, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            )
-            return
-        _serve(conn, sampler, layout, views)
-        del views
-        shm.close()
-    finally:
-        _fast_exit()
+    shm = SharedMemory(name=shm_name)
+    views = layout.views(shm.buf)
+    _serve(conn, sampler, layout, views)
+    del views
+    shm.close()
 
 
 def _serve(
@@ -262,25 +232,6 @@ def _serve(
             return
 
 
-def _exit_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _fast_exit() -> None:
-    """Leave without the interpreter's teardown (1-3 s with numba and torch loaded), after
-    what a normal exit must do: flush stdio and run multiprocessing's finalisers (which
-    unlink named semaphores that libraries such as numcodecs created)."""
-    from multiprocessing import util
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed or broken stream: nothing left to save
-            pass
-    util._exit_function()  # type: ignore[attr-defined]
-    os._exit(0)
-
-
 def _fill_slot(
     sampler: PatchSampler,
     layout: _Layout,
@@ -305,67 +256,6 @@ def _fill_slot(
     if not np.shares_memory(reg["image"], img):
         meta["data"] = (reg["image"], reg["label"])
     return meta
-
-
-@contextmanager
-def _single_thread_env() -> Iterator[None]:
-    """Thread-count variables of 1 in os.environ while spawning, so that the children's
-    OpenMP, MKL, OpenBLAS and numba start with one thread (they read them at import,
-    before any code of ours runs in the child)."""
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in THREAD_ENV}
-        os.environ.update({k: "1" for k in THREAD_ENV})
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-# ------------------------------------------------------------------------------ resources
-@dataclass
-class _Resources:
-    """Everything that must be released: the finaliser holds this, never the loader."""
-
-    procs: list[Any] = field(default_factory=list)
-    conns: list[connection.Connection] = field(default_factory=list)
-    shm: SharedMemory | None = None
-    views: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-
-    def release(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + 2.0
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(1.0)
-            if p.is_alive():
-                p.kill()
-                p.join(1.0)
-        for c in self.conns:
-            c.close()
-        self.procs.clear()
-        self.conns.clear()
-        self.views.clear()
-        if self.shm is not None:
-            try:
-                self.shm.close()
-            except BufferError:  # a view is still referenced somewhere; unlink regardless
-                pass
-            try:
-                self.shm.unlink()
-            except FileNotFoundError:
-                pass
-            self.shm = None
 
 
 # --------------------------------------------------------------------------------- loader
@@ -460,8 +350,8 @@ class PatchLoader:
         self.stats = LoaderStats()
         self._next_epoch = int(start_epoch)
         self._generation = 0
-        self._res = _Resources()
-        self._finalizer = weakref.finalize(self, self._res.release)
+        self._pool = WorkerPool("PatchLoader")
+        self._ring: Segment | None = None  # the slots; ``views`` holds each slot's arrays
         self._layout: _Layout | None = None
         self._free: list[int] = []
         self._outstanding: list[dict[tuple[int, int], int]] = []
@@ -520,7 +410,8 @@ class PatchLoader:
     def close(self) -> None:
         """Stop the workers and release the shared memory (idempotent)."""
         self._closed = True
-        self._finalizer()
+        self._ring = None
+        self._pool.close()
 
     def __repr__(self) -> str:
         return (
@@ -536,7 +427,7 @@ class PatchLoader:
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (empty before the first batch)."""
-        return [p.pid for p in self._res.procs]
+        return self._pool.pids
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -586,7 +477,7 @@ class PatchLoader:
         """Start the workers now (else the first batch does): they import and load their
         kernels while the caller builds its model. No-op with 0 workers or when started."""
         self._check_usable()
-        if self._res.procs or self.num_workers == 0:
+        if self._pool.started or self.num_workers == 0:
             return
         try:
             payload = pickle.dumps(self.sampler)
@@ -597,25 +488,12 @@ class PatchLoader:
             ) from exc
         del payload
         layout = self._make_layout()
-        shm = SharedMemory(create=True, size=max(1, layout.n_slots * layout.slot_bytes))
-        self._res.shm = shm
-        self._res.views = layout.views(shm.buf)
+        ring = self._pool.segment(layout.n_slots * layout.slot_bytes)
+        ring.views.extend(layout.views(ring.buf))
+        self._ring = ring
         self._layout = layout
         self._free = list(range(layout.n_slots))
-        ctx = get_context("spawn")
-        with _single_thread_env():
-            for w in range(self.num_workers):
-                parent, child = ctx.Pipe(duplex=True)
-                p = ctx.Process(
-                    target=_worker_main,
-                    args=(w, child, self.sampler, shm.name, layout),
-                    name=f"PatchLoader-worker-{w}",
-                    daemon=True,
-                )
-                p.start()
-                child.close()
-                self._res.procs.append(p)
-                self._res.conns.append(parent)
+        self._pool.start(_worker_main, [(self.sampler, ring.name, layout)] * self.num_workers)
         self._outstanding = [{} for _ in range(self.num_workers)]
         self._cpu_totals = [0.0] * self.num_workers
 
@@ -682,11 +560,7 @@ class PatchLoader:
             if gen == self._generation:
                 self._reclaim()
                 self._generation += 1  # anything still in flight is now stale
-            for c in self._res.conns:
-                try:
-                    c.send(("cancel", gen))
-                except (OSError, ValueError):
-                    pass
+            self._pool.broadcast(("cancel", gen))
 
     def _reclaim(self) -> None:
         self._free.extend(slot for slot, _ in self._done.values())
@@ -697,55 +571,46 @@ class PatchLoader:
             w = min(range(self.num_workers), key=lambda j: len(self._outstanding[j]))
             slot = self._free.pop()
             try:
-                self._res.conns[w].send((gen, epoch, self._sampler_index(nxt), slot))
-            except (BrokenPipeError, OSError):
+                self._pool.send(w, (gen, epoch, self._sampler_index(nxt), slot))
+            except WorkerDied as exc:
                 self._free.append(slot)
-                self._worker_died(w)
+                self._worker_died(exc)
             self._outstanding[w][(gen, nxt)] = slot
             nxt += 1
         return nxt
 
     def _receive(self, gen: int, done: dict[int, tuple[int, dict[str, Any]]], t0: float) -> None:
         """Wait for at least one message (or a death, or the timeout) and handle it."""
-        conns = self._res.conns
-        procs = self._res.procs
         while True:
-            ready = connection.wait([*conns, *(p.sentinel for p in procs)], self.poll_s)
             got = False
-            for w, c in enumerate(conns):
-                if c in ready:
-                    while c.poll():
-                        try:
-                            msg = c.recv()
-                        except (EOFError, OSError):
-                            self._worker_died(w)
-                        self._handle(w, msg, gen, done)
-                        got = True
+            try:
+                for w, msg in self._pool.receive(self.poll_s):
+                    self._handle(w, msg, gen, done)
+                    got = True
+            except WorkerDied as exc:
+                self._worker_died(exc)
+            except WorkerFailed as exc:
+                self._broken = f"worker {exc.worker} failed"
+                self.close()
+                raise WorkerError(
+                    f"loader worker {exc.worker} (pid {exc.pid}) failed: {exc.summary}; the "
+                    f"loader is closed\n\nworker traceback:\n{exc.worker_traceback}",
+                    worker=exc.worker,
+                    pid=exc.pid,
+                    worker_traceback=exc.worker_traceback,
+                ) from None
             if got:
                 return
-            for w, p in enumerate(procs):
-                if p.exitcode is not None:
-                    self._worker_died(w)
             if self.timeout is not None and time.perf_counter() - t0 > self.timeout:
+                alive = [p.is_alive() for p in self._pool.processes]
                 raise TimeoutError(
-                    f"no batch within timeout={self.timeout} s "
-                    f"(workers alive: {[p.is_alive() for p in procs]})"
+                    f"no batch within timeout={self.timeout} s (workers alive: {alive})"
                 )
 
     def _handle(
         self, w: int, msg: tuple[Any, ...], gen: int, done: dict[int, tuple[int, dict[str, Any]]]
     ) -> None:
-        kind, mgen, sidx = msg[0], msg[1], msg[2]
-        if kind == "error" and mgen == -1:
-            self._broken = f"worker {w} failed to start"
-            self.close()
-            raise WorkerError(
-                f"loader worker {w} failed to start: {msg[4]}\n\nworker traceback:\n{msg[5]}",
-                worker=w,
-                pid=None,
-                worker_traceback=msg[5],
-            )
-        slot = msg[3]
+        kind, mgen, sidx, slot = msg[0], msg[1], msg[2], msg[3]
         local = (sidx - self.rank) // self.world_size
         self._outstanding[w].pop((mgen, local), None)
         if kind == "ok" and mgen == gen:
@@ -757,7 +622,7 @@ class PatchLoader:
             return
         self._free.append(slot)
         if kind == "error" and mgen == gen:
-            pid = self._res.procs[w].pid
+            pid = self._pool.pids[w]
             raise WorkerError(
                 f"loader worker {w} (pid {pid}) raised {msg[4]} on sample index {sidx}\n\n"
                 f"worker traceback:\n{msg[5]}",
@@ -767,35 +632,29 @@ class PatchLoader:
                 worker_traceback=msg[5],
             )
 
-    def _worker_died(self, w: int) -> None:
-        p = self._res.procs[w]
-        p.join(0.5)
-        code = p.exitcode
-        if code is not None and code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
+    def _worker_died(self, exc: WorkerDied) -> None:
+        w = exc.worker
         pending = sorted(i for _, i in self._outstanding[w])
-        self._broken = f"worker {w} (pid {p.pid}) {how}"
+        self._broken = f"worker {w} (pid {exc.pid}) {exc.how}"
         self.close()
+        if not exc.started:
+            message = f"{exc}; the loader is closed"
+        else:
+            message = (
+                f"loader worker {w} (pid {exc.pid}) {exc.how} while computing samples "
+                f"{pending[:8]} (out of memory? killed?); the loader is closed"
+            )
         raise WorkerError(
-            f"loader worker {w} (pid {p.pid}) {how} while computing samples "
-            f"{pending[:8]} (out of memory? killed?); the loader is closed",
-            worker=w,
-            pid=p.pid,
-            index=pending[0] if pending else None,
-        )
+            message, worker=w, pid=exc.pid, index=pending[0] if pending else None
+        ) from None
 
     # -- batch assembly -----------------------------------------------------------------------
     def _assemble(
         self, items: list[tuple[int, dict[str, Any]]], want: range, epoch: int
     ) -> dict[str, Any]:
         idx = [self._sampler_index(i) for i in want]
-        assert self._layout is not None
-        views = self._res.views
+        assert self._layout is not None and self._ring is not None
+        views = self._ring.views
         try:
             if self.mode == "cpu":
                 return self._cpu_batch(

@@ -33,14 +33,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from augment.workers import spawn_executor
 from loaders.cases import Case
 from loaders.errors import DatasetError
 from loaders.volume import write_array
@@ -620,7 +620,7 @@ def write_msd_dataset(
     for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if n_test else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as ex:
+        with spawn_executor(min(workers, len(jobs))) as ex:
             list(ex.map(_write_one, jobs))
     else:
         for job in jobs:

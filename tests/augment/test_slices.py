@@ -198,11 +198,11 @@ def test_default_pool_reused_and_dead_process_detected(volume):
     names = {
         n
         for n in shm_names() - before
-        if any(n == b.shm.name for b in pool._state.buffers.values() if b is not None)
+        if any(n == b.name for b in pool._buffers.values() if b is not None)
     }
     assert len(names) == 2  # input and output
-    os.kill(pool._state.procs[0].pid, signal.SIGKILL)
-    pool._state.procs[0].join(5)
+    os.kill(pool._workers.pids[0], signal.SIGKILL)
+    pool._workers.processes[0].join(5)
     with pytest.raises(RuntimeError, match="died"):
         pool.warp(img, m, OUT)
     assert pool.closed and not names & shm_names()

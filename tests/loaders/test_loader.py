@@ -148,7 +148,7 @@ def test_batches_identical_for_0_1_2_4_workers(cache_root):
         assert len(loader) == 3
         assert loader.stats.batches == 8 and loader.stats.wait_s > 0  # 3 + 2 resumed + 3
         assert loader.stats.worker_s > 0
-        names = {ld._res.shm.name for ld in loaders.values() if ld._res.shm is not None}
+        names = {ld._ring.name for ld in loaders.values() if ld._ring is not None}
         assert len(names) == 3 and names <= shm_names()
     finally:
         for loader in loaders.values():
@@ -213,7 +213,7 @@ def test_killed_worker_is_detected(cache_root):
     )
     it = iter(loader)
     next(it)
-    name = loader._res.shm.name
+    name = loader._ring.name
     os.kill(loader.worker_pids[0], signal.SIGKILL)
     t0 = time.perf_counter()
     with pytest.raises(WorkerError, match="SIGKILL"):
@@ -235,7 +235,7 @@ def test_interrupt_then_garbage_collection_release_everything(cache_root):
             if i == 1:
                 raise KeyboardInterrupt  # Ctrl-C inside the training loop
     assert len(next(iter(loader))["case"]) == B  # still usable afterwards
-    name, pids = loader._res.shm.name, loader.worker_pids
+    name, pids = loader._ring.name, loader.worker_pids
     assert name in shm_names()
     del loader
     gc.collect()
@@ -258,7 +258,7 @@ def test_interrupt_at_interpreter_exit_releases_shared_memory(cache_root):
             loader = PatchLoader(make_sampler(Path({str(cache_root)!r})), batch_size=2,
                                  batches_per_epoch=10, num_workers=1)
             for batch in loader:
-                print(loader._res.shm.name, flush=True)
+                print(loader._ring.name, flush=True)
                 raise KeyboardInterrupt
     """)
     before = shm_names()

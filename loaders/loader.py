@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+import augment
 from loaders.sampler import PatchSampler
 
 __all__ = ["LoaderStats", "PatchLoader", "WorkerError"]
@@ -857,9 +858,6 @@ class PatchLoader:
     def _gpu_batch(self, regs: list[dict[str, Any]], idx: list[int], epoch: int) -> dict[str, Any]:
         import torch
 
-        from augment.compose import stack_params
-        from augment.torch_warp import compose_torch
-
         dev = self.device
         images, labels = [], []
         for r in regs:
@@ -870,11 +868,10 @@ class PatchLoader:
                 tl = tl.pin_memory().to(dev, non_blocking=True)
             images.append(ti)
             labels.append(tl)
-        out = compose_torch(
-            self.sampler.compose,
+        out = self.sampler.compose(
             image=images,
             label=labels,
-            params=stack_params([r["params"] for r in regs]),
+            params=augment.stack_params([r["params"] for r in regs]),
             offset=np.stack([r["offset"] for r in regs]),
             in_shape=np.stack([r["in_shape"] for r in regs]),
         )

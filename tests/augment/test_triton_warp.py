@@ -23,11 +23,10 @@ import torch
 
 import augment
 from augment import matrices as mx
-from augment.compose import onehot_linear_numpy
+from augment.backends.numpy import onehot_linear_numpy, warp_numpy
 from augment.kernels import program as pg
-from augment.kernels import torch_warp as tk
+from augment.kernels import torch_fallback as tk
 from augment.rng import batch_rngs
-from augment.warp import warp_numpy
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -161,7 +160,8 @@ SCRIPT = textwrap.dedent("""
     c = case("c")
     img, lab = trw.warp_batch(torch.from_numpy(c["img"]), torch.from_numpy(c["lab"]), c["m"],
                               tuple(c["out"]), cval=1.0, out_dtype=torch.bfloat16,
-                              label_mode="linear_onehot", config=(8, 8, 1))
+                              label_mode="linear_onehot", classes=torch.tensor([0, 1, 2]),
+                              config=(8, 8, 1))
     res["c/img"], res["c/lab"] = img.float().numpy(), lab.numpy()
     np.savez(sys.argv[2], **res)
 """)
@@ -278,7 +278,7 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int16])
 def test_cuda_kernel_matches_numba(dtype):
-    from augment.torch_warp import triton_available, warp_torch
+    from augment.backends.torch import triton_available, warp_torch
 
     assert triton_available()
     rng = np.random.default_rng(1)
@@ -348,7 +348,7 @@ def test_cuda_fallback_matches_kernel():
     rng = np.random.default_rng(3)
     src = torch.from_numpy(rng.normal(size=(2, 1, 20, 22, 24)).astype(np.float32)).cuda()
     m = np.stack([random_matrix(rng, (12, 12, 12), (20, 22, 24)) for _ in range(2)])
-    from augment.torch_warp import warp_torch
+    from augment.backends.torch import warp_torch
 
     a, _ = warp_torch(src, None, m, (12, 12, 12), backend="triton")
     b, _ = tk.warp_batch(src, None, m, (12, 12, 12))

@@ -1,6 +1,6 @@
 """``PatchLoader``: batches of augmented patches from worker processes via shared memory.
 
-    sampler = PatchSampler(cache, compose, foreground=1 / 3, seed=0)
+    sampler = PatchSampler(cache, compose, seed=0)
     with PatchLoader(sampler, batch_size=2, batches_per_epoch=250, num_workers=2) as loader:
         for epoch in range(100):
             for batch in loader:              # each pass is the next epoch

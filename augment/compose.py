@@ -187,11 +187,9 @@ class Compose:
             ValueError: samples that would give different output shapes.
         """
         batch = params.batch
-        shapes = (
-            params.in_shape
-            if in_shapes is None
-            else np.broadcast_to(np.asarray(in_shapes, dtype=np.int64), (batch, 3))
-        )
+        shapes = params.in_shape if in_shapes is None else np.asarray(in_shapes, dtype=np.int64)
+        if shapes.shape != (batch, 3):
+            shapes = np.broadcast_to(shapes, (batch, 3))
         src: list[Shape3] = [
             (int(shapes[b][0]), int(shapes[b][1]), int(shapes[b][2])) for b in range(batch)
         ]
@@ -207,7 +205,9 @@ class Compose:
             off = np.zeros((batch, 3))
             region = mx.to_3x4(m)
         else:
-            off = np.broadcast_to(np.asarray(offsets, dtype=np.float64), (batch, 3))
+            off = np.asarray(offsets, dtype=np.float64)
+            if off.shape != (batch, 3):
+                off = np.broadcast_to(off, (batch, 3))
             region = mx.to_3x4(mx.translation(-off) @ m)
         programs, posts = [], []
         for b in range(batch):
@@ -263,6 +263,8 @@ class Compose:
         self, params: ComposeParams, given: Sequence[Any] | None
     ) -> list[F64 | None] | None:
         """Per sample, the target to map: the one given, else the one a TargetCrop drew."""
+        if given is None and self.target_crop is None:
+            return None
         found: list[F64 | None] = [None] * params.batch
         if given is not None:
             found = [None if t is None else np.asarray(t, dtype=np.float64) for t in given]

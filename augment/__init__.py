@@ -12,12 +12,16 @@ Axis order (z, y, x); matrices map an output voxel index to the input index it s
     ])
     out = aug(image=img, label=lab, rng=np.random.default_rng(0))
 
+A call samples parameters (``Compose.sample``), plans the batch (``Compose.plan`` ->
+``Plan``: matrices, fused intensity programs, exact-copy flags, extras) and hands the plan
+to a backend (``augment.backends.numpy`` or ``augment.backends.torch``).
+
 Nothing from ``loaders`` or ``training`` is imported here; torch and Triton load lazily.
 """
 
 from augment import matrices, slices
 from augment.base import IntensityTransform, Params, SpatialTransform
-from augment.compose import Compose, ComposeParams, stack_params
+from augment.compose import Compose
 from augment.intensity import (
     Normalize,
     RandomBrightness,
@@ -26,6 +30,7 @@ from augment.intensity import (
     RandomNoise,
     Window,
 )
+from augment.plan import ComposeParams, Plan, stack_params
 from augment.rng import batch_rngs, sample_rng
 from augment.spatial import RandomAffine, RandomCrop, RandomFlip, RandomRot90, RandomSwapAxes
 from augment.target_crop import TargetCrop
@@ -37,6 +42,7 @@ __all__ = [
     "IntensityTransform",
     "Normalize",
     "Params",
+    "Plan",
     "RandomAffine",
     "RandomBrightness",
     "RandomContrast",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -58,6 +59,13 @@ def stack(params: list[P]) -> P:
 
 class SpatialTransform(ABC):
     """A geometric transform: a pull map from its output grid to its input grid."""
+
+    @property
+    def reads_label(self) -> bool:
+        """Whether :meth:`sample` reads the ``label`` context (a torch batch's label is then
+        copied to the host for it). True unless a transform says otherwise: label-free
+        transforms set the class attribute ``reads_label = False``."""
+        return True
 
     @abstractmethod
     def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> Params:
@@ -113,6 +121,17 @@ def as_range(
     if hi < lo:
         raise ValueError(f"{name} must be (low, high) with low <= high, got {value!r}")
     return (lo, hi)
+
+
+def size3(size: int | Sequence[int], name: str = "size") -> Shape3:
+    """One positive size or three (z, y, x) -> three positive ints."""
+    v: tuple[Any, ...] = (size,) * 3 if np.isscalar(size) else tuple(size)  # type: ignore[arg-type]
+    if len(v) != 3:
+        raise ValueError(f"{name} needs one value or three (z, y, x), got {size!r}")
+    s = tuple(int(t) for t in v)
+    if min(s) <= 0:
+        raise ValueError(f"{name} must be positive, got {size!r}")
+    return s  # type: ignore[return-value]
 
 
 def check_probability(p: float, name: str = "p") -> float:

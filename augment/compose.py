@@ -1,11 +1,18 @@
 """``Compose``: a pipeline whose spatial transforms fold into one matrix and one pass.
 
-``Compose([...])(image=img, label=lab, rng=gen)`` samples the parameters of every transform
-from ``gen``, multiplies the spatial pull maps into one matrix per sample, resamples image
-and label together in one fused pass (with the element-wise intensity ops inside the
-same pass), runs the intensity ops that need patch statistics right after, and returns
+A call runs in three steps, each a public method:
+
+1. :meth:`Compose.sample` draws one sample's parameters from its generator (spatial
+   transforms in list order, then intensity transforms in list order; a transform may
+   read per-case context such as ``fg_points`` or ``targets``);
+2. :meth:`Compose.plan` turns a batch of parameters into a :class:`~augment.plan.Plan`:
+   one pull map per sample, the fused intensity programs, exact-copy flags, extras;
+3. a backend executes the plan: :mod:`augment.backends.numpy` (numba) for numpy arrays,
+   :mod:`augment.backends.torch` (Triton or torch) for tensors; :meth:`Compose.execute`.
+
+``Compose([...])(image=img, label=lab, rng=gen)`` does all three and returns
 ``{"image", "label", "params"}`` (plus ``"target"``, ``"points"`` and ``"coord"`` where
-asked). ``params`` replays the call bit for bit: ``aug(image=img, label=lab, params=p)``.
+relevant). ``params`` replays the call bit for bit: ``aug(image=img, label=lab, params=p)``.
 
 Intensity transforms act on the resampled patch in list order, as if listed after all
 spatial transforms (padding included).
@@ -14,65 +21,33 @@ spatial transforms (padding included).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from augment import matrices as mx
-from augment.base import IntensityTransform, Params, Shape3, SpatialTransform, stack
+from augment._validate import check_cval, check_label_mode, is_torch
+from augment.backends import numpy as numpy_backend
+from augment.base import IntensityTransform, Shape3, SpatialTransform
 from augment.kernels import program as pg
-from augment.target_crop import TargetCrop, coord_channel
-from augment.warp import (
-    IMAGE_DTYPES,
-    LABEL_DTYPES,
-    _is_torch,
-    as_channels,
-    check_dtype,
-    warp_numpy,
-)
+from augment.plan import ComposeParams, Plan, stack_params
+from augment.target_crop import TargetCrop, TargetCropParams, coord_channel
+
+__all__ = ["Compose", "ComposeParams", "stack_params"]
 
 F64 = NDArray[np.float64]
-LABEL_MODES = ("nearest", "linear_onehot")
-
-
-@dataclass(frozen=True)
-class ComposeParams:
-    """Everything one call drew: per-transform parameters and each sample's source shape."""
-
-    spatial: tuple[Params, ...]
-    intensity: tuple[Params, ...]
-    in_shape: NDArray[np.int64]  # (B, 3)
-
-    @property
-    def batch(self) -> int:
-        return int(self.in_shape.shape[0])
-
-    def take(self, index: int) -> ComposeParams:
-        return ComposeParams(
-            spatial=tuple(p.take(index) for p in self.spatial),
-            intensity=tuple(p.take(index) for p in self.intensity),
-            in_shape=self.in_shape[index : index + 1],
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "spatial": [{"kind": type(p).__name__, **p.as_dict()} for p in self.spatial],
-            "intensity": [{"kind": type(p).__name__, **p.as_dict()} for p in self.intensity],
-            "in_shape": self.in_shape.tolist(),
-        }
-
-
-def stack_params(params: Sequence[ComposeParams]) -> ComposeParams:
-    """Join single-sample parameter records into one batch."""
-    return ComposeParams(
-        spatial=tuple(stack([p.spatial[i] for p in params]) for i in range(len(params[0].spatial))),
-        intensity=tuple(
-            stack([p.intensity[i] for p in params]) for i in range(len(params[0].intensity))
-        ),
-        in_shape=np.concatenate([p.in_shape for p in params], axis=0),
-    )
+# Per-sample context entries of a batch and the number of dimensions of one sample's value.
+_SAMPLE_NDIM = {
+    "offset": 1,
+    "in_shape": 1,
+    "target": 1,
+    "points": 2,
+    "fg_points": 2,
+    "fg_classes": 1,
+    "targets": 2,
+}
 
 
 class Compose:
@@ -106,13 +81,9 @@ class Compose:
         self.target_crop = crops[-1] if crops else None
         if cval is None:
             cval = self.target_crop.pad_value if self.target_crop is not None else 0.0
-        if not np.isfinite(cval):
-            raise ValueError(f"cval must be finite, got {cval!r}")
-        self.cval = float(cval)
+        self.cval = check_cval(cval)
         self.label_cval = int(label_cval)
-        if label_mode not in LABEL_MODES:
-            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
-        self.label_mode = label_mode
+        self.label_mode = check_label_mode(label_mode)
         if image_order not in (0, 1):
             raise ValueError(f"image_order must be 0 or 1, got {image_order!r}")
         self.image_order = image_order
@@ -120,6 +91,11 @@ class Compose:
     def __repr__(self) -> str:
         inner = ", ".join(type(t).__name__ for t in self.transforms)
         return f"Compose([{inner}])"
+
+    @property
+    def reads_label(self) -> bool:
+        """Whether sampling reads the label (some spatial transform says it does)."""
+        return any(t.reads_label for t in self.spatial)
 
     # -- parameters ---------------------------------------------------------------------
     def out_shape(self, in_shape: Shape3) -> Shape3:
@@ -131,8 +107,17 @@ class Compose:
     def sample(
         self, rng: np.random.Generator, in_shape: Sequence[int], **context: Any
     ) -> ComposeParams:
-        """Draw one sample's parameters. ``context`` feeds transforms that need it
-        (``fg_points`` or ``label`` for foreground crops, ``target`` for TargetCrop)."""
+        """Draw one sample's parameters: each spatial transform in list order, then each
+        intensity transform in list order, all from ``rng``.
+
+        Args:
+            rng: the sample's generator.
+            in_shape: ``(D, H, W)`` of the whole source.
+            context: per-case data transforms may read: ``fg_points`` ``(N, 3)`` and
+                ``fg_classes`` ``(N,)`` or ``label`` (RandomCrop's foreground centres),
+                ``target`` ``(4,)`` or ``targets`` ``(N, 4)`` (TargetCrop), anything a
+                custom transform or ``centre_sampler`` wants (e.g. ``case``).
+        """
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         shape = tuple(int(s) for s in in_shape)
@@ -174,6 +159,121 @@ class Compose:
             value_range = t.out_range(value_range)
         return pg.concat(*ops), len(self.intensity)
 
+    def plan(
+        self,
+        params: ComposeParams,
+        in_shapes: ArrayLike | None = None,
+        offsets: ArrayLike | None = None,
+        *,
+        target: Sequence[Any] | None = None,
+        points: Sequence[Any] | None = None,
+    ) -> Plan:
+        """Everything a backend needs to execute ``params`` on a batch.
+
+        Args:
+            params: a batch of parameters (``B`` samples).
+            in_shapes: ``(B, 3)`` or ``(3,)`` shapes of the whole sources (default: those
+                the parameters were drawn for).
+            offsets: ``(B, 3)`` or ``(3,)`` start of the given arrays within the sources,
+                when they are regions (default: 0).
+            target: per sample, a ``(z, y, x, d)`` to map into the patch, or None (default:
+                the target a TargetCrop recorded in ``params``).
+            points: per sample, ``(N, 3)`` source indices to map into the patch.
+
+        Returns:
+            The :class:`~augment.plan.Plan`.
+
+        Raises:
+            ValueError: samples that would give different output shapes.
+        """
+        batch = params.batch
+        shapes = params.in_shape if in_shapes is None else np.asarray(in_shapes, dtype=np.int64)
+        if shapes.shape != (batch, 3):
+            shapes = np.broadcast_to(shapes, (batch, 3))
+        src: list[Shape3] = [
+            (int(shapes[b][0]), int(shapes[b][1]), int(shapes[b][2])) for b in range(batch)
+        ]
+        out_shapes = {self.out_shape(s) for s in src}
+        if len(out_shapes) != 1:
+            raise ValueError(
+                f"a batch needs one output shape, got {sorted(out_shapes)}; "
+                "add a crop to the pipeline"
+            )
+        out_shape = out_shapes.pop()
+        m = self.matrix(params)
+        if offsets is None:
+            off = np.zeros((batch, 3))
+            region = mx.to_3x4(m)
+        else:
+            off = np.asarray(offsets, dtype=np.float64)
+            if off.shape != (batch, 3):
+                off = np.broadcast_to(off, (batch, 3))
+            region = mx.to_3x4(mx.translation(-off) @ m)
+        programs, posts = [], []
+        for b in range(batch):
+            prog, post = self.program(params, b)
+            programs.append(prog)
+            posts.append(post)
+        after = tuple(
+            tuple(
+                (t, p.take(b))
+                for t, p in zip(self.intensity[post:], params.intensity[post:], strict=True)
+            )
+            for b, post in enumerate(posts)
+        )
+        targets = self._targets(params, target)
+        mapped_t: tuple[F64 | None, ...] | None = None
+        if targets is not None:
+            mapped_t = tuple(
+                None if t is None else _map_target(m[b], t) for b, t in enumerate(targets)
+            )
+        mapped_p: tuple[F64, ...] | None = None
+        if points is not None and points[0] is not None:
+            mapped_p = tuple(
+                mx.apply_points(np.linalg.inv(m[b]), np.asarray(p, dtype=np.float64))
+                for b, p in enumerate(points)
+            )
+        coord = None
+        tc = self.target_crop
+        if tc is not None and tc.coord_stride is not None:
+            stride = tc.coord_stride
+            coord = np.stack(
+                [coord_channel(m[b], src[b], out_shape, stride) for b in range(batch)]
+            ).astype(np.float32, copy=False)
+        return Plan(
+            params=params,
+            matrices=region,
+            exact=tuple(mx.as_exact(mb) for mb in region),
+            programs=pg.pad(programs),
+            post=tuple(posts),
+            after_warp=after,
+            out_shape=out_shape,
+            in_shapes=np.asarray(src, dtype=np.int64).reshape(batch, 3),
+            offsets=np.array(off, dtype=np.float64),
+            image_order=self.image_order,
+            cval=self.cval,
+            label_cval=self.label_cval,
+            label_mode=self.label_mode,
+            target=mapped_t,
+            points=mapped_p,
+            coord=coord,
+        )
+
+    def _targets(
+        self, params: ComposeParams, given: Sequence[Any] | None
+    ) -> list[F64 | None] | None:
+        """Per sample, the target to map: the one given, else the one a TargetCrop drew."""
+        if given is None and self.target_crop is None:
+            return None
+        found: list[F64 | None] = [None] * params.batch
+        if given is not None:
+            found = [None if t is None else np.asarray(t, dtype=np.float64) for t in given]
+        else:
+            for p in params.spatial:
+                if isinstance(p, TargetCropParams):
+                    found = [None if np.isnan(t).any() else t for t in p.target]
+        return found if any(t is not None for t in found) else None
+
     # -- application ----------------------------------------------------------------------
     def __call__(
         self,
@@ -184,19 +284,25 @@ class Compose:
         params: ComposeParams | None = None,
         **context: Any,
     ) -> dict[str, Any]:
-        """Augment one sample (numpy) or a batch (torch); see the module docstring.
+        """Augment one sample (numpy) or a batch (torch): check the inputs, draw the
+        parameters (unless given), plan, and let the backend execute the plan.
 
         Args:
             image: ``(D, H, W)`` / ``(C, D, H, W)`` numpy, or torch ``(B, C, D, H, W)`` or a
                 list of ``(C, D, H, W)`` tensors.
             label: the same layout with an integer dtype, or None.
-            rng: a Generator (one sample) or one per sample (torch batches).
+            rng: a Generator (one sample, or drawn sample after sample for a batch) or one
+                per sample.
             params: replay these instead of sampling.
-            context: ``fg_points``, ``target`` ((z, y, x, d) for TargetCrop), ``points``
-                ((N, 3) source indices to map into the patch), ``offset`` (the arrays are a
-                region of the source starting at this index), ``out_image`` /
-                ``out_label`` (numpy: C-contiguous ``(C, d, h, w)`` float32 / label-dtype
-                arrays the patch is written into, e.g. shared memory).
+            context: sampling context (see :meth:`sample`); ``points`` ((N, 3) source
+                indices to map into the patch); ``offset`` (the arrays are a region of the
+                source starting at this index) and ``in_shape`` (the whole source's
+                shape); backend options: numpy ``out_image`` / ``out_label`` (C-contiguous
+                ``(C, d, h, w)`` float32 / label-dtype arrays the patch is written into,
+                e.g. shared memory); torch ``out_dtype``, ``backend``, ``classes`` (see
+                :func:`augment.backends.torch.execute`). For a torch batch each entry is
+                shared, or per sample (a list of B values, or an array with a leading B
+                axis).
 
         Returns:
             ``{"image", "label", "params"}`` and, where relevant, ``"target"``,
@@ -204,173 +310,125 @@ class Compose:
         """
         if image is None and label is None:
             raise ValueError("give an image, a label, or both")
-        if _is_torch(image if image is not None else label) or isinstance(
-            image if image is not None else label, list
-        ):
-            from augment.torch_warp import compose_torch
-
-            return compose_torch(self, image=image, label=label, rng=rng, params=params, **context)
-        return self._call_numpy(image, label, rng, params, context)
-
-    def _call_numpy(
-        self,
-        image: Any,
-        label: Any,
-        rng: Any,
-        params: ComposeParams | None,
-        context: dict[str, Any],
-    ) -> dict[str, Any]:
-        img = lab = None
-        had_c = False
-        if image is not None:
-            img, had_c = as_channels(image, "image")
-            check_dtype(img, "image", IMAGE_DTYPES)
-        if label is not None:
-            lab, had_lc = as_channels(label, "label")
-            check_dtype(lab, "label", LABEL_DTYPES)
-            if lab.dtype == np.bool_:
-                lab = lab.view(np.uint8)
-            if img is not None and lab.shape[1:] != img.shape[1:]:
-                raise ValueError(
-                    f"image and label shapes differ: {tuple(img.shape[1:])} vs "
-                    f"{tuple(lab.shape[1:])}"
-                )
-            had_c = had_c or (img is None and had_lc)
-        ref = img if img is not None else lab
-        assert ref is not None
-        offset = np.asarray(context.pop("offset", (0, 0, 0)), dtype=np.float64)
-        in_shape = context.pop("in_shape", None)
-        src_shape = tuple(int(s) for s in (in_shape if in_shape is not None else ref.shape[1:]))
+        backend = _backend(image if image is not None else label)
+        options = {k: context.pop(k) for k in backend.OPTIONS if k in context}
+        inputs = backend.inputs(image, label)
+        batch = inputs.batch
+        offsets = context.pop("offset", None)
+        in_shapes = context.pop("in_shape", None)
+        if inputs.batched:
+            ctx = [
+                {k: _per_sample(v, b, batch, k) for k, v in context.items()} for b in range(batch)
+            ]
+            if offsets is not None:
+                offsets = [_per_sample(offsets, b, batch, "offset") for b in range(batch)]
+            if in_shapes is not None:
+                in_shapes = [_per_sample(in_shapes, b, batch, "in_shape") for b in range(batch)]
+        else:
+            ctx = [context]
+        src = inputs.shapes if in_shapes is None else _shapes(in_shapes, batch)
         if params is None:
             if rng is None:
-                raise ValueError("give rng (a numpy Generator) or params to replay")
-            if label is not None and "label" not in context and "fg_points" not in context:
-                context["label"] = lab
-            params = self.sample(rng, src_shape, **context)
-            context.pop("label", None)
-        elif params.batch != 1:
-            raise ValueError(f"a numpy sample takes single-sample params, got batch {params.batch}")
-        m = self.matrix(params)[0]
-        m_region = mx.translation(-offset) @ m
-        out_shape = self.out_shape(src_shape)  # type: ignore[arg-type]
-        prog, post = self.program(params)
-        dst = (
-            _check_out(context.pop("out_image", None), img, out_shape, np.float32, "out_image"),
-            _check_out(context.pop("out_label", None), lab, out_shape, None, "out_label"),
-        )
-        out_img, out_lab = self._warp_numpy(img, lab, m_region, out_shape, prog, dst)
-        if out_img is not None:
-            for t, p in zip(self.intensity[post:], params.intensity[post:], strict=True):
-                out_img = np.asarray(t.apply(out_img, p.take(0)), dtype=np.float32)
-        out_img, out_lab = _into(dst[0], out_img), _into(dst[1], out_lab)
-        result: dict[str, Any] = {
-            "image": None if out_img is None else (out_img if had_c else out_img[0]),
-            "label": None if out_lab is None else (out_lab if had_c else out_lab[0]),
-            "params": params,
-        }
-        result.update(self._extras(m, src_shape, out_shape, context))  # type: ignore[arg-type]
+                raise ValueError(
+                    "give rng (a numpy Generator, or one per sample of a batch) or params to replay"
+                )
+            params = self._draw(rng, inputs, src, ctx)
+        elif params.batch != batch:
+            raise ValueError(f"params hold {params.batch} samples for a batch of {batch}")
+        targets = [c.get("target") for c in ctx] if "target" in context else None
+        points = [c.get("points") for c in ctx] if "points" in context else None
+        plan = self.plan(params, src, offsets, target=targets, points=points)
+        result: dict[str, Any] = backend.execute(plan, inputs, **options)
         return result
 
-    def _warp_numpy(
-        self,
-        img: Any,
-        lab: Any,
-        m: F64,
-        out_shape: Shape3,
-        prog: F64,
-        dst: tuple[Any, Any] = (None, None),
-    ) -> tuple[Any, Any]:
-        if self.label_mode == "linear_onehot" and lab is not None:
-            out_img, _ = (
-                warp_numpy(
-                    img,
-                    None,
-                    m,
-                    out_shape,
-                    image_order=self.image_order,
-                    cval=self.cval,
-                    program=prog,
-                    out_image=dst[0],
-                )
-                if img is not None
-                else (None, None)
-            )
-            return out_img, onehot_linear_numpy(lab, m, out_shape, self.label_cval)
-        return warp_numpy(
-            img,
-            lab,
-            m,
-            out_shape,
-            image_order=self.image_order,
-            cval=self.cval,
-            label_cval=self.label_cval,
-            program=prog,
-            out_image=dst[0],
-            out_label=dst[1],
-        )
-
-    def _extras(
-        self, m: F64, in_shape: Shape3, out_shape: Shape3, context: dict[str, Any]
+    def execute(
+        self, plan: Plan, *, image: Any = None, label: Any = None, **options: Any
     ) -> dict[str, Any]:
-        extras: dict[str, Any] = {}
-        inv = np.linalg.inv(m)
-        target = context.get("target")
-        if target is not None:
-            t = np.asarray(target, dtype=np.float64)
-            zoom = abs(np.linalg.det(m[:3, :3])) ** (-1.0 / 3.0)
-            extras["target"] = np.concatenate([mx.apply_points(inv, t[:3]), [t[3] * zoom]])
-        points = context.get("points")
-        if points is not None:
-            extras["points"] = mx.apply_points(inv, np.asarray(points, dtype=np.float64))
-        tc = self.target_crop
-        if tc is not None and tc.coord_stride is not None:
-            extras["coord"] = coord_channel(m, in_shape, out_shape, tc.coord_stride)
-        return extras
+        """Run a plan (from :meth:`plan`) on ``image`` / ``label``: the last step of a
+        call, for callers that plan first (e.g. to read only the region a patch needs,
+        then :meth:`Plan.offset_by` its start).
+
+        Args:
+            plan: the plan; its batch must match the inputs'.
+            image, label: as for a call.
+            options: backend options (see :meth:`__call__`).
+
+        Returns:
+            As a call.
+        """
+        if image is None and label is None:
+            raise ValueError("give an image, a label, or both")
+        backend = _backend(image if image is not None else label)
+        inputs = backend.inputs(image, label)
+        if plan.batch != inputs.batch:
+            raise ValueError(f"the plan holds {plan.batch} samples for a batch of {inputs.batch}")
+        result: dict[str, Any] = backend.execute(plan, inputs, **options)
+        return result
+
+    def _draw(
+        self, rng: Any, inputs: Any, src: NDArray[np.int64], ctx: list[dict[str, Any]]
+    ) -> ComposeParams:
+        """Each sample's parameters from its own generator (or one shared in turn)."""
+        batch = inputs.batch
+        if inputs.batched:
+            gens = _generators(rng, batch)
+        else:
+            gens = [rng]
+        give_label = inputs.has_label and self.reads_label
+        drawn = []
+        for b in range(batch):
+            c = ctx[b]
+            if give_label and "label" not in c and "fg_points" not in c:
+                c = {**c, "label": inputs.host_label(b)}
+            drawn.append(self.sample(gens[b], src[b], **c))
+        return drawn[0] if batch == 1 else stack_params(drawn)
 
 
-def _check_out(out: Any, src: Any, out_shape: Shape3, dtype: Any, name: str) -> Any:
-    """``out`` if it can take the ``(C, d, h, w)`` result of ``src`` (the kernel writes
-    without bounds checks), else a ValueError naming what differs."""
-    if out is None or src is None:
-        return None
-    want = (src.shape[0], *out_shape)
-    dt = np.dtype(dtype if dtype is not None else src.dtype)
+def _backend(x: Any) -> ModuleType:
+    """The backend module for inputs like ``x``: torch for tensors and lists, else numpy."""
+    if is_torch(x) or isinstance(x, (list, tuple)):
+        # torch is optional: its backend loads on the first tensor
+        from augment.backends import torch as torch_backend
+
+        return torch_backend
+    return numpy_backend
+
+
+def _shapes(in_shapes: Any, batch: int) -> NDArray[np.int64]:
+    """``in_shape`` context -> ``(B, 3)`` int64."""
+    a = np.asarray(in_shapes, dtype=np.int64)
+    if a.size != 3 * batch:
+        raise ValueError(f"in_shape must be three sizes per sample, got {in_shapes!r}")
+    return a.reshape(batch, 3)
+
+
+def _map_target(m: F64, t: F64) -> F64:
+    """A target ``(z, y, x, d)`` in source indices -> patch indices, the diameter zoomed."""
+    zoom = abs(np.linalg.det(m[:3, :3])) ** (-1.0 / 3.0)
+    return np.concatenate([mx.apply_points(np.linalg.inv(m), t[:3]), [t[3] * zoom]])
+
+
+def _per_sample(value: Any, b: int, batch: int, key: str) -> Any:
+    """Sample ``b``'s value of a context entry: a list of ``batch`` per-sample values, an
+    array with a leading batch axis (for the known keys), or one value shared by all."""
     if (
-        not isinstance(out, np.ndarray)
-        or out.shape != want
-        or out.dtype != dt
-        or not out.flags.c_contiguous
-        or not out.flags.writeable
+        isinstance(value, (list, tuple))
+        and len(value) == batch
+        and not all(np.isscalar(v) for v in value)
     ):
-        raise ValueError(
-            f"{name} must be a writeable C-contiguous {dt} array of shape {want}, "
-            f"got {getattr(out, 'dtype', type(out).__name__)} "
-            f"{getattr(out, 'shape', '')}"
-        )
-    return out
+        return value[b]
+    ndim = _SAMPLE_NDIM.get(key)
+    if ndim is not None and isinstance(value, np.ndarray) and value.ndim == ndim + 1:
+        if value.shape[0] != batch:
+            raise ValueError(f"{key} has {value.shape[0]} rows for a batch of {batch}")
+        return value[b]
+    return value
 
 
-def _into(dst: Any, x: Any) -> Any:
-    """``x`` written into ``dst`` (when given and not already there)."""
-    if dst is None or x is None or x is dst:
-        return x
-    np.copyto(dst, x)
-    return dst
-
-
-def onehot_linear_numpy(lab: NDArray[Any], m: F64, out_shape: Shape3, fill: int) -> NDArray[Any]:
-    """Label resampling by trilinear interpolation of each class's indicator, then argmax."""
-    out = np.empty((lab.shape[0], *out_shape), dtype=lab.dtype)
-    for c in range(lab.shape[0]):
-        classes = np.unique(np.concatenate([np.unique(lab[c]), [fill]]))
-        onehot = np.stack([(lab[c] == k).astype(np.float32) for k in classes])
-        best = np.full(out_shape, -1.0, np.float32)
-        arg = np.zeros(out_shape, np.int64)
-        for i, k in enumerate(classes):
-            w, _ = warp_numpy(onehot[i : i + 1], None, m, out_shape, cval=1.0 if k == fill else 0.0)
-            assert w is not None
-            better = w[0] > best
-            best = np.where(better, w[0], best)
-            arg = np.where(better, i, arg)
-        out[c] = classes[arg].astype(lab.dtype)
-    return out
+def _generators(rng: Any, batch: int) -> list[np.random.Generator]:
+    if isinstance(rng, np.random.Generator):
+        return [rng] * batch  # one generator drawn sample after sample
+    gens = list(rng)
+    if len(gens) != batch or not all(isinstance(g, np.random.Generator) for g in gens):
+        raise TypeError(f"rng must be a numpy Generator or {batch} of them (one per sample)")
+    return gens

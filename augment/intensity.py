@@ -262,7 +262,8 @@ class RandomNoise(IntensityTransform):
             return x
         if _xp(x) is np:
             return pg.run_reference(prog, x).astype(x.dtype)
-        from augment.kernels.torch_warp import run_program
+        # a tensor: torch is loaded already; the fallback's program runner is torch ops
+        from augment.kernels.torch_fallback import run_program
 
         return run_program(x[None], prog[None])[0]
 

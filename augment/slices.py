@@ -37,14 +37,14 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from augment import matrices as mx
-from augment.warp import (
+from augment._validate import (
     IMAGE_DTYPES,
     LABEL_DTYPES,
     check_matrix,
     check_order,
     check_out_shape,
-    warp_numpy,
 )
+from augment.backends.numpy import warp_numpy
 from augment.workers import Segment, WorkerDied, WorkerFailed, WorkerPool
 
 __all__ = ["SlicePool", "in_plane", "warp_slices"]

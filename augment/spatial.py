@@ -23,6 +23,7 @@ from augment.base import (
     SpatialTransform,
     as_range,
     check_probability,
+    size3,
 )
 
 F64 = NDArray[np.float64]
@@ -38,13 +39,6 @@ def _three(value: Any, name: str) -> tuple[Any, Any, Any]:
     return v
 
 
-def _size3(size: int | Sequence[int], name: str = "size") -> Shape3:
-    s = tuple(int(v) for v in _three(size, name))
-    if min(s) <= 0:
-        raise ValueError(f"{name} must be positive, got {size!r}")
-    return s  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
 class CropParams(Params):
     start: NDArray[np.int64]  # (B, 3) first input index of the crop, may be negative
@@ -52,18 +46,27 @@ class CropParams(Params):
 
 
 class RandomCrop(SpatialTransform):
-    """Crop a patch of ``size`` at a random integer position.
+    """Crop a patch of ``size``; the crop owns where the patch goes.
 
-    Without foreground oversampling the start is uniform over ``[0, n - size]`` per axis
-    (centred with padding where the volume is smaller than the patch). With
-    ``foreground > 0``, that fraction of samples centres the patch on a voxel drawn from the
-    ``fg_points`` context (an ``(N, 3)`` array of foreground indices, as the cache stores
-    them) or, if absent, from ``label > 0``; such a patch may extend past the volume and
-    is padded, as in nnU-Net. ``centre_sampler`` replaces the centre choice entirely.
+    Centre strategy, drawn from the sample's generator in this order:
+
+    1. with ``foreground > 0``: one uniform draw decides whether this sample is
+       foreground-centred (probability ``foreground``, nnU-Net uses 1/3);
+    2. foreground-centred: a class drawn uniformly among the classes present, then a
+       voxel drawn uniformly among that class's voxels (nnU-Net's class-balanced
+       oversampling); the patch centre lands on it, so the patch may extend past the
+       volume and is padded. The voxels come from the per-case context: ``fg_points``
+       ``(N, 3)`` with ``fg_classes`` ``(N,)`` (the cache's stored sample; without
+       ``fg_classes`` all points are one class), else ``label`` (classes are its values
+       above 0). A case without foreground falls back to step 3;
+    3. otherwise the start is uniform over ``[0, n - size]`` per axis (one integer per
+       axis; centred with padding where the volume is smaller than the patch).
+
+    ``centre_sampler`` replaces the whole choice (it gets the context as given).
 
     Args:
         size: output patch size (d, h, w).
-        foreground: probability of a foreground-centred patch (nnU-Net uses 1/3).
+        foreground: probability of a foreground-centred patch.
         centre_sampler: ``f(rng, in_shape, size, context) -> centre (3,)`` hook.
     """
 
@@ -74,49 +77,92 @@ class RandomCrop(SpatialTransform):
         foreground: float = 0.0,
         centre_sampler: CentreSampler | None = None,
     ) -> None:
-        self.size = _size3(size)
+        self.size = size3(size)
         self.foreground = check_probability(foreground, "foreground")
         self.centre_sampler = centre_sampler
+
+    @property
+    def reads_label(self) -> bool:
+        return self.foreground > 0 or self.centre_sampler is not None
 
     def out_shape(self, in_shape: Shape3) -> Shape3:
         return self.size
 
     def sample(self, rng: np.random.Generator, in_shape: Shape3, **context: Any) -> CropParams:
         size = np.asarray(self.size)
-        n = np.asarray(in_shape)
-        fg = False
         if self.centre_sampler is not None:
             centre = np.asarray(self.centre_sampler(rng, in_shape, self.size, context), float)
             start = np.floor(centre - (size - 1) / 2.0 + 1e-9).astype(np.int64)
-        else:
-            start = np.where(
-                n >= size,
-                [int(rng.integers(0, max(int(k), 0) + 1)) for k in (n - size)],
-                (n - size) // 2,
-            ).astype(np.int64)
-            if self.foreground > 0 and rng.random() < self.foreground:
-                points = _foreground_points(context)
-                if points is not None and len(points):
-                    p = np.asarray(points[int(rng.integers(len(points)))], dtype=np.int64)
-                    start = p - (size - 1) // 2
-                    fg = True
-        return CropParams(start=start[None].astype(np.int64), foreground=np.array([fg]))
+            return CropParams(start=start[None], foreground=np.array([False]))
+        if self.foreground > 0 and rng.random() < self.foreground:
+            point = foreground_voxel(rng, context)
+            if point is not None:
+                start = np.asarray(point, dtype=np.int64) - (size - 1) // 2
+                return CropParams(start=start[None], foreground=np.array([True]))
+        n = np.asarray(in_shape)
+        start = np.where(
+            n >= size,
+            [int(rng.integers(0, max(int(k), 0) + 1)) for k in (n - size)],
+            (n - size) // 2,
+        ).astype(np.int64)
+        return CropParams(start=start[None], foreground=np.array([False]))
 
     def matrix(self, params: Params, in_shape: Shape3) -> F64:
         assert isinstance(params, CropParams)
         return mx.translation(params.start.astype(np.float64))
 
 
-def _foreground_points(context: dict[str, Any]) -> NDArray[np.int64] | None:
+def foreground_voxel(rng: np.random.Generator, context: dict[str, Any]) -> NDArray[np.int64] | None:
+    """A foreground voxel index, class-balanced: a class uniformly among those present,
+    then one of its voxels uniformly (two draws); None when there is no foreground.
+
+    Args:
+        rng: the sample's generator.
+        context: ``fg_points`` ``(N, 3)`` (with optional ``fg_classes`` ``(N,)``) or
+            ``label`` ``(D, H, W)`` / ``(C, D, H, W)`` (its first channel; classes > 0).
+    """
     pts = context.get("fg_points")
     if pts is not None:
-        return np.asarray(pts)
+        points = np.asarray(pts)
+        if not len(points):
+            return None
+        cls = context.get("fg_classes")
+        if cls is None:
+            return points[int(rng.integers(len(points)))].astype(np.int64)
+        classes_of = np.asarray(cls).reshape(-1)
+        if len(classes_of) != len(points):
+            raise ValueError(
+                f"fg_classes needs one class per fg_points row ({len(points)}), "
+                f"got {len(classes_of)}"
+            )
+        classes = np.unique(classes_of)
+        k = classes[int(rng.integers(len(classes)))]
+        members = np.flatnonzero(classes_of == k)
+        return points[members[int(rng.integers(len(members)))]].astype(np.int64)
     label = context.get("label")
     if label is None:
         return None
     lab = np.asarray(label)
     lab = lab[0] if lab.ndim == 4 else lab
-    return np.argwhere(lab > 0)
+    flat = lab.reshape(-1)
+    classes = _classes_present(flat)
+    if not len(classes):
+        return None
+    k = classes[int(rng.integers(len(classes)))]
+    members = np.flatnonzero(flat == k)
+    index = members[int(rng.integers(len(members)))]
+    return np.asarray(np.unravel_index(index, lab.shape), dtype=np.int64)
+
+
+def _classes_present(flat: NDArray[Any]) -> NDArray[Any]:
+    """Sorted label values above 0. ``np.bincount`` for small unsigned types: one pass,
+    where ``np.unique`` sorts the whole volume."""
+    if flat.dtype == np.bool_:
+        return np.array([True]) if flat.any() else np.zeros(0, bool)
+    if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
+        counts = np.bincount(flat, minlength=1)
+        return (np.flatnonzero(counts[1:]) + 1).astype(flat.dtype)
+    return np.unique(flat[flat > 0])
 
 
 @dataclass(frozen=True)
@@ -140,6 +186,8 @@ class RandomAffine(SpatialTransform):
         p: probability that a sample is transformed at all (others get the identity).
         p_rotate, p_scale: per-sample probabilities of each part (nnU-Net style).
     """
+
+    reads_label = False
 
     def __init__(
         self,
@@ -220,6 +268,8 @@ class FlipParams(Params):
 class RandomFlip(SpatialTransform):
     """Mirror each axis in ``axes`` independently with probability ``p`` (exact)."""
 
+    reads_label = False
+
     def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float | Sequence[float] = 0.5) -> None:
         self.axes = tuple(int(a) for a in axes)
         if any(a not in (0, 1, 2) for a in self.axes):
@@ -274,6 +324,8 @@ class RandomRot90(SpatialTransform):
     then the result equals ``np.rot90``. Otherwise the corners are padded.
     """
 
+    reads_label = False
+
     def __init__(
         self, axes: tuple[int, int] = (1, 2), ks: Sequence[int] = (0, 1, 2, 3), p: float = 1.0
     ) -> None:
@@ -308,6 +360,8 @@ class SwapParams(Params):
 
 class RandomSwapAxes(SpatialTransform):
     """Randomly permute the axes in ``axes`` (DSB2017's swap), exact; they must be equal in size."""
+
+    reads_label = False
 
     def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 1.0) -> None:
         self.axes = tuple(int(a) for a in axes)

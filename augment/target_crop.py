@@ -10,6 +10,12 @@ chosen axes. Everything becomes one pull map, so the image is interpolated once 
 original zoomed, rotated and cropped in three interpolations). ``Compose`` returns the
 target's new coordinates and, with ``coord_stride``, the normalised coordinate channel.
 Without a target (``target=None``) the crop position is random, as DSB2017's negatives.
+
+Where the target comes from (sampling context): ``target`` (one ``(4,)``, used as given),
+or ``targets`` (the case's ``(N, 4)`` targets): then one uniform draw decides whether the
+sample is centred on a target (probability ``p_target``), and a second picks the target
+uniformly; a case without targets gets a random crop. The chosen target is recorded in
+the parameters (``TargetCropParams.target``), so a replay maps it into the patch again.
 """
 
 from __future__ import annotations
@@ -22,8 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from augment import matrices as mx
-from augment.base import Params, Shape3, SpatialTransform, as_range, check_probability
-from augment.spatial import _size3
+from augment.base import Params, Shape3, SpatialTransform, as_range, check_probability, size3
 
 F64 = NDArray[np.float64]
 
@@ -35,6 +40,7 @@ class TargetCropParams(Params):
     angle: F64  # (B,) in-plane (y, x) rotation, radians; 0 when no valid rotation was found
     order: NDArray[np.int64]  # (B, 3) axis permutation
     flip: NDArray[np.bool_]  # (B, 3)
+    target: F64  # (B, 4) the (z, y, x, diameter) the crop was placed around; NaN for none
 
 
 class TargetCrop(SpatialTransform):
@@ -51,7 +57,11 @@ class TargetCrop(SpatialTransform):
         flip_axes: axes flipped with probability ``p_flip`` each.
         pad_value: image value outside the source (DSB2017: 170).
         coord_stride: stride of the normalised coordinate channel, or ``None``.
+        p_target: probability that a sample given ``targets`` is centred on one of them
+            (DSB2017 trains with 0.7; the rest are random crops, its negatives).
     """
+
+    reads_label = False
 
     def __init__(
         self,
@@ -67,8 +77,9 @@ class TargetCrop(SpatialTransform):
         p_flip: float = 0.5,
         pad_value: float = 170.0,
         coord_stride: int | None = None,
+        p_target: float = 1.0,
     ) -> None:
-        self.size = _size3(size)
+        self.size = size3(size)
         if bound_size < 0:
             raise ValueError(f"bound_size must be >= 0, got {bound_size!r}")
         self.bound_size = int(bound_size)
@@ -83,6 +94,7 @@ class TargetCrop(SpatialTransform):
         if coord_stride is not None and any(s % coord_stride for s in self.size):
             raise ValueError(f"coord_stride {coord_stride} must divide the size {self.size}")
         self.coord_stride = coord_stride
+        self.p_target = check_probability(p_target, "p_target")
 
     def out_shape(self, in_shape: Shape3) -> Shape3:
         return self.size
@@ -99,6 +111,8 @@ class TargetCrop(SpatialTransform):
         self, rng: np.random.Generator, in_shape: Shape3, **context: Any
     ) -> TargetCropParams:
         target = context.get("target")
+        if target is None:
+            target = self._choose(rng, context.get("targets"))
         size = np.asarray(self.size, dtype=np.float64)
         n = np.asarray(in_shape, dtype=np.float64)
         t = None if target is None else np.asarray(target, dtype=np.float64)
@@ -150,7 +164,17 @@ class TargetCrop(SpatialTransform):
             angle=np.array([angle]),
             order=order[None].astype(np.int64),
             flip=flip[None],
+            target=(np.full(4, np.nan) if t is None else t)[None],
         )
+
+    def _choose(self, rng: np.random.Generator, targets: Any) -> F64 | None:
+        """A target from the case's ``(N, 4)`` ``targets``, or None (a random crop)."""
+        if targets is None:
+            return None
+        tg = np.asarray(targets, dtype=np.float64).reshape(-1, 4)
+        if not len(tg) or not rng.random() < self.p_target:
+            return None
+        return tg[int(rng.integers(len(tg)))]
 
     def _crop_scale(self, start: F64, s: float) -> F64:
         return mx.translation(start) @ mx.scaling([1.0 / s] * 3)

@@ -12,15 +12,14 @@ end; the rows go to ``--json`` (default ``$OUT/device_check.json`` when ``$OUT``
 
 - ``env``: versions, the GPU.
 - ``bandwidth``: device-to-device copy, GB/s (read + write).
+- ``check``: the correctness checks, which are the ``gpu``-marked tests of
+  ``tests/augment`` (``pytest -m gpu tests/augment`` in a subprocess; one row per test):
+  the Triton kernel and the torch path on the device against the numba CPU path, scipy's
+  float64 ``affine_transform`` and numpy's index operations, and Compose on the device
+  against numpy. They run before anything is timed; without CUDA they skip.
 - ``w1``: W1 batched (8 x 128^3 from 200x256x256 float32 + uint8 sources on the device,
   host-drawn W1 parameters): Triton float32 and bfloat16 output, the torch path on the
   device, hand-written ``affine_grid`` + ``grid_sample``; patches/s, ratios, the goals.
-  It runs before ``check`` so that numba compiles in a background process meanwhile.
-- ``check``: the Triton kernel (and the torch path on the device) against the numba CPU
-  path on fresh random inputs: float32 relative error (max |diff| / max |ref|) < 1e-5,
-  labels >= 99.99% equal, programs with noise, bfloat16 output, float16 / bfloat16 / int16
-  sources, a list of differently sized sources, nearest image, one-hot labels, an exact
-  flip, scipy's float64 ``affine_transform``, and Compose on the device vs numpy.
 - ``compose``: ``Compose`` end to end on device batches (host sampling included).
 - ``peers``: MONAI and Kornia on the GPU where importable.
 
@@ -53,7 +52,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REL_GOAL = 1e-5
-LABEL_GOAL = 0.9999
 W1_GOAL = 40_000.0
 GRID_RATIO_GOAL = 12.0
 BF16_RATIO_GOAL = 1.3
@@ -144,55 +142,6 @@ def agree(got: Any, ref: Any) -> float:
     return float((np.asarray(g) == np.asarray(r)).mean())
 
 
-def random_matrix(
-    rng: np.random.Generator,
-    out_shape: tuple[int, int, int],
-    in_shape: tuple[int, int, int],
-    *,
-    border: bool = False,
-) -> np.ndarray:
-    """Rotation (30 degrees), anisotropic scale, shear and an off-grid shift; ``border``
-    pushes the patch over an edge of the source."""
-    from augment import matrices as mx
-
-    lin = (
-        mx.rotation(np.deg2rad(rng.uniform(-30, 30, 3)))
-        @ mx.scaling(rng.uniform(0.75, 1.3, 3))
-        @ mx.shear(rng.uniform(-0.1, 0.1, 6))
-    )
-    shift = rng.uniform(-3.0, 3.0, 3)
-    if border:
-        shift += rng.choice([-1, 1], 3) * np.asarray(in_shape) * rng.uniform(0.25, 0.5, 3)
-    return mx.to_3x4(mx.about(lin, mx.centre(out_shape), mx.centre(in_shape) + shift))
-
-
-def _cpu_torch_reference(
-    image: Any,
-    label: Any,
-    matrix: Any,
-    out_shape: Any,
-    *,
-    image_order: int = 1,
-    cval: float = 0.0,
-    label_cval: int = 0,
-    program: Any = None,
-) -> tuple[Any, Any]:
-    """``warp_numpy``'s signature over the CPU torch path (used if numba fails here)."""
-    from augment.kernels import torch_warp as tk
-
-    i, lab = tk.warp_batch(
-        None if image is None else torch.from_numpy(image)[None],
-        None if label is None else torch.from_numpy(label)[None],
-        np.asarray(matrix)[None],
-        tuple(out_shape),
-        image_order=image_order,
-        cval=cval,
-        label_cval=label_cval,
-        programs=None if program is None else np.asarray(program)[None],
-    )
-    return (None if i is None else i[0].numpy(), None if lab is None else lab[0].numpy())
-
-
 # -- sections ---------------------------------------------------------------------------------
 @register("env")
 def section_env(ctx: Ctx) -> None:
@@ -240,9 +189,64 @@ def section_bandwidth(ctx: Ctx) -> None:
     del src, dst
 
 
+@register("check")
+def section_check(ctx: Ctx) -> None:
+    """``pytest -m gpu tests/augment`` in a subprocess; a row per test from its JUnit XML."""
+    import subprocess
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "gpu-tests.xml"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            str(ROOT / "tests" / "augment"),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=str(ROOT), env=env, timeout=max(ctx.left(), 60.0))
+        took = time.perf_counter() - t0
+        if not report.exists():
+            row("check", "pytest -m gpu", f"exit {proc.returncode}", ok=False, note="no report")
+            return
+        cases = ET.parse(report).getroot().iter("testcase")
+        counts = {"passed": 0, "failed": 0, "skipped": 0}
+        for case in cases:
+            name = case.get("name", "?").removeprefix("test_cuda_")
+            outcome = "passed"
+            note = ""
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    outcome, note = "failed", (child.get("message") or "")[:200]
+                elif child.tag == "skipped":
+                    outcome, note = "skipped", (child.get("message") or "")[:200]
+            counts[outcome] += 1
+            ok = None if outcome == "skipped" else outcome == "passed"
+            row("check", name, outcome, ok=ok, note=note)
+    all_ok = counts["failed"] == 0 and proc.returncode in (0, 5) and counts["passed"] > 0
+    row(
+        "check",
+        "gpu tests passed / failed / skipped",
+        f"{counts['passed']} / {counts['failed']} / {counts['skipped']}",
+        ok=None if ctx.dry else all_ok,
+        note=f"pytest exit {proc.returncode}, {took:.0f} s",
+    )
+
+
 @register("w1")
 def section_w1(ctx: Ctx) -> None:
-    from augment.kernels import torch_warp as tk
+    from augment.kernels import torch_fallback as tk
     from benchmarks import w1_gpu as w
 
     dev = ctx.device
@@ -419,262 +423,6 @@ def section_w1(ctx: Ctx) -> None:
     attempt("w1", "goals", goals)
 
 
-@register("check")
-def section_check(ctx: Ctx) -> None:
-    import scipy.ndimage as ndi
-
-    from augment import matrices as mx
-    from augment.compose import onehot_linear_numpy
-    from augment.kernels import program as pg
-    from augment.torch_warp import warp_torch as _warp_torch
-    from augment.warp import warp_numpy as _warp_numpy
-
-    # Any: the checks index outputs that are only None when their input was None
-    warp_torch: Any = _warp_torch
-    warp_numpy: Any = _warp_numpy
-    dev = ctx.device
-    rng = np.random.default_rng(ctx.seed + 1)
-    if ctx.dry:
-        in_shape, out_shape, b = (20, 24, 28), (12, 14, 16), 3
-    else:
-        in_shape, out_shape, b = (64, 80, 96), (48, 56, 64), 4
-    backend = "triton" if ctx.triton else "torch"
-    kernel = "triton" if ctx.triton else "torch(dry)"
-    img = (rng.normal(size=(b, 1, *in_shape)) * 100.0 + 20.0).astype(np.float32)
-    lab = rng.integers(0, 5, (b, 1, *in_shape)).astype(np.uint8)
-    m = np.stack([random_matrix(rng, out_shape, in_shape, border=i % 2 == 1) for i in range(b)])
-    progs = np.stack(
-        [
-            pg.concat(
-                pg.op(pg.CLIP, -150.0, 250.0),
-                pg.op(pg.AFFINE, 1 / 400, 0.375),
-                pg.op(pg.GAMMA, 0.8 + 0.2 * i, 0.0, 1.0),
-                pg.op(pg.NOISE, 0.05, 1000 + 2**31 * i),
-            )
-            for i in range(b)
-        ]
-    )
-    cval = -3.5
-    t0 = time.perf_counter()
-    try:
-        refs = [
-            warp_numpy(img[i], lab[i], m[i], out_shape, cval=cval, program=progs[i])
-            for i in range(b)
-        ]
-        plain = np.stack(
-            [warp_numpy(img[i], None, m[i], out_shape, cval=cval)[0] for i in range(b)]
-        )
-        row("check", "numba reference (incl. compile)", time.perf_counter() - t0, "s")
-    except Exception as e:  # keep checking against the CPU torch path (CI-tested vs numba)
-        traceback.print_exc()
-        row("check", "numba reference", "error", ok=False, note=f"{type(e).__name__}: {e}"[:200])
-        warp_numpy = _cpu_torch_reference
-        refs = [
-            warp_numpy(img[i], lab[i], m[i], out_shape, cval=cval, program=progs[i])
-            for i in range(b)
-        ]
-        plain = np.stack(
-            [warp_numpy(img[i], None, m[i], out_shape, cval=cval)[0] for i in range(b)]
-        )
-        row("check", "reference", "CPU torch path", note="numba failed: compared with it")
-    ref_img = np.stack([r[0] for r in refs])
-    ref_lab = np.stack([r[1] for r in refs])
-    img_t = torch.from_numpy(img).to(dev)
-    lab_t = torch.from_numpy(lab).to(dev)
-
-    def main() -> None:
-        t1 = time.perf_counter()
-        out, out_lab = warp_torch(
-            img_t, lab_t, m, out_shape, cval=cval, programs=progs, backend=backend
-        )
-        ctx.sync()
-        row("check", f"{kernel} first call (compile)", time.perf_counter() - t1, "s")
-        e = rel_err(out, ref_img)
-        row("check", f"{kernel} f32 + program rel err", e, ok=e < REL_GOAL)
-        a = agree(out_lab, ref_lab)
-        row("check", f"{kernel} labels equal", a, ok=a >= LABEL_GOAL)
-        out, _ = warp_torch(img_t, None, m, out_shape, cval=cval, backend=backend)
-        e = rel_err(out, plain)
-        row("check", f"{kernel} f32 no program rel err", e, ok=e < REL_GOAL)
-        ctx.store["check_plain"] = out
-
-    attempt("check", f"{kernel} f32", main)
-
-    def bf16() -> None:
-        out, _ = warp_torch(
-            img_t,
-            None,
-            m,
-            out_shape,
-            cval=cval,
-            programs=progs,
-            out_dtype=torch.bfloat16,
-            backend=backend,
-        )
-        e = rel_err(out, ref_img)
-        row(
-            "check",
-            f"{kernel} bf16 output rel err",
-            e,
-            ok=e < 2.0**-8,
-            note="bfloat16 keeps 8 bits",
-        )
-
-    attempt("check", "bf16 output", bf16)
-
-    def dtypes() -> None:
-        for dt in (torch.float16, torch.bfloat16, torch.int16):
-            src = img_t.to(dt)
-            ref_src = src.float().cpu().numpy()
-            ref = np.stack(
-                [
-                    warp_numpy(ref_src[i], None, m[i], out_shape, cval=cval, program=progs[i])[0]
-                    for i in range(b)
-                ]
-            )
-            out, _ = warp_torch(src, None, m, out_shape, cval=cval, programs=progs, backend=backend)
-            e = rel_err(out, ref)
-            row("check", f"{kernel} {str(dt)[6:]} source rel err", e, ok=e < REL_GOAL)
-
-    attempt("check", "source dtypes", dtypes)
-
-    def ragged() -> None:
-        shapes = [
-            (in_shape[0] - 6, in_shape[1], in_shape[2] + 5),
-            in_shape,
-            (in_shape[0] + 3, in_shape[1] - 9, in_shape[2] - 4),
-        ]
-        imgs = [(rng.normal(size=(1, *s)) * 50).astype(np.float32) for s in shapes]
-        labs = [rng.integers(0, 4, (1, *s)).astype(np.uint8) for s in shapes]
-        mm = np.stack(
-            [random_matrix(rng, out_shape, s, border=i == 2) for i, s in enumerate(shapes)]
-        )
-        out, out_lab = warp_torch(
-            [torch.from_numpy(x).to(dev) for x in imgs],
-            [torch.from_numpy(x).to(dev) for x in labs],
-            mm,
-            out_shape,
-            cval=cval,
-            programs=progs[:3],
-            backend=backend,
-        )
-        es, ls = [], []
-        for i in range(3):
-            r_img, r_lab = warp_numpy(
-                imgs[i], labs[i], mm[i], out_shape, cval=cval, program=progs[i]
-            )
-            es.append(rel_err(out[i], r_img))
-            ls.append(agree(out_lab[i], r_lab))
-        row("check", f"{kernel} list of 3 sizes rel err", max(es), ok=max(es) < REL_GOAL)
-        row("check", f"{kernel} list of 3 sizes labels", min(ls), ok=min(ls) >= LABEL_GOAL)
-
-    attempt("check", "list of sizes", ragged)
-
-    def nearest() -> None:
-        out, out_lab = warp_torch(
-            img_t, lab_t, m, out_shape, image_order=0, cval=cval, label_cval=7, backend=backend
-        )
-        refs0 = [
-            warp_numpy(img[i], lab[i], m[i], out_shape, image_order=0, cval=cval, label_cval=7)
-            for i in range(b)
-        ]
-        a = min(agree(out[i], refs0[i][0]) for i in range(b))
-        row("check", f"{kernel} nearest image equal", a, ok=a >= LABEL_GOAL)
-        a = min(agree(out_lab[i], refs0[i][1]) for i in range(b))
-        row("check", f"{kernel} labels (cval 7) equal", a, ok=a >= LABEL_GOAL)
-
-    attempt("check", "nearest", nearest)
-
-    def onehot() -> None:
-        _, out_lab = warp_torch(
-            None, lab_t[:2], m[:2], out_shape, label_mode="linear_onehot", backend=backend
-        )
-        a = min(
-            agree(out_lab[i], onehot_linear_numpy(lab[i], m[i], out_shape, 0)) for i in range(2)
-        )
-        row(
-            "check",
-            f"{kernel} one-hot linear labels equal",
-            a,
-            ok=a >= 0.999,
-            note="ties may round either way",
-        )
-
-    attempt("check", "one-hot labels", onehot)
-
-    def exact() -> None:
-        flip = mx.to_3x4(mx.flip([True, False, True], in_shape))
-        mixed = np.stack([m[0], flip])
-        out, out_lab = warp_torch(img_t[:2], lab_t[:2], mixed, in_shape, backend=backend)
-        ok = np.array_equal(out[1].cpu().numpy(), np.flip(img[1], (1, 3))) and np.array_equal(
-            out_lab[1].cpu().numpy(), np.flip(lab[1], (1, 3))
-        )
-        row("check", f"{kernel} exact flip in a mixed batch bit-identical", ok, ok=ok)
-
-    attempt("check", "exact flip", exact)
-
-    def scipy_ref() -> None:
-        out = ctx.store.get("check_plain")
-        if out is None:
-            raise RuntimeError("no kernel output to compare")
-        es = []
-        for i in range(min(b, 2)):
-            ref = ndi.affine_transform(
-                img[i, 0].astype(np.float64),
-                mx.to_4x4(m[i]),
-                output_shape=out_shape,
-                order=1,
-                mode="grid-constant",
-                cval=cval,
-                prefilter=False,
-            )
-            es.append(rel_err(out[i, 0], ref))
-        row("check", f"{kernel} vs scipy float64 rel err", max(es), ok=max(es) < REL_GOAL)
-
-    attempt("check", "scipy", scipy_ref)
-
-    def fallback() -> None:
-        if dev.type != "cuda":
-            return
-        out, out_lab = warp_torch(
-            img_t, lab_t, m, out_shape, cval=cval, programs=progs, backend="torch"
-        )
-        e = rel_err(out, ref_img)
-        row("check", "torch path on device rel err", e, ok=e < REL_GOAL)
-        a = agree(out_lab, ref_lab)
-        row("check", "torch path on device labels", a, ok=a >= LABEL_GOAL)
-
-    attempt("check", "torch path on device", fallback)
-
-    def compose() -> None:
-        from augment.rng import batch_rngs
-        from benchmarks.w1_gpu import w1_compose
-
-        patch = (24, 28, 32) if not ctx.dry else (10, 12, 14)
-        aug = w1_compose(patch, intensity=True)
-        srcs = [
-            (rng.normal(0, 150, (1, *s)) + 40).astype(np.float32)
-            for s in (in_shape, (in_shape[0] + 4, in_shape[1] - 6, in_shape[2]))
-        ]
-        labs = [rng.integers(0, 3, (1, *x.shape[1:])).astype(np.uint8) for x in srcs]
-        out = aug(
-            image=[torch.from_numpy(x).to(dev) for x in srcs],
-            label=[torch.from_numpy(x).to(dev) for x in labs],
-            rng=batch_rngs(ctx.seed, 0, range(2)),
-            backend=backend,
-        )
-        gens = batch_rngs(ctx.seed, 0, range(2))
-        es, ls = [], []
-        for i in range(2):
-            ref = aug(image=srcs[i], label=labs[i], rng=gens[i])
-            es.append(rel_err(out["image"][i], ref["image"]))
-            ls.append(agree(out["label"][i], ref["label"]))
-        row("check", "Compose on device vs numpy rel err", max(es), ok=max(es) < REL_GOAL)
-        row("check", "Compose on device vs numpy labels", min(ls), ok=min(ls) >= LABEL_GOAL)
-
-    attempt("check", "Compose", compose)
-
-
 @register("compose")
 def section_compose(ctx: Ctx) -> None:
     from augment.rng import batch_rngs
@@ -810,41 +558,6 @@ def machine() -> dict[str, Any]:
     return info
 
 
-WARM_NUMBA = """
-import numpy as np
-from augment import matrices as mx
-from augment.kernels import program as pg
-from augment.warp import warp_numpy
-img = np.zeros((1, 6, 7, 8), np.float32)
-lab = np.zeros((1, 6, 7, 8), np.uint8)
-m = mx.to_3x4(mx.about(mx.rotation([0.1, 0.2, 0.3]), mx.centre((4, 5, 6)), mx.centre((6, 7, 8))))
-warp_numpy(img, lab, m, (4, 5, 6), program=pg.op(pg.NOISE, 0.1, 3))
-warp_numpy(img, None, m, (4, 5, 6))
-"""
-
-
-def warm_numba() -> Any:
-    """Compile the numba kernels into their on-disk cache in a background process, so the
-    ``check`` section loads them instead of compiling while the device waits."""
-    import subprocess
-
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-c", WARM_NUMBA],
-            cwd=str(ROOT),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    except Exception:
-        traceback.print_exc()
-        return None
-
-
 def table() -> str:
     lines = [f"{'section':<10} {'name':<52} {'value':>14} {'unit':<10} {'ok':<5} note"]
     for r in ROWS:
@@ -881,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget",
         type=float,
-        default=225.0,
+        default=420.0,
         help="seconds; sections that would start after this are skipped",
     )
     ap.add_argument(
@@ -923,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda and not args.dry_run else "cpu")
     use_triton = False
     if not dry or args.interpret:
-        from augment.torch_warp import triton_available
+        from augment.backends.torch import triton_available
 
         use_triton = triton_available()
         if not use_triton:
@@ -932,7 +645,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 traceback.print_exc()
     ctx = Ctx(device=device, dry=dry, triton=use_triton, seed=args.seed, budget_s=args.budget)
-    warm = warm_numba() if ("check" in names and not dry) else None
     say(f"device_check: device={device} dry={dry} triton={use_triton} sections={names}")
     for name in names:
         if ctx.left() <= 0:
@@ -945,9 +657,6 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    if warm is not None and warm.poll() is None:
-        warm.kill()
-        warm.wait()
     say("\n" + table())
     fails = sum(1 for r in ROWS if r["ok"] is False)
     say(f"\n{len(ROWS)} rows, {fails} FAIL, {ctx.elapsed():.1f} s")

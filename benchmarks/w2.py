@@ -65,7 +65,7 @@ BATCH = 2
 def w2_compose(patch: tuple[int, int, int]) -> augment.Compose:
     return augment.Compose(
         [
-            augment.RandomCrop(patch),
+            augment.RandomCrop(patch, foreground=1 / 3),
             augment.RandomAffine(degrees=15, scale=(0.85, 1.25)),
             augment.RandomFlip(axes=(0, 1, 2), p=0.5),
             augment.Window(-200, 250),
@@ -190,7 +190,7 @@ def run(quick: bool = False) -> list[Result]:
     # no decoded-chunk LRU: with two cases it would end up holding both volumes, which a
     # real dataset of hundreds of cases does not allow
     cache = VolumeCache(phantom_cache(cfg["size"]).root, cache_bytes=0)
-    sampler = PatchSampler(cache, w2_compose(patch), foreground=1 / 3, seed=0)
+    sampler = PatchSampler(cache, w2_compose(patch), seed=0)
     load = f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     tag = f"{'x'.join(map(str, patch))} from {'x'.join(map(str, cfg['size']))}"
     results: list[Result] = [

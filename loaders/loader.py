@@ -1,6 +1,6 @@
 """``PatchLoader``: batches of augmented patches from worker processes via shared memory.
 
-    sampler = PatchSampler(cache, compose, foreground=1 / 3, seed=0)
+    sampler = PatchSampler(cache, compose, seed=0)
     with PatchLoader(sampler, batch_size=2, batches_per_epoch=250, num_workers=2) as loader:
         for epoch in range(100):
             for batch in loader:              # each pass is the next epoch
@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+import augment
 from augment.workers import Segment, WorkerDied, WorkerFailed, WorkerPool
 from loaders.sampler import PatchSampler
 
@@ -716,9 +717,6 @@ class PatchLoader:
     def _gpu_batch(self, regs: list[dict[str, Any]], idx: list[int], epoch: int) -> dict[str, Any]:
         import torch
 
-        from augment.compose import stack_params
-        from augment.torch_warp import compose_torch
-
         dev = self.device
         images, labels = [], []
         for r in regs:
@@ -729,11 +727,10 @@ class PatchLoader:
                 tl = tl.pin_memory().to(dev, non_blocking=True)
             images.append(ti)
             labels.append(tl)
-        out = compose_torch(
-            self.sampler.compose,
+        out = self.sampler.compose(
             image=images,
             label=labels,
-            params=stack_params([r["params"] for r in regs]),
+            params=augment.stack_params([r["params"] for r in regs]),
             offset=np.stack([r["offset"] for r in regs]),
             in_shape=np.stack([r["in_shape"] for r in regs]),
         )

@@ -1,19 +1,24 @@
 """``PatchSampler``: one training patch per (epoch, index), read from the cache region it needs.
 
 Per sample, everything random comes from the generator ``augment.sample_rng(seed, epoch,
-index)``: the case (uniform or weighted), the patch centre (uniform, or with probability
-``foreground`` on a foreground voxel from the cache's stored sample, as nnU-Net; or
-DSB2017-style around a target with ``augment.TargetCrop``), then the parameters of the rest
-of the ``Compose``. The sampler maps the corners of the output patch through the sample's
-pull map; their bounding box plus the interpolation taps (floor and floor + 1), clipped to
-the volume, is the only region read from the cache. The ``Compose`` then runs on that
-region with ``offset`` and ``in_shape``, which shifts the matrix by the region's offset, so
-the patch equals the one augmenting the whole volume would give: taps outside the volume
-read the ``Compose``'s ``cval`` / ``label_cval`` either way, which is why no padding value
-is needed (the region is clipped, never padded). A whole volume is never read for a patch.
+index)``, in this order: the case (uniform, or weighted: one draw), then
+``compose.sample(rng, shape, **case_context)`` (each spatial transform in list order, then
+each intensity transform). The sampler owns no sampling rule of its own: the crop does
+(``augment.RandomCrop(size, foreground=1/3)`` for nnU-Net's class-balanced foreground
+oversampling, ``augment.TargetCrop(..., p_target=...)`` for DSB2017), fed by the case
+context: ``fg_points`` and ``fg_classes`` (the cache's stored foreground sample),
+``targets`` (the case's rows of the ``targets`` mapping) and ``case``.
+
+``Compose.plan`` then gives the sample's pull map; the sampler maps the corners of the
+output patch through it, and their bounding box plus the interpolation taps (floor and
+floor + 1), clipped to the volume, is the only region read from the cache. The same plan,
+shifted by the region's start (``Plan.offset_by``), runs on the region, so the patch
+equals the one augmenting the whole volume would give: taps outside the volume read the
+``Compose``'s ``cval`` / ``label_cval`` either way, which is why no padding value is needed
+(the region is clipped, never padded). A whole volume is never read for a patch.
 
     sampler = PatchSampler(VolumeCache(root), augment.Compose([
-        augment.RandomCrop(128), augment.RandomAffine(15, (0.85, 1.25)),
+        augment.RandomCrop(128, foreground=1 / 3), augment.RandomAffine(15, (0.85, 1.25)),
         augment.RandomFlip(p=0.5), augment.Window(-200, 250)], cval=-1024))
     out = sampler.sample(epoch=0, index=7)   # image (1, 128, 128, 128) float32, label uint8
 """
@@ -30,9 +35,7 @@ from numpy.typing import ArrayLike, NDArray
 
 import augment
 from augment import matrices as mx
-from augment.compose import ComposeParams
-from augment.spatial import CropParams, RandomCrop
-from augment.target_crop import TargetCrop
+from augment.target_crop import TargetCropParams
 from loaders.cache import VolumeCache
 from loaders.errors import DataWarning
 
@@ -75,11 +78,12 @@ def clip_box(box: Box, shape: Sequence[int]) -> Box:
 
 @dataclass(frozen=True)
 class Draw:
-    """What one sample drew: its case, the Compose parameters, and the target (z, y, x, d)
-    its TargetCrop was centred on (None for random crops)."""
+    """What one sample drew: its case, the Compose parameters, their plan on the whole
+    volume, and the target (z, y, x, d) its TargetCrop was centred on (None otherwise)."""
 
     case: str
-    params: ComposeParams
+    params: augment.ComposeParams
+    plan: augment.Plan
     target: NDArray[np.float64] | None = None
 
 
@@ -87,10 +91,10 @@ class PatchSampler:
     """Patches of a ``VolumeCache`` augmented by a ``Compose``, one per (epoch, index).
 
     The Compose's first spatial transform must be the crop: a ``RandomCrop`` (its size is
-    the patch size; where the patch goes is chosen here) or a ``TargetCrop`` (DSB2017). A
-    RandomCrop with its own ``centre_sampler`` keeps it (it gets the context ``fg_points``,
-    ``case`` and ``foreground`` (whether this sample should be foreground-centred)).
-    Pickles small (the cache pickles as its root), so spawned workers can take it.
+    the patch size; its ``foreground`` or ``centre_sampler`` places it) or a ``TargetCrop``
+    (DSB2017; its ``p_target`` decides how often it centres on one of the case's
+    ``targets``). Pickles small (the cache pickles as its root), so spawned workers can
+    take it.
 
     Args:
         cache: the volume cache.
@@ -99,19 +103,17 @@ class PatchSampler:
         cases: case ids to draw from (default: all of the cache's).
         case_weights: relative probability of each case (a sequence aligned with ``cases``
             or a mapping id -> weight); default uniform.
-        foreground: probability that a patch is centred on a foreground voxel (nnU-Net's
-            oversampling, 1/3); the class is drawn uniformly among the case's classes, then
-            a voxel among the cache's stored sample of that class. With a TargetCrop: the
-            probability of centring on one of the case's ``targets`` (else a random crop,
-            as DSB2017's negatives).
         targets: for a TargetCrop, case id -> ``(N, 4)`` targets ``(z, y, x, diameter)`` in
-            voxels.
+            voxels (the ``targets`` context of that case).
         seed: run seed; sample ``index`` of ``epoch`` uses ``sample_rng(seed, epoch, index)``.
         margin: voxels read beyond the interpolation footprint on every side.
+        foreground: removed; the crop owns it (``augment.RandomCrop(size, foreground=1/3)``,
+            ``augment.TargetCrop(..., p_target=...)``). Giving it raises TypeError.
 
     Raises:
-        ValueError: no crop first in the Compose, a RandomCrop with its own ``foreground``,
-            unknown cases, bad weights or probabilities, patch shapes that vary by case.
+        ValueError: no crop first in the Compose, unknown cases, bad weights, patch shapes
+            that vary by case.
+        TypeError: ``foreground`` given.
 
     Warns:
         DataWarning: cases smaller than the crop along some axis (their patches are
@@ -125,11 +127,18 @@ class PatchSampler:
         *,
         cases: Sequence[str] | None = None,
         case_weights: Sequence[float] | Mapping[str, float] | None = None,
-        foreground: float = 1 / 3,
         targets: Mapping[str, ArrayLike] | None = None,
         seed: int = 0,
         margin: int = 0,
+        foreground: float | None = None,
     ) -> None:
+        if foreground is not None:
+            raise TypeError(
+                f"PatchSampler(foreground={foreground!r}) is gone: the crop owns its centre "
+                "strategy; give it to the crop instead, e.g. "
+                f"augment.RandomCrop(size, foreground={foreground!r}), or "
+                f"augment.TargetCrop(..., p_target={foreground!r})"
+            )
         if not isinstance(compose, augment.Compose):
             raise TypeError(f"compose must be an augment.Compose, got {type(compose).__name__}")
         self.cache = cache
@@ -141,41 +150,34 @@ class PatchSampler:
         if missing:
             raise ValueError(f"cases not in the cache at {cache.root}: {missing[:5]}")
         self.weights = _weights(case_weights, self.cases)
-        if not 0.0 <= foreground <= 1.0:
-            raise ValueError(f"foreground must be in [0, 1], got {foreground!r}")
-        self.foreground = float(foreground)
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed!r}")
         self.seed = int(seed)
         if int(margin) < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         self.margin = int(margin)
-        if not compose.spatial or not isinstance(compose.spatial[0], (RandomCrop, TargetCrop)):
+        crop = compose.spatial[0] if compose.spatial else None
+        if not isinstance(crop, (augment.RandomCrop, augment.TargetCrop)):
             raise ValueError(
                 "PatchSampler needs a RandomCrop or TargetCrop as the first spatial transform "
                 f"of the Compose (the patch is a crop of the source), got {compose!r}"
             )
-        self.crop = compose.spatial[0]
-        if isinstance(self.crop, RandomCrop) and self.crop.foreground > 0:
-            raise ValueError(
-                f"set foreground oversampling on the PatchSampler (foreground={foreground!r}), "
-                f"not on the RandomCrop (foreground={self.crop.foreground!r})"
-            )
+        self.crop = crop
         self.targets = {k: _targets(v, k) for k, v in (targets or {}).items()}
         shapes = {compose.out_shape(cache.shape(c)) for c in self.cases}
         if len(shapes) != 1:
             raise ValueError(f"the patch shape depends on the case: {sorted(shapes)}")
         self.patch_shape: tuple[int, int, int] = shapes.pop()
-        crop = self.crop.out_shape(cache.shape(self.cases[0]))
+        crop_shape = self.crop.out_shape(cache.shape(self.cases[0]))
         small = [
             f"{c} {cache.shape(c)}"
             for c in self.cases
-            if any(n < k for n, k in zip(cache.shape(c), crop, strict=True))
+            if any(n < k for n, k in zip(cache.shape(c), crop_shape, strict=True))
         ]
         if small:
             warnings.warn(
                 f"{len(small)} of {len(self.cases)} cases of the cache at {cache.root} are "
-                f"smaller than the crop (z, y, x) {tuple(crop)} along some axis: "
+                f"smaller than the crop (z, y, x) {tuple(crop_shape)} along some axis: "
                 f"{', '.join(small[:5])}{', ...' if len(small) > 5 else ''}; their patches "
                 "are padded with the Compose's cval / label_cval there (a smaller "
                 "patch_size or a finer cache spacing avoids it)",
@@ -184,81 +186,73 @@ class PatchSampler:
             )
 
     def __repr__(self) -> str:
-        return (
-            f"PatchSampler({len(self.cases)} cases, {self.compose!r}, "
-            f"foreground={self.foreground:.3g}, seed={self.seed})"
-        )
+        return f"PatchSampler({len(self.cases)} cases, {self.compose!r}, seed={self.seed})"
 
     # -- drawing ------------------------------------------------------------------------
+    def context(self, case: str) -> dict[str, Any]:
+        """The per-case sampling context: ``case``, ``fg_points`` ``(N, 3)`` and
+        ``fg_classes`` ``(N,)`` (the cache's stored foreground sample) and, for cases in
+        the ``targets`` mapping, ``targets`` ``(N, 4)``."""
+        info = self.cache.info(case)
+        ctx: dict[str, Any] = {
+            "case": case,
+            "fg_points": info.fg_indices,
+            "fg_classes": info.fg_classes,
+        }
+        if case in self.targets:
+            ctx["targets"] = self.targets[case]
+        return ctx
+
     def draw(self, epoch: int, index: int) -> Draw:
-        """The case and the Compose parameters of sample ``index`` of ``epoch`` (no I/O
-        beyond the cache's small per-case metadata). Draw order from the sample's
-        generator: case, foreground or not, crop, the other transforms in list order."""
+        """The case, the Compose parameters and their plan of sample ``index`` of ``epoch``
+        (no I/O beyond the cache's small per-case metadata). Draw order from the sample's
+        generator: the case, then ``compose.sample`` (its transforms in list order)."""
         rng = augment.sample_rng(self.seed, epoch, index)
         if self.weights is not None:
             case = self.cases[int(rng.choice(len(self.cases), p=self.weights))]
         else:
             case = self.cases[int(rng.integers(len(self.cases)))]
-        shape = self.cache.shape(case)
-        want_fg = bool(rng.random() < self.foreground) if self.foreground > 0 else False
-        crop, target = self._crop_params(rng, case, shape, want_fg)
-        spatial = [crop]
-        cur = self.crop.out_shape(shape)
-        for t in self.compose.spatial[1:]:
-            spatial.append(t.sample(rng, cur))
-            cur = t.out_shape(cur)
-        intensity = tuple(t.sample(rng) for t in self.compose.intensity)
-        params = ComposeParams(
-            spatial=tuple(spatial),
-            intensity=intensity,
-            in_shape=np.asarray([shape], dtype=np.int64),
-        )
-        return Draw(case=case, params=params, target=target)
+        params = self.compose.sample(rng, self.cache.shape(case), **self.context(case))
+        crop = params.spatial[0]
+        target = None
+        if isinstance(crop, TargetCropParams) and not np.isnan(crop.target[0]).any():
+            target = crop.target[0]
+        return Draw(case=case, params=params, plan=self.compose.plan(params), target=target)
 
-    def _crop_params(
-        self, rng: np.random.Generator, case: str, shape: tuple[int, int, int], want_fg: bool
-    ) -> tuple[Any, NDArray[np.float64] | None]:
-        crop = self.crop
-        if isinstance(crop, TargetCrop):
-            tg = self.targets.get(case)
-            target = None
-            if want_fg and tg is not None and len(tg):
-                target = tg[int(rng.integers(len(tg)))]
-            return crop.sample(rng, shape, target=target), target
-        if crop.centre_sampler is not None:
-            info = self.cache.info(case)
-            return crop.sample(
-                rng, shape, fg_points=info.fg_indices, case=case, foreground=want_fg
-            ), None
-        size = np.asarray(crop.size, dtype=np.int64)
-        n = np.asarray(shape, dtype=np.int64)
-        if want_fg:
-            point = self._foreground_voxel(rng, case)
-            if point is not None:
-                start = point - (size - 1) // 2
-                return CropParams(start=start[None], foreground=np.array([True])), None
-        start = np.array(
-            [int(rng.integers(0, k + 1)) if k >= 0 else k // 2 for k in (n - size).tolist()],
-            dtype=np.int64,
-        )
-        return CropParams(start=start[None], foreground=np.array([False])), None
-
-    def _foreground_voxel(self, rng: np.random.Generator, case: str) -> NDArray[np.int64] | None:
-        info = self.cache.info(case)
-        if not len(info.fg_indices):
-            return None
-        classes = np.unique(info.fg_classes)
-        cls = classes[int(rng.integers(len(classes)))]
-        members = np.flatnonzero(info.fg_classes == cls)
-        return info.fg_indices[members[int(rng.integers(len(members)))]].astype(np.int64)
-
-    def region(self, case: str, params: ComposeParams) -> Box:
-        """The cache box (clipped to the volume) that the patch of ``params`` reads."""
-        m = self.compose.matrix(params)[0]
-        box = footprint(m, self.patch_shape, margin=self.margin)
+    def region(self, case: str, params: augment.ComposeParams | augment.Plan) -> Box:
+        """The cache box (clipped to the volume) that the patch of ``params`` (or of its
+        plan on the whole volume) reads."""
+        plan = params if isinstance(params, augment.Plan) else self.compose.plan(params)
+        box = footprint(plan.matrices[0], self.patch_shape, margin=self.margin)
         return clip_box(box, self.cache.shape(case))
 
     # -- reading and augmenting ---------------------------------------------------------
+    def _read(
+        self,
+        d: Draw,
+        out_image: NDArray[Any] | None,
+        out_label: NDArray[np.uint8] | None,
+    ) -> tuple[NDArray[Any], NDArray[np.uint8], tuple[int, int, int]]:
+        """The image and label of the region ``d``'s plan reads, ``(rd, rh, rw)`` each (in
+        the flat buffers when they are given and large enough), and the region's start."""
+        start, stop = self.region(d.case, d.plan)
+        shape = tuple(b - a for a, b in zip(start, stop, strict=True))
+        n = int(np.prod(shape))
+        fits = out_image is not None and out_label is not None
+        fits = fits and min(out_image.size, out_label.size) >= n  # type: ignore[union-attr]
+        fits = fits and out_image.dtype == self.cache.info(d.case).dtype  # type: ignore[union-attr]
+        image = self.cache.read_region(
+            d.case,
+            (start, stop),
+            out=out_image[:n].reshape(shape) if fits else None,  # type: ignore[index]
+        )
+        label = out_label[:n].reshape(shape) if fits else np.empty(shape, np.uint8)  # type: ignore[index]
+        if self.cache.has_label(d.case):
+            self.cache.read_region(d.case, (start, stop), array="label", out=label)
+        else:
+            label[...] = 0
+        return image, label, start
+
     def sample_region(
         self,
         epoch: int,
@@ -282,22 +276,7 @@ class PatchSampler:
             batched torch tensors); the result is :meth:`sample`'s.
         """
         d = self.draw(epoch, index)
-        start, stop = self.region(d.case, d.params)
-        shape = tuple(b - a for a, b in zip(start, stop, strict=True))
-        n = int(np.prod(shape))
-        fits = out_image is not None and out_label is not None
-        fits = fits and min(out_image.size, out_label.size) >= n  # type: ignore[union-attr]
-        fits = fits and out_image.dtype == self.cache.info(d.case).dtype  # type: ignore[union-attr]
-        image = self.cache.read_region(
-            d.case,
-            (start, stop),
-            out=out_image[:n].reshape(shape) if fits else None,  # type: ignore[index]
-        )
-        label = out_label[:n].reshape(shape) if fits else np.empty(shape, np.uint8)  # type: ignore[index]
-        if self.cache.has_label(d.case):
-            self.cache.read_region(d.case, (start, stop), array="label", out=label)
-        else:
-            label[...] = 0
+        image, label, start = self._read(d, out_image, out_label)
         return {
             "image": image[None],
             "label": label[None],
@@ -316,7 +295,8 @@ class PatchSampler:
         out_image: NDArray[np.float32] | None = None,
         out_label: NDArray[np.uint8] | None = None,
     ) -> dict[str, Any]:
-        """Sample ``index`` of ``epoch``: read its region and augment it.
+        """Sample ``index`` of ``epoch``: draw and plan it, read its region, run the plan
+        (shifted to the region) on it.
 
         Args:
             out_image, out_label: optional ``(1, d, h, w)`` float32 / uint8 arrays the patch
@@ -328,22 +308,18 @@ class PatchSampler:
             ``"target"`` (in patch coordinates) and ``"coord"`` where a TargetCrop gives
             them.
         """
-        reg = self.sample_region(epoch, index)
-        extra: dict[str, Any] = {} if reg["target"] is None else {"target": reg["target"]}
+        d = self.draw(epoch, index)
+        image, label, start = self._read(d, None, None)
+        options: dict[str, Any] = {}
         if out_image is not None:
-            extra["out_image"] = out_image
+            options["out_image"] = out_image
         if out_label is not None:
-            extra["out_label"] = out_label
-        out = self.compose(
-            image=reg["image"],
-            label=reg["label"],
-            params=reg["params"],
-            offset=reg["offset"],
-            in_shape=reg["in_shape"],
-            **extra,
+            options["out_label"] = out_label
+        out = self.compose.execute(
+            d.plan.offset_by(start), image=image[None], label=label[None], **options
         )
-        out["case"] = reg["case"]
-        out["offset"] = reg["offset"]
+        out["case"] = d.case
+        out["offset"] = np.asarray(start, np.int64)
         return out
 
 

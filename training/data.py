@@ -147,10 +147,11 @@ def _phantom_or_absent(root: Path) -> bool:
 
 
 def make_compose(cfg: Any) -> augment.Compose:
-    """The training augmentation: crop, rotation/scaling, optional x flips, HU window to
+    """The training augmentation: crop (``cfg.foreground`` of the patches centred on a
+    foreground voxel, class-balanced), rotation/scaling, optional x flips, HU window to
     [0, 1], gamma and noise; outside the volume reads air (the window's low end)."""
     lo, hi = cfg.window
-    transforms: list[Any] = [augment.RandomCrop(tuple(cfg.patch_size))]
+    transforms: list[Any] = [augment.RandomCrop(tuple(cfg.patch_size), foreground=cfg.foreground)]
     if cfg.degrees > 0 or tuple(cfg.scale) != (1.0, 1.0):
         transforms.append(augment.RandomAffine(degrees=cfg.degrees, scale=tuple(cfg.scale)))
     if cfg.flip > 0:
@@ -166,12 +167,12 @@ def make_compose(cfg: Any) -> augment.Compose:
 def make_sampler(
     dataset: Dataset, cfg: Any, *, seed: int, cases: Sequence[str] | None = None
 ) -> loaders.PatchSampler:
-    """A ``PatchSampler`` over the training cases (or ``cases``)."""
+    """A ``PatchSampler`` over the training cases (or ``cases``); the crop of
+    :func:`make_compose` owns the foreground oversampling."""
     return loaders.PatchSampler(
         dataset.cache,
         make_compose(cfg),
         cases=tuple(dataset.train if cases is None else cases),
-        foreground=cfg.foreground,
         seed=seed,
     )
 

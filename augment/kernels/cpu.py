@@ -1,7 +1,7 @@
 """Numba CPU kernels: one fused resampling pass for image and label.
 
 Pure functions that write into explicit outputs. Validation, dtype handling and dispatch
-live in :mod:`augment.warp`. Conventions (see ``augment.matrices``): ``m`` is a 3x4 pull
+live in :mod:`augment.backends.numpy`. Conventions (see ``augment.matrices``): ``m`` is a 3x4 pull
 map from output index to input index; voxel centres at integers; samples whose taps fall
 outside the source read the constant (``cval`` for images, ``lcval`` for labels), i.e.
 scipy.ndimage's ``mode="grid-constant"``. Nearest neighbour rounds with

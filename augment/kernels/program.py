@@ -3,7 +3,8 @@
 A program is a float64 array of shape ``(n_ops, 4)``: ``[opcode, a, b, c]`` per row, applied
 in order to each resampled image value (padding included, as if the ops ran after the
 warp). The same encoding is read by the numba kernel, the torch fallback and the Triton
-kernel, so the three agree within float tolerance.
+kernel, so the three agree within float tolerance. A batch of programs is one
+``(B, n_ops, 4)`` array (:func:`pad`), shorter programs padded with identity ops.
 
 Opcodes:
 - ``AFFINE``: ``x = x * a + b``
@@ -20,6 +21,8 @@ normal. :func:`noise_reference` is the readable numpy definition the tests use.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -47,6 +50,19 @@ def concat(*programs: NDArray[np.float64]) -> NDArray[np.float64]:
     if not programs:
         return empty()
     return np.ascontiguousarray(np.concatenate(programs, axis=0), dtype=np.float64)
+
+
+def pad(programs: Sequence[NDArray[np.float64]], length: int = 0) -> NDArray[np.float64]:
+    """Stack per-sample programs ``(n_b, 4)`` into ``(B, max(max n_b, length), 4)``,
+    padding with the identity ``AFFINE(1, 0)`` (exact in every backend)."""
+    n = max(max((len(p) for p in programs), default=0), length)
+    out = np.zeros((len(programs), n, 4), dtype=np.float64)
+    out[:, :, 0] = AFFINE
+    out[:, :, 1] = 1.0
+    for b, p in enumerate(programs):
+        if len(p):
+            out[b, : len(p)] = np.asarray(p, dtype=np.float64).reshape(-1, 4)
+    return out
 
 
 def _mix(x: NDArray[np.uint64]) -> NDArray[np.uint64]:

@@ -41,7 +41,7 @@ import triton.language as tl
 from numpy.typing import NDArray
 
 from augment import matrices as mx
-from augment.kernels.program import AFFINE, CLIP, GAMMA, NOISE
+from augment.kernels.program import AFFINE, CLIP, GAMMA, NOISE, pad
 
 FIX_ONE = float(1 << 32)
 META_FIXED = 5  # img_off, lab_off, D, H, W, then 12 fixed-point matrix words, then program
@@ -716,13 +716,13 @@ class Prepared:
 def prepare(
     images: torch.Tensor | Sequence[torch.Tensor] | None,
     labels: torch.Tensor | Sequence[torch.Tensor] | None,
-    matrices: Any,
+    matrices: NDArray[np.float64],
     out_shape: tuple[int, int, int],
     *,
     image_order: int = 1,
     cval: float = 0.0,
     label_cval: int = 0,
-    programs: Any = None,
+    programs: NDArray[np.float64] | None = None,
     out_dtype: torch.dtype = torch.float32,
     label_mode: str = "nearest",
     classes: torch.Tensor | None = None,
@@ -731,10 +731,6 @@ def prepare(
 ) -> Prepared:
     """Everything :func:`warp_batch` does short of the launch: the per-sample table (one
     async copy), the outputs, the launch configuration (tuned once per signature)."""
-    from augment.kernels.torch_warp import as_programs, label_classes, pack, pad_programs
-
-    if images is None and labels is None:
-        raise ValueError("give images, labels, or both")
     keep: list[torch.Tensor] = []
     img = lab = None
     nc = nl = 0
@@ -743,13 +739,8 @@ def prepare(
         img, ioff, shapes, nc, kept = _sources(images)
         keep += kept
     if labels is not None:
-        lab, loff, lshapes, nl, kept = _sources(labels)
+        lab, loff, shapes, nl, kept = _sources(labels)
         keep += kept
-        if img is not None and (shapes.shape != lshapes.shape or (shapes != lshapes).any()):
-            raise ValueError(
-                f"image and label shapes differ: {shapes.tolist()} vs {lshapes.tolist()}"
-            )
-        shapes = lshapes
     ref = img if img is not None else lab
     assert ref is not None
     device = ref.device
@@ -758,17 +749,10 @@ def prepare(
         ioff = np.zeros(batch, np.int64)
     if lab is None:
         loff = np.zeros(batch, np.int64)
-    m = mx.to_3x4(
-        np.asarray(
-            matrices.detach().cpu() if isinstance(matrices, torch.Tensor) else matrices,
-            dtype=np.float64,
-        )
-    )
-    if m.shape != (batch, 3, 4):
-        raise ValueError(f"expected ({batch}, 3, 4) matrices, got {m.shape}")
-    prog = as_programs(programs, batch) if img is not None else np.zeros((batch, 0, 4))
+    m = mx.to_3x4(matrices)
+    prog = programs if img is not None and programs is not None else np.zeros((batch, 0, 4))
     if prog.shape[1] % OPS_BUCKET:
-        prog = pad_programs(list(prog), -(-prog.shape[1] // OPS_BUCKET) * OPS_BUCKET)
+        prog = pad(list(prog), -(-prog.shape[1] // OPS_BUCKET) * OPS_BUCKET)
     od, oh, ow = (int(s) for s in out_shape)
     ovol = od * oh * ow
     svol = int(shapes.prod(axis=1).max())
@@ -787,8 +771,6 @@ def prepare(
         else None
     )
     onehot = lab is not None and label_mode == "linear_onehot"
-    if onehot and classes is None:
-        classes = label_classes(pack(labels), int(label_cval))  # type: ignore[arg-type]
     cls = meta  # any int64 tensor: unused without one-hot labels
     if onehot:
         assert classes is not None
@@ -837,13 +819,13 @@ def prepare(
 def warp_batch(
     images: torch.Tensor | Sequence[torch.Tensor] | None,
     labels: torch.Tensor | Sequence[torch.Tensor] | None,
-    matrices: Any,
+    matrices: NDArray[np.float64],
     out_shape: tuple[int, int, int],
     *,
     image_order: int = 1,
     cval: float = 0.0,
     label_cval: int = 0,
-    programs: Any = None,
+    programs: NDArray[np.float64] | None = None,
     out_dtype: torch.dtype = torch.float32,
     label_mode: str = "nearest",
     classes: torch.Tensor | None = None,
@@ -851,16 +833,17 @@ def warp_batch(
     tune: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Resample a batch in one Triton launch; the signature of
-    :func:`augment.kernels.torch_warp.warp_batch` plus launch settings.
+    :func:`augment.kernels.torch_fallback.warp_batch` plus launch settings. Takes checked
+    values as they are (the checks live in :mod:`augment.backends.torch`).
 
     Args:
         images: ``(B, C, D, H, W)`` or a list of ``(C, D_b, H_b, W_b)`` tensors (float32,
             float16, bfloat16, int16, ...), or None. A list is read in place.
-        labels: the same layout with an integer dtype, or None.
+        labels: the same layout with an integer dtype (the images' shapes), or None.
         matrices: ``(B, 3, 4)`` / ``(B, 4, 4)`` float64 pull maps (host array).
         out_shape: ``(d, h, w)``.
-        image_order, cval, label_cval, programs, out_dtype, label_mode, classes: as the
-            torch fallback.
+        image_order, cval, label_cval, programs, out_dtype, label_mode: as the torch
+            fallback. classes: sorted int64 classes, needed for ``linear_onehot``.
         config: ``(TY, TX, num_warps[, VEC])``; default: env ``AUGMENT_TRITON_CONFIG``,
             else the one tuned once per launch signature on large launches, else
             ``CONFIGS[0]``.

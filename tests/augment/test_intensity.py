@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import augment
+from augment.backends.numpy import warp_numpy
 from augment.kernels import program as pg
-from augment.warp import warp_numpy
 
 
 def test_noise_is_standard_normal_and_thread_independent():

@@ -164,3 +164,33 @@ def test_bad_target_and_stride():
         )
     with pytest.raises(ValueError, match="coord_stride"):
         augment.TargetCrop(30, coord_stride=4)
+
+
+def test_targets_context_picks_a_target_and_the_params_record_it():
+    shape = (60, 64, 64)
+    targets = np.array([[20.0, 22.0, 30.0, 8.0], [40.0, 40.0, 36.0, 6.0]])
+    img, _ = blob_volume(shape, targets[0, :3], 4)
+    rng = np.random.default_rng(2)
+    chosen = []
+    crop = augment.TargetCrop(
+        24, bound_size=2, scale=None, rotate=False, swap=False, flip_axes=(), p_target=1.0
+    )
+    aug = augment.Compose([crop])
+    for _ in range(40):
+        out = aug(image=img, rng=rng, targets=targets)
+        recorded = out["params"].spatial[0].target[0]
+        k = [i for i, t in enumerate(targets) if np.array_equal(t, recorded)]
+        assert len(k) == 1
+        chosen.append(k[0])
+        # the recorded target is mapped again on a replay without any context
+        again = aug(image=img, params=out["params"])
+        np.testing.assert_allclose(again["target"], out["target"])
+        # and it is where a plain crop puts it: the crop's start subtracted
+        start = out["params"].spatial[0].start[0]
+        np.testing.assert_allclose(out["target"], [*(recorded[:3] - start), recorded[3]])
+    assert 0 < sum(chosen) < 40  # both targets drawn
+    never = augment.Compose([augment.TargetCrop(24, p_target=0.0)])
+    out = never(image=img, rng=rng, targets=targets)
+    assert np.isnan(out["params"].spatial[0].target).all() and "target" not in out
+    with pytest.raises(ValueError, match="p_target"):
+        augment.TargetCrop(24, p_target=1.5)

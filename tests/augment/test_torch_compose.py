@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import augment
+from augment import matrices as mx
 from augment.rng import batch_rngs
 
 REL = 1e-5
@@ -165,6 +166,57 @@ def test_foreground_crop_reads_the_label():
     )
     assert out["params"].spatial[0].foreground.all()
     assert_same_as_numpy(aug, out, imgs, labs, 7)
+
+
+class Peek(augment.SpatialTransform):
+    """A user transform that does not say whether it reads the label (so it gets it)."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def sample(self, rng, in_shape, **context):
+        self.seen.append(isinstance(context.get("label"), np.ndarray))
+        return augment.spatial.FlipParams(flip=np.zeros((1, 3), bool))
+
+    def matrix(self, params, in_shape):
+        return mx.identity(1)
+
+
+def test_the_label_goes_to_the_host_only_for_transforms_that_read_it(monkeypatch):
+    from augment.backends import torch as torch_backend
+
+    copies: list[int] = []
+    real = torch_backend.Inputs.host_label
+
+    def spy(self, index):
+        copies.append(index)
+        return real(self, index)
+
+    monkeypatch.setattr(torch_backend.Inputs, "host_label", spy)
+    rng = np.random.default_rng(9)
+    imgs, labs = volumes(rng, [(10, 10, 10)] * 2)
+    batch = dict(image=torch.from_numpy(np.stack(imgs)), label=torch.from_numpy(np.stack(labs)))
+    gens = batch_rngs(0, 0, range(2))
+    label_free = [
+        augment.RandomAffine(degrees=5),
+        augment.RandomFlip(),
+        augment.RandomRot90(),
+        augment.RandomSwapAxes(),
+        augment.TargetCrop(8),
+        augment.RandomCrop(8),
+    ]
+    assert not any(t.reads_label for t in label_free)
+    augment.Compose(label_free)(**batch, rng=gens)
+    assert copies == []
+    augment.Compose([augment.RandomCrop(8, foreground=0.1)])(**batch, rng=gens)
+    assert copies == [0, 1]
+    copies.clear()
+    peek = Peek()
+    augment.Compose([peek, augment.RandomCrop(8)])(**batch, rng=gens)
+    assert copies == [0, 1] and peek.seen == [True, True]
+    peek.seen.clear()
+    augment.Compose([peek, augment.RandomCrop(8)])(image=batch["image"], rng=gens)
+    assert peek.seen == [False, False]
 
 
 def test_exact_pipeline_is_bit_identical():

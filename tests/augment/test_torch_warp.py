@@ -13,10 +13,10 @@ import torch
 
 import augment
 from augment import matrices as mx
+from augment.backends.numpy import warp_numpy
+from augment.backends.torch import affine_warp_torch, warp_torch
 from augment.kernels import program as pg
-from augment.kernels import torch_warp as tk
-from augment.torch_warp import affine_warp_torch, warp_torch
-from augment.warp import warp_numpy
+from augment.kernels import torch_fallback as tk
 
 REL = 1e-5
 
@@ -125,7 +125,7 @@ def test_list_of_differently_sized_sources():
     imgs = [torch.from_numpy(rng.normal(size=(1, *s)).astype(np.float32)) for s in shapes]
     labs = [torch.from_numpy(rng.integers(0, 4, (1, *s)).astype(np.uint8)) for s in shapes]
     m = np.stack([random_matrix(rng, out_shape, s, border=i == 1) for i, s in enumerate(shapes)])
-    progs = tk.pad_programs([pg.op(pg.AFFINE, 2.0, 1.0), pg.empty(), full_program(3)])
+    progs = pg.pad([pg.op(pg.AFFINE, 2.0, 1.0), pg.empty(), full_program(3)])
     got, got_lab = warp_torch(imgs, labs, m, out_shape, cval=0.5, programs=progs)
     assert got.shape == (3, 1, *out_shape)
     for i in range(3):
@@ -215,7 +215,7 @@ def test_noise_matches_the_reference_definition():
 def test_run_program_matches_reference_per_sample():
     rng = np.random.default_rng(18)
     x = torch.from_numpy((rng.normal(size=(3, 2, 4, 5, 6)) * 120).astype(np.float32))
-    progs = tk.pad_programs(
+    progs = pg.pad(
         [
             full_program(5),
             pg.op(pg.NOISE, 0.3, 77),

@@ -8,6 +8,7 @@ import scipy.ndimage as ndi
 
 import augment
 from augment import matrices as mx
+from augment.backends.numpy import warp_numpy
 
 
 def random_matrix(
@@ -152,8 +153,6 @@ def test_exact_matches_interpolated_path_within_rounding():
 
 
 def test_serial_and_parallel_kernels_agree():
-    from augment.warp import warp_numpy
-
     rng = np.random.default_rng(7)
     src = rng.normal(size=(1, 30, 31, 32)).astype(np.float32)
     lab = rng.integers(0, 3, (1, 30, 31, 32)).astype(np.uint8)

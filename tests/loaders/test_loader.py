@@ -83,7 +83,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_sampler(root: Path, **kw) -> PatchSampler:
     aug = augment.Compose(
         [
-            augment.RandomCrop(PATCH),
+            augment.RandomCrop(PATCH, foreground=1 / 3),
             augment.RandomAffine(degrees=20, scale=(0.8, 1.2)),
             augment.RandomFlip(axes=(0, 1, 2), p=0.5),
             augment.Window(-200, 250),

@@ -33,10 +33,10 @@ def volumes(cache: VolumeCache) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {c: (cache.read(c), cache.read(c, array="label")) for c in cache.cases}
 
 
-def pipeline(patch=PATCH, **kw) -> augment.Compose:
+def pipeline(patch=PATCH, foreground=0.0, **kw) -> augment.Compose:
     return augment.Compose(
         [
-            augment.RandomCrop(patch),
+            augment.RandomCrop(patch, foreground=foreground),
             augment.RandomAffine(degrees=25, scale=(0.7, 1.3), shear=0.05),
             augment.RandomFlip(axes=(0, 1, 2), p=0.5),
             augment.Window(-200, 250),
@@ -48,7 +48,7 @@ def pipeline(patch=PATCH, **kw) -> augment.Compose:
 
 
 def test_region_patch_equals_whole_volume_patch(cache, volumes):
-    sampler = PatchSampler(cache, pipeline(cval=-1024), foreground=0.5, seed=11)
+    sampler = PatchSampler(cache, pipeline(foreground=0.5, cval=-1024), seed=11)
     outside = 0
     for i in range(40):
         out = sampler.sample(0, i)
@@ -65,7 +65,7 @@ def test_region_patch_equals_whole_volume_patch(cache, volumes):
 
 
 def test_reads_only_the_footprint(cache, volumes, monkeypatch):
-    sampler = PatchSampler(cache, pipeline(), foreground=0.5, seed=2)
+    sampler = PatchSampler(cache, pipeline(foreground=0.5), seed=2)
     reads: list[tuple[str, tuple, tuple, str]] = []
     real = cache.read_region
 
@@ -122,32 +122,75 @@ def test_draws_are_keyed_by_seed_epoch_index(cache):
     np.testing.assert_array_equal(clone.sample(3, 9)["image"], a["image"])
 
 
+def crop_then(size, foreground, *rest) -> augment.Compose:
+    return augment.Compose([augment.RandomCrop(size, foreground=foreground), *rest])
+
+
 def test_foreground_fraction_and_centres(cache, volumes):
     odd = (9, 11, 13)  # odd sizes: the patch centre is a voxel and maps onto the chosen one
-    aug = augment.Compose([augment.RandomCrop(odd), augment.RandomAffine(degrees=30)])
-    always = PatchSampler(cache, aug, foreground=1.0, seed=1)
+    rot = augment.RandomAffine(degrees=30)
+    always = PatchSampler(cache, crop_then(odd, 1.0, rot), seed=1)
     for i in range(12):
         out = always.sample(0, i)
         assert bool(out["params"].spatial[0].foreground[0])
         assert out["label"][0][tuple((n - 1) // 2 for n in odd)] > 0
-    never = PatchSampler(cache, aug, foreground=0.0, seed=1)
+    never = PatchSampler(cache, crop_then(odd, 0.0, rot), seed=1)
     for i in range(30):
         d = never.draw(0, i)
         start = d.params.spatial[0].start[0]
         assert np.all(start >= 0) and np.all(start + odd <= cache.shape(d.case))
-    third = PatchSampler(cache, aug, seed=1)
+    # the README's crop, unchanged, in the sampler
+    third = PatchSampler(cache, crop_then(odd, 1 / 3, rot), seed=1)
     n = 600
     fg = sum(bool(third.draw(0, i).params.spatial[0].foreground[0]) for i in range(n))
     assert abs(fg / n - 1 / 3) < 4 * np.sqrt(1 / 3 * 2 / 3 / n)
 
 
+def test_draw_is_the_compose_sample_with_the_case_context(cache):
+    """One owner: the sampler picks the case, the Compose draws everything else."""
+    aug = pipeline(foreground=0.5)
+    sampler = PatchSampler(cache, aug, seed=9)
+    for i in range(20):
+        d = sampler.draw(2, i)
+        rng = augment.sample_rng(9, 2, i)
+        case = sampler.cases[int(rng.integers(len(sampler.cases)))]
+        info = cache.info(case)
+        ref = aug.sample(
+            rng, cache.shape(case), fg_points=info.fg_indices, fg_classes=info.fg_classes
+        )
+        assert d.case == case
+        assert d.params.as_dict() == ref.as_dict()
+        np.testing.assert_array_equal(d.plan.matrices, mx.to_3x4(aug.matrix(ref)))
+
+
+def test_the_region_read_reuses_the_plan(cache, monkeypatch):
+    sampler = PatchSampler(cache, pipeline(foreground=0.5), seed=6)
+    calls = []
+    real = sampler.compose.matrix
+
+    def spy(params):
+        calls.append(params.batch)
+        return real(params)
+
+    monkeypatch.setattr(sampler.compose, "matrix", spy)
+    for i in range(3):
+        calls.clear()
+        sampler.sample(0, i)
+        assert calls == [1], "one matrix per sample: the region and the warp share the plan"
+
+
+def test_foreground_on_the_sampler_says_where_it_went(cache):
+    with pytest.raises(TypeError, match=r"augment.RandomCrop\(size, foreground=0.33"):
+        PatchSampler(cache, pipeline(), foreground=0.33)
+
+
 def test_foreground_classes_are_balanced(cache):
-    aug = augment.Compose([augment.RandomCrop(PATCH)])
+    aug = crop_then(PATCH, 1.0)
     has_two = [c for c in cache.cases if len(np.unique(cache.info(c).fg_classes)) == 2]
     if not has_two:
         pytest.skip("the phantom cases drew no tumour")
     counts = {1: 0, 2: 0}
-    sampler = PatchSampler(cache, aug, cases=has_two[:1], foreground=1.0, seed=0)
+    sampler = PatchSampler(cache, aug, cases=has_two[:1], seed=0)
     lab = cache.read(has_two[0], array="label")
     for i in range(200):
         start = sampler.draw(0, i).params.spatial[0].start[0]
@@ -172,7 +215,7 @@ def test_target_crop_patch(cache, volumes):
         16, bound_size=2, scale=(0.8, 1.2), diameter_limits=(4, 12), pad_value=170, coord_stride=4
     )
     aug = augment.Compose([tc])
-    sampler = PatchSampler(cache, aug, cases=[case], targets={case: [target]}, foreground=1.0)
+    sampler = PatchSampler(cache, aug, cases=[case], targets={case: [target]})
     img, lab = volumes[case]
     for i in range(6):
         out = sampler.sample(0, i)
@@ -182,6 +225,22 @@ def test_target_crop_patch(cache, volumes):
         np.testing.assert_allclose(out["target"], ref["target"])
         np.testing.assert_allclose(out["coord"], ref["coord"])
         assert np.all(out["target"][:3] >= 0) and np.all(out["target"][:3] < 16)
+
+
+def test_target_crop_probability_is_the_crop_s(cache):
+    case = cache.cases[0]
+    targets = {case: [[12.0, 20.0, 18.0, 6.0], [10.0, 15.0, 22.0, 4.0]]}
+    picked = []
+    for p in (0.0, 0.5, 1.0):
+        aug = augment.Compose([augment.TargetCrop(16, bound_size=2, p_target=p)])
+        sampler = PatchSampler(cache, aug, cases=[case], targets=targets, seed=3)
+        draws = [sampler.draw(0, i) for i in range(200)]
+        picked.append(np.mean([d.target is not None for d in draws]))
+        for d in draws:
+            if d.target is not None:
+                assert any(np.array_equal(d.target, t) for t in np.asarray(targets[case]))
+    assert picked[0] == 0.0 and picked[2] == 1.0
+    assert 0.4 < picked[1] < 0.6
 
 
 def test_clip_box_never_empty():
@@ -196,14 +255,9 @@ def test_clip_box_never_empty():
             dict(compose=augment.Compose([augment.RandomAffine(10), augment.RandomCrop(8)])),
             "first spatial transform",
         ),
-        (
-            dict(compose=augment.Compose([augment.RandomCrop(8, foreground=0.3)])),
-            "not on the RandomCrop",
-        ),
         (dict(cases=["nope"]), "not in the cache"),
         (dict(case_weights=[1.0]), "one weight per case"),
         (dict(case_weights=[0.0, 0.0]), "not all 0"),
-        (dict(foreground=1.5), "foreground must be in"),
         (dict(seed=-1), "seed must be"),
     ],
 )

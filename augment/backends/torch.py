@@ -1,22 +1,24 @@
-"""The torch face of the engine: ``affine_warp`` and ``Compose`` on CPU or CUDA tensors.
+"""The torch backend: ``affine_warp`` and ``Compose`` plans on CPU or CUDA tensors.
 
 Batches are ``(B, C, D, H, W)`` tensors or lists of ``(C, D_b, H_b, W_b)`` tensors of
 different sizes (one source region per sample), with one ``(3, 4)`` pull map per sample.
 On CUDA the whole batch (image, label and the fused intensity program) is one Triton
 launch (:mod:`augment.kernels.triton_warp`); on CPU tensors, or where Triton is missing,
-the pure-torch kernels of :mod:`augment.kernels.torch_warp` compute the same thing.
+the pure-torch kernels of :mod:`augment.kernels.torch_fallback` compute the same thing.
 When every matrix of a batch is an exact signed permutation (flips, 90-degree rotations,
 axis swaps, integer crops) the output is an index copy, bit-identical to numpy.
 
-Parameters are drawn on the host exactly as on the numpy path (``Compose.sample`` per
-sample with its own generator, then :func:`augment.compose.stack_params`), so the same
-generators give the same parameters and the same patches within float tolerance.
+Everything is checked here; the kernels take the checked values as they are. Parameters
+are drawn on the host by ``Compose`` exactly as for numpy (one generator per sample), so
+the same generators give the same parameters and the same patches within float tolerance.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,24 +26,26 @@ import torch
 from numpy.typing import NDArray
 
 from augment import matrices as mx
-from augment.compose import Compose, ComposeParams, stack_params
-from augment.kernels import torch_warp as tk
-from augment.spatial import RandomAffine, RandomCrop, RandomFlip, RandomRot90, RandomSwapAxes
-from augment.target_crop import TargetCrop
-from augment.warp import check_matrix, check_order, check_out_shape
-
-IMAGE_DTYPES = (
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int16,
-    torch.uint8,
-    torch.int32,
+from augment._validate import (
+    LABEL_MODES,
+    TORCH_IMAGE_DTYPES,
+    TORCH_LABEL_DTYPES,
+    TORCH_OUT_DTYPES,
+    check_cval,
+    check_label_mode,
+    check_matrix,
+    check_order,
+    check_out_shape,
+    check_programs,
 )
-LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
-OUT_DTYPES = (torch.float32, torch.bfloat16)
+from augment.kernels import torch_fallback as tk
+from augment.plan import Plan
+
+IMAGE_DTYPES = tuple(getattr(torch, n) for n in TORCH_IMAGE_DTYPES)
+LABEL_DTYPES = tuple(getattr(torch, n) for n in TORCH_LABEL_DTYPES)
+OUT_DTYPES = tuple(getattr(torch, n) for n in TORCH_OUT_DTYPES)
 BACKENDS = ("auto", "triton", "torch")
+OPTIONS = ("out_dtype", "backend", "classes")
 
 Batch = torch.Tensor | list[torch.Tensor]
 
@@ -57,11 +61,10 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# -- inputs ---------------------------------------------------------------------------------
 def _as_batch(x: Any, name: str) -> Batch | None:
     """A ``(B, C, D, H, W)`` tensor or a list of ``(C, D, H, W)`` tensors, checked."""
     if x is None:
@@ -101,10 +104,6 @@ def _channels(x: Batch) -> int:
     return int(x.shape[1]) if isinstance(x, torch.Tensor) else int(x[0].shape[0])
 
 
-def _sample(x: Batch, b: int) -> torch.Tensor:
-    return x[b]
-
-
 def _check_dtype(x: Batch, name: str, allowed: tuple[torch.dtype, ...]) -> None:
     dt = _first(x).dtype
     if dt not in allowed:
@@ -121,15 +120,74 @@ def _bool_as_uint8(x: Batch) -> Batch:
     return [t.view(torch.uint8) for t in x]
 
 
-def _batch_matrices(matrix: Any, batch: int) -> NDArray[np.float64]:
-    if isinstance(matrix, torch.Tensor):
-        matrix = matrix.detach().cpu().numpy()
-    m = check_matrix(matrix, batch)
-    if m.ndim == 2:
-        m = np.broadcast_to(m, (batch, 3, 4)).copy()
-    return m
+@dataclass(frozen=True)
+class Inputs:
+    """A checked batch: images and labels (bool labels viewed as uint8), either None."""
+
+    images: Batch | None
+    labels: Batch | None
+    shapes: NDArray[np.int64]  # (B, 3)
+    batched = True
+
+    @property
+    def batch(self) -> int:
+        return int(self.shapes.shape[0])
+
+    @property
+    def has_label(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def device(self) -> torch.device:
+        ref = self.images if self.images is not None else self.labels
+        assert ref is not None
+        return _first(ref).device
+
+    def host_label(self, index: int) -> NDArray[Any] | None:
+        """Sample ``index``'s label on the host (for transforms that sample from it)."""
+        return None if self.labels is None else self.labels[index].cpu().numpy()
 
 
+def inputs(image: Any, label: Any) -> Inputs:
+    """Check a batch of images and labels (either may be None, not both).
+
+    Raises:
+        TypeError: not tensors, unsupported dtypes.
+        ValueError: wrong ndim; image and label shapes or devices that differ.
+    """
+    imgs = _as_batch(image, "image")
+    labs = _as_batch(label, "label")
+    if imgs is None and labs is None:
+        raise ValueError("give images, labels, or both")
+    if imgs is not None:
+        _check_dtype(imgs, "image", IMAGE_DTYPES)
+    if labs is not None:
+        _check_dtype(labs, "label", LABEL_DTYPES)
+        labs = _bool_as_uint8(labs)
+    ref = imgs if imgs is not None else labs
+    assert ref is not None
+    shapes = _shapes(ref)
+    if imgs is not None and labs is not None:
+        lshapes = _shapes(labs)
+        if shapes.shape != lshapes.shape or not np.array_equal(shapes, lshapes):
+            raise ValueError(
+                f"image and label shapes differ: {shapes.tolist()} vs {lshapes.tolist()}"
+            )
+        if _first(imgs).device != _first(labs).device:
+            raise ValueError("image and label must be on the same device")
+    return Inputs(imgs, labs, shapes)
+
+
+def label_classes(labels: Batch, fill: int) -> torch.Tensor:
+    """Sorted classes present in any sample, plus ``fill`` (a superset of each sample's own
+    classes gives the same one-hot argmax, so one list serves the batch)."""
+    parts = [labels] if isinstance(labels, torch.Tensor) else labels
+    present = [torch.unique(p).to(torch.int64) for p in parts]
+    fill_t = torch.tensor([fill], dtype=torch.int64, device=present[0].device)
+    return torch.unique(torch.cat([*present, fill_t]))
+
+
+# -- resampling -----------------------------------------------------------------------------
 def _use_triton(backend: str, device: torch.device) -> bool:
     if backend == "torch":
         return False
@@ -140,6 +198,13 @@ def _use_triton(backend: str, device: torch.device) -> bool:
             "(or TRITON_INTERPRET=1 for CPU tensors)"
         )
     return usable if backend == "triton" else (usable and device.type == "cuda")
+
+
+def _check_options(out_dtype: torch.dtype, backend: str) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def warp_torch(
@@ -178,42 +243,51 @@ def warp_torch(
     Raises:
         ValueError, TypeError: bad shapes, dtypes, matrices or options.
     """
-    imgs = _as_batch(images, "image")
-    labs = _as_batch(labels, "label")
-    if imgs is None and labs is None:
-        raise ValueError("give images, labels, or both")
-    if imgs is not None:
-        _check_dtype(imgs, "image", IMAGE_DTYPES)
-    if labs is not None:
-        _check_dtype(labs, "label", LABEL_DTYPES)
-        labs = _bool_as_uint8(labs)
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
-    if label_mode not in ("nearest", "linear_onehot"):
-        raise ValueError(f"label_mode must be 'nearest' or 'linear_onehot', got {label_mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    src = inputs(images, labels)
+    _check_options(out_dtype, backend)
+    check_label_mode(label_mode)
     check_order(image_order)
     shape = check_out_shape(out_shape)
-    ref = imgs if imgs is not None else labs
-    assert ref is not None
-    shapes = _shapes(ref)
-    batch = len(shapes)
-    if imgs is not None and labs is not None:
-        if not np.array_equal(_shapes(imgs), _shapes(labs)) or len(_shapes(labs)) != batch:
-            raise ValueError(
-                f"image and label shapes differ: {_shapes(imgs).tolist()} vs "
-                f"{_shapes(labs).tolist()}"
-            )
-        if _first(imgs).device != _first(labs).device:
-            raise ValueError("image and label must be on the same device")
-    if not np.isfinite(cval):
-        raise ValueError(f"cval must be finite, got {cval!r}")
-    m = _batch_matrices(matrices, batch)
-    prog = tk.as_programs(programs, batch)
-    device = _first(ref).device
+    check_cval(cval)
+    batch = src.batch
+    m = check_matrix(matrices, batch)
+    if m.ndim == 2:
+        m = np.broadcast_to(m, (batch, 3, 4)).copy()
+    prog = check_programs(programs, batch)
+    exact = tuple(mx.as_exact(mb) for mb in m)
+    return _warp(
+        src,
+        m,
+        exact,
+        shape,
+        image_order=image_order,
+        cval=float(cval),
+        label_cval=label_cval,
+        programs=prog,
+        out_dtype=out_dtype,
+        label_mode=label_mode,
+        classes=classes,
+        backend=backend,
+    )
 
-    exact = [mx.as_exact(mb) for mb in m]
+
+def _warp(
+    src: Inputs,
+    m: NDArray[np.float64],
+    exact: tuple[mx.ExactMap | None, ...],
+    shape: tuple[int, int, int],
+    *,
+    image_order: int,
+    cval: float,
+    label_cval: float,
+    programs: NDArray[np.float64],
+    out_dtype: torch.dtype,
+    label_mode: str,
+    classes: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The checked batch through the exact copy, the Triton kernel or the fallback."""
+    imgs, labs = src.images, src.labels
     if label_mode == "nearest" and all(e is not None for e in exact):
         return _exact_batch(
             imgs,
@@ -222,30 +296,47 @@ def warp_torch(
             shape,
             cval,
             label_cval,
-            prog,
+            programs,
             out_dtype,
         )
-    kw: dict[str, Any] = {
-        "image_order": image_order,
-        "cval": float(cval),
-        "label_cval": label_cval,
-        "programs": prog,
-        "out_dtype": out_dtype,
-        "label_mode": label_mode,
-        "classes": classes,
-    }
-    if _use_triton(backend, device):
+    if labs is not None and label_mode == "linear_onehot" and classes is None:
+        classes = label_classes(labs, int(label_cval))
+    if _use_triton(backend, src.device):
+        # imported here: triton is optional, and importing it costs seconds
         from augment.kernels import triton_warp
 
-        kw["label_cval"] = int(label_cval)
-        return triton_warp.warp_batch(imgs, labs, m, shape, **kw)
-    return tk.warp_batch(imgs, labs, m, shape, **kw)
+        return triton_warp.warp_batch(
+            imgs,
+            labs,
+            m,
+            shape,
+            image_order=image_order,
+            cval=cval,
+            label_cval=int(label_cval),
+            programs=programs,
+            out_dtype=out_dtype,
+            label_mode=label_mode,
+            classes=classes,
+        )
+    return tk.warp_batch(
+        imgs,
+        labs,
+        m,
+        shape,
+        image_order=image_order,
+        cval=cval,
+        label_cval=label_cval,
+        programs=programs,
+        out_dtype=out_dtype,
+        label_mode=label_mode,
+        classes=classes,
+    )
 
 
 def _exact_batch(
     imgs: Batch | None,
     labs: Batch | None,
-    exact: list[mx.ExactMap],
+    exact: Sequence[mx.ExactMap],
     shape: tuple[int, int, int],
     cval: float,
     label_cval: float,
@@ -260,7 +351,7 @@ def _exact_batch(
             (len(exact), _channels(imgs), *shape), dtype=torch.float32, device=first.device
         )
         for b, em in enumerate(exact):
-            tk.exact_copy(_sample(imgs, b), em, shape, cval, out_img[b])
+            tk.exact_copy(imgs[b], em, shape, cval, out_img[b])
         if prog.shape[1]:
             out_img = tk.run_program(out_img, prog)
         out_img = out_img.to(out_dtype)
@@ -271,7 +362,7 @@ def _exact_batch(
         )
         fill = torch.tensor(label_cval).to(first.dtype).item()
         for b, em in enumerate(exact):
-            tk.exact_copy(_sample(labs, b), em, shape, fill, out_lab[b])
+            tk.exact_copy(labs[b], em, shape, fill, out_lab[b])
     return out_img, out_lab
 
 
@@ -355,171 +446,64 @@ def affine_warp_torch(
     return result
 
 
-# -- Compose on tensors -----------------------------------------------------------------------
-# Transforms whose sampling never reads the label (anything else gets it, copied to the host).
-_LABEL_FREE = (RandomAffine, RandomFlip, RandomRot90, RandomSwapAxes, TargetCrop)
-# Per-sample context entries and the number of dimensions of one sample's value.
-_SAMPLE_NDIM = {"offset": 1, "in_shape": 1, "target": 1, "points": 2, "fg_points": 2}
-
-
-def _needs_label(compose: Compose) -> bool:
-    for t in compose.spatial:
-        if isinstance(t, RandomCrop):
-            if t.foreground > 0 or t.centre_sampler is not None:
-                return True
-        elif not isinstance(t, _LABEL_FREE):
-            return True
-    return False
-
-
-def _per_sample(value: Any, b: int, batch: int, key: str) -> Any:
-    """Sample ``b``'s value of a context entry: a list of ``batch`` per-sample values, an
-    array with a leading batch axis (for the known keys), or one value shared by all."""
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == batch
-        and not all(np.isscalar(v) for v in value)
-    ):
-        return value[b]
-    ndim = _SAMPLE_NDIM.get(key)
-    if ndim is not None and isinstance(value, np.ndarray) and value.ndim == ndim + 1:
-        if value.shape[0] != batch:
-            raise ValueError(f"{key} has {value.shape[0]} rows for a batch of {batch}")
-        return value[b]
-    return value
-
-
-def _generators(rng: Any, batch: int) -> list[np.random.Generator]:
-    if isinstance(rng, np.random.Generator):
-        return [rng] * batch  # one generator drawn sample after sample
-    gens = list(rng)
-    if len(gens) != batch or not all(isinstance(g, np.random.Generator) for g in gens):
-        raise TypeError(f"rng must be a numpy Generator or {batch} of them (one per sample)")
-    return gens
-
-
-def compose_torch(
-    compose: Compose,
+# -- Compose plans ----------------------------------------------------------------------------
+def execute(
+    plan: Plan,
+    inputs: Inputs,
     *,
-    image: Any = None,
-    label: Any = None,
-    rng: Any = None,
-    params: ComposeParams | None = None,
-    **context: Any,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    classes: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Run ``compose`` on a batch of tensors: host-side sampling, one fused launch.
+    """Run a plan on a batch: one fused launch, then any post-warp intensity transforms.
 
     Args:
-        compose: the pipeline.
-        image: ``(B, C, D, H, W)`` tensor or a list of ``(C, D_b, H_b, W_b)`` tensors.
-        label: the same layout (integer or bool), or None.
-        rng: one numpy Generator per sample (or one Generator drawn sample after sample).
-        params: a batched :class:`ComposeParams` to replay instead of sampling.
-        context: as the numpy path (``offset``, ``in_shape``, ``target``, ``points``,
-            ``fg_points``), each either shared or per sample (a list of B values, or an
-            array with a leading B axis); plus ``out_dtype`` (``torch.float32`` or
-            ``torch.bfloat16``), ``backend`` (see :func:`warp_torch`) and ``classes``
-            (sorted label classes for ``linear_onehot``; default: computed on the device).
+        plan: from ``Compose.plan``, one sample per input.
+        inputs: from :func:`inputs`.
+        out_dtype: image dtype, ``torch.float32`` or ``torch.bfloat16``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`warp_torch`).
+        classes: sorted label classes for ``linear_onehot`` (default: computed on the
+            device).
 
     Returns:
         ``{"image": (B, C, d, h, w) tensor, "label": (B, L, d, h, w) tensor, "params"}``,
         plus ``"target"`` (numpy ``(B, 4)``; a list with None for samples without a target),
-        ``"points"`` (list of B arrays) and
-        ``"coord"`` (tensor ``(B, 3, ...)`` on the image's device) where relevant.
+        ``"points"`` (list of B arrays) and ``"coord"`` (tensor ``(B, 3, ...)`` on the
+        inputs' device) where the plan has them.
     """
-    out_dtype = context.pop("out_dtype", torch.float32)
-    backend = context.pop("backend", "auto")
-    classes = context.pop("classes", None)
-    imgs = _as_batch(image, "image")
-    labs = _as_batch(label, "label")
-    ref = imgs if imgs is not None else labs
-    if ref is None:
-        raise ValueError("give an image, a label, or both")
-    batch = len(_shapes(ref))
-    offsets = context.pop("offset", None)
-    in_shapes = context.pop("in_shape", None)
-    ctx = [{k: _per_sample(v, b, batch, k) for k, v in context.items()} for b in range(batch)]
-    region = _shapes(ref)
-    src_shapes = [
-        tuple(
-            int(s)
-            for s in (
-                region[b] if in_shapes is None else _per_sample(in_shapes, b, batch, "in_shape")
-            )
-        )
-        for b in range(batch)
-    ]
-
-    if params is None:
-        if rng is None:
-            raise ValueError("give rng (numpy Generators, one per sample) or params to replay")
-        gens = _generators(rng, batch)
-        give_label = (
-            labs is not None
-            and "label" not in context
-            and "fg_points" not in context
-            and _needs_label(compose)
-        )
-        drawn = []
-        for b in range(batch):
-            c = dict(ctx[b])
-            if give_label:
-                c["label"] = _sample(labs, b).cpu().numpy()  # type: ignore[arg-type]
-            drawn.append(compose.sample(gens[b], src_shapes[b], **c))
-        params = stack_params(drawn)
-    elif params.batch != batch:
-        raise ValueError(f"params hold {params.batch} samples for a batch of {batch}")
-
-    m = compose.matrix(params)
-    m_region = m.copy()
-    if offsets is not None:
-        for b in range(batch):
-            off = np.asarray(_per_sample(offsets, b, batch, "offset"), dtype=np.float64)
-            m_region[b] = mx.translation(-off) @ m[b]
-    out_shapes = {compose.out_shape(s) for s in src_shapes}  # type: ignore[arg-type]
-    if len(out_shapes) != 1:
-        raise ValueError(
-            f"a batch needs one output shape, got {sorted(out_shapes)}; add a crop to the pipeline"
-        )
-    out_shape = out_shapes.pop()
-    fused, posts = zip(*(compose.program(params, b) for b in range(batch)), strict=True)
-    n_int = len(compose.intensity)
-    post_ops = imgs is not None and any(p < n_int for p in posts)
-    img, lab = warp_torch(
-        imgs,
-        labs,
-        m_region,
-        out_shape,
-        image_order=compose.image_order,
-        cval=compose.cval,
-        label_cval=compose.label_cval,
-        programs=tk.pad_programs(list(fused)),
+    _check_options(out_dtype, backend)
+    assert plan.label_mode in LABEL_MODES
+    post_ops = inputs.images is not None and plan.post_warp
+    img, lab = _warp(
+        inputs,
+        plan.matrices,
+        plan.exact,
+        plan.out_shape,
+        image_order=plan.image_order,
+        cval=plan.cval,
+        label_cval=plan.label_cval,
+        programs=plan.programs,
         out_dtype=torch.float32 if post_ops else out_dtype,
-        label_mode=compose.label_mode,
+        label_mode=plan.label_mode,
         classes=classes,
         backend=backend,
     )
     if img is not None and post_ops:
         # patch-statistic transforms: per sample, after the warp, with torch ops
-        for b, post in enumerate(posts):
+        for b, ops in enumerate(plan.after_warp):
             x = img[b]
-            for t, p in zip(compose.intensity[post:], params.intensity[post:], strict=True):
-                x = torch.as_tensor(t.apply(x, p.take(b)), dtype=torch.float32)
+            for t, p in ops:
+                x = torch.as_tensor(t.apply(x, p), dtype=torch.float32)
             img[b] = x
         img = img.to(out_dtype)
-
-    result: dict[str, Any] = {"image": img, "label": lab, "params": params}
-    extras = [
-        compose._extras(m[b], src_shapes[b], out_shape, ctx[b])  # type: ignore[arg-type]
-        for b in range(batch)
-    ]
-    targets: list[Any] = [e.get("target") for e in extras]
-    if any(t is not None for t in targets):
-        result["target"] = np.stack(targets) if all(t is not None for t in targets) else targets
-    if "points" in extras[0]:
-        result["points"] = [e["points"] for e in extras]
-    if "coord" in extras[0]:
-        result["coord"] = torch.from_numpy(np.stack([e["coord"] for e in extras])).to(
-            _first(ref).device
+    result: dict[str, Any] = {"image": img, "label": lab, "params": plan.params}
+    if plan.target is not None:
+        targets = list(plan.target)
+        result["target"] = (
+            np.stack(targets) if all(t is not None for t in targets) else targets  # type: ignore[arg-type]
         )
+    if plan.points is not None:
+        result["points"] = list(plan.points)
+    if plan.coord is not None:
+        result["coord"] = torch.from_numpy(plan.coord).to(inputs.device)
     return result

@@ -1,8 +1,9 @@
 """Batched torch resampling: the fallback for CPU tensors and machines without Triton.
 
-Pure functions of tensors, no validation beyond what the index arithmetic needs (that lives
-in :mod:`augment.torch_warp`). The semantics are those of the numba kernel
-(:mod:`augment.kernels.cpu`), which is the reference:
+Pure functions of tensors that take checked values as they are (the checks live in
+:mod:`augment.backends.torch`): matrices ``(B, 3, 4)`` float64 and programs
+``(B, n_ops, 4)`` float64 as numpy arrays, sources of one dtype and device. The semantics
+are those of the numba kernel (:mod:`augment.kernels.cpu`), which is the reference:
 
 - ``matrices[b]`` is a ``(3, 4)`` pull map from OUTPUT voxel index ``(z, y, x, 1)`` to the
   INPUT index of sample ``b``; voxel centres sit at integers.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -116,42 +117,15 @@ def noise(seed: torch.Tensor | int, flat_index: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)
 
 
-def pad_programs(programs: Sequence[NDArray[np.float64]], length: int = 0) -> NDArray[np.float64]:
-    """Stack per-sample programs ``(n_b, 4)`` into ``(B, max(max n_b, length), 4)``,
-    padding with the identity ``AFFINE(1, 0)`` (exact in every backend)."""
-    n = max(max((len(p) for p in programs), default=0), length)
-    out = np.zeros((len(programs), n, 4), dtype=np.float64)
-    out[:, :, 0] = AFFINE
-    out[:, :, 1] = 1.0
-    for b, p in enumerate(programs):
-        if len(p):
-            out[b, : len(p)] = np.asarray(p, dtype=np.float64).reshape(-1, 4)
-    return out
-
-
-def as_programs(programs: Any, batch: int) -> NDArray[np.float64]:
-    """``None`` / ``(n, 4)`` / ``(B, n, 4)`` (numpy or tensor) -> float64 ``(B, n, 4)``."""
-    if programs is None:
-        return np.zeros((batch, 0, 4), dtype=np.float64)
-    if isinstance(programs, torch.Tensor):
-        programs = programs.detach().cpu().numpy()
-    p = np.asarray(programs, dtype=np.float64)
-    if p.ndim == 2:
-        p = np.broadcast_to(p, (batch, *p.shape))
-    if p.ndim != 3 or p.shape[0] != batch or p.shape[2] != 4:
-        raise ValueError(f"programs must be (n_ops, 4) or ({batch}, n_ops, 4), got {p.shape}")
-    return np.ascontiguousarray(p)
-
-
-def run_program(x: torch.Tensor, programs: Any) -> torch.Tensor:
+def run_program(x: torch.Tensor, programs: NDArray[np.float64]) -> torch.Tensor:
     """Apply each sample's fused intensity program to its resampled image.
 
-    Computed in float64 like the numba kernel; opcodes are read on the host, so numpy
+    Computed in float64 like the numba kernel; opcodes are read on the host, so the
     programs cost no device synchronisation.
 
     Args:
         x: resampled images.
-        programs: ``(B, n_ops, 4)`` float64 (numpy or tensor), or ``(n_ops, 4)`` for all.
+        programs: ``(B, n_ops, 4)`` float64.
 
     Returns:
         A new tensor of ``x``'s dtype (float32 for integer ``x``).
@@ -160,7 +134,7 @@ def run_program(x: torch.Tensor, programs: Any) -> torch.Tensor:
         x: ``(B, C, d, h, w)``.
     """
     batch = int(x.shape[0])
-    prog = as_programs(programs, batch)
+    prog = programs
     out_dtype = x.dtype if x.is_floating_point() else torch.float32
     if prog.shape[1] == 0:
         return x.to(out_dtype, copy=True)
@@ -296,7 +270,7 @@ def _trilinear(src: Packed, grid: _Grid, cval: float) -> torch.Tensor:
 
 def _onehot_linear(src: Packed, grid: _Grid, fill: int, classes: torch.Tensor) -> torch.Tensor:
     """Trilinear interpolation of each class indicator (outside counts as ``fill``), then the
-    first class of highest weight, as ``compose.onehot_linear_numpy``."""
+    first class of highest weight, as ``backends.numpy.onehot_linear_numpy``."""
     w, taps = _trilinear_taps(grid)
     svol = _bview(grid.sizes.prod(dim=1))
     chans = []
@@ -321,24 +295,16 @@ def _onehot_linear(src: Packed, grid: _Grid, fill: int, classes: torch.Tensor) -
     return torch.stack(chans, dim=1)
 
 
-def label_classes(labels: Packed, fill: int) -> torch.Tensor:
-    """Sorted classes present in any sample, plus ``fill`` (a superset of each sample's own
-    classes gives the same one-hot argmax, so one list serves the batch)."""
-    present = torch.unique(labels.flat).to(torch.int64)
-    fill_t = torch.tensor([fill], dtype=torch.int64, device=present.device)
-    return torch.unique(torch.cat([present, fill_t]))
-
-
 def warp_batch(
     images: Sources | None,
     labels: Sources | None,
-    matrices: Any,
+    matrices: NDArray[np.float64],
     out_shape: tuple[int, int, int],
     *,
     image_order: int = 1,
     cval: float = 0.0,
-    label_cval: int = 0,
-    programs: Any = None,
+    label_cval: float = 0,
+    programs: NDArray[np.float64] | None = None,
     out_dtype: torch.dtype = torch.float32,
     label_mode: str = "nearest",
     classes: torch.Tensor | None = None,
@@ -347,46 +313,29 @@ def warp_batch(
 
     Args:
         images: ``(B, C, D, H, W)`` tensor, a list of ``(C, D_b, H_b, W_b)`` tensors, or None.
-        labels: the same layout (integer dtype), or None.
-        matrices: ``(B, 3, 4)`` or ``(B, 4, 4)`` pull maps (numpy or tensor, float64 used).
+        labels: the same layout (integer dtype, the images' shapes), or None.
+        matrices: ``(B, 3, 4)`` (or ``(B, 4, 4)``) float64 pull maps.
         out_shape: ``(d, h, w)``.
         image_order: 1 trilinear, 0 nearest.
         cval: image value outside the source.  label_cval: label value outside.
-        programs: fused intensity programs ``(B, n_ops, 4)``, ``(n_ops, 4)`` or None.
+        programs: fused intensity programs ``(B, n_ops, 4)`` float64, or None.
         out_dtype: image output dtype (float32 or bfloat16; computed in float32).
         label_mode: ``"nearest"`` or ``"linear_onehot"``.
-        classes: sorted int64 classes for ``linear_onehot`` (default: those present + fill).
+        classes: sorted int64 classes, needed for ``linear_onehot``.
 
     Returns:
         ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype`` and ``(B, L, d, h, w)`` in
         the label dtype; None where the input was None.
     """
-    ref = images if images is not None else labels
-    assert ref is not None
     img = pack(images) if images is not None else None
     lab = pack(labels) if labels is not None else None
-    dev = (img or lab).flat.device  # type: ignore[union-attr]
-    m_all = torch.as_tensor(
-        mx.to_3x4(
-            np.asarray(
-                matrices.detach().cpu() if isinstance(matrices, torch.Tensor) else matrices,
-                dtype=np.float64,
-            )
-        ),
-        device=dev,
-    )
-    batch = (img or lab).batch  # type: ignore[union-attr]
-    if m_all.shape != (batch, 3, 4):
-        raise ValueError(f"expected ({batch}, 3, 4) matrices, got {tuple(m_all.shape)}")
-    prog = as_programs(programs, batch)
-    sizes_np = (img or lab).shapes  # type: ignore[union-attr]
-    if img is not None and lab is not None and not np.array_equal(img.shapes, lab.shapes):
-        raise ValueError(
-            f"image and label shapes differ: {img.shapes.tolist()} vs {lab.shapes.tolist()}"
-        )
-    sizes = torch.from_numpy(sizes_np.copy()).to(dev)
-    if lab is not None and label_mode == "linear_onehot" and classes is None:
-        classes = label_classes(lab, int(label_cval))
+    ref = img if img is not None else lab
+    assert ref is not None
+    dev = ref.flat.device
+    m_all = torch.as_tensor(mx.to_3x4(matrices), device=dev)
+    batch = ref.batch
+    prog = np.zeros((batch, 0, 4)) if programs is None else programs
+    sizes = torch.from_numpy(ref.shapes.copy()).to(dev)
 
     vox = int(np.prod(out_shape))
     step = max(1, CHUNK_VOXELS // max(vox, 1))
@@ -428,7 +377,7 @@ def exact_copy(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Exact index copy of ``src`` under the signed permutation ``em`` into ``out``
-    (converting to ``out``'s dtype), as ``augment.warp.exact_copy`` does for numpy.
+    (converting to ``out``'s dtype), as ``augment.backends.numpy.exact_copy`` does for numpy.
 
     Shape:
         src: ``(C, D, H, W)``; out: ``(C, d, h, w)``.

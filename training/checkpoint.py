@@ -27,7 +27,7 @@ Files are written to a temporary name in the target directory, flushed and fsync
 renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and the directory
 is fsynced. A crash at any point leaves either the previous file or the complete new one,
 never a torn file under a checkpoint name; :func:`latest_checkpoint` ignores the temporary
-files.
+files. :func:`prune_checkpoints` keeps the newest step checkpoints and every tagged one.
 """
 
 from __future__ import annotations
@@ -50,15 +50,17 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_path",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
     "make_checkpoint",
+    "prune_checkpoints",
     "restore_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 FORMAT = 1
-_NAME = re.compile(r"^ckpt-(\d{9,})(?:-[A-Za-z0-9_.-]+)?\.pt$")
+_NAME = re.compile(r"^ckpt-(\d{9,})(?:-([A-Za-z0-9_.-]+))?\.pt$")
 _PRIMITIVE = (bool, int, float, str)
 
 
@@ -340,11 +342,36 @@ def checkpoint_path(directory: str | os.PathLike[str], step: int, *, tag: str = 
     return Path(directory) / name
 
 
-def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint with the highest step in ``directory`` (ties: latest modified), or None.
+def _tag(path: Path) -> str:
+    m = _NAME.match(path.name)
+    return (m.group(2) or "") if m else ""
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoints in ``directory``, newest first: highest step, then latest modified.
 
     Only files named as :func:`checkpoint_path` makes them count, so temporary files from an
-    interrupted write are never returned.
+    interrupted write are never listed.
+
+    Args:
+        directory: the checkpoint directory (need not exist).
+
+    Returns:
+        The paths.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p.stat().st_mtime_ns, p.name, p))
+    return [entry[3] for entry in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint in ``directory`` (see :func:`list_checkpoints`), or None.
 
     Args:
         directory: the checkpoint directory (need not exist).
@@ -352,12 +379,26 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     Returns:
         The path, or None when there is none.
     """
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    found = []
-    for p in d.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p.stat().st_mtime_ns, p.name, p))
-    return max(found)[3] if found else None
+    found = list_checkpoints(directory)
+    return found[0] if found else None
+
+
+def prune_checkpoints(directory: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest untagged (step) checkpoints.
+
+    Tagged checkpoints (``ckpt-<step>-<tag>.pt``: stage ends, interrupts) are always kept.
+
+    Args:
+        directory: the checkpoint directory.
+        keep: step checkpoints to keep, >= 1.
+
+    Returns:
+        The checkpoints deleted.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+    steps = [p for p in list_checkpoints(directory) if not _tag(p)]
+    deleted = steps[keep:]
+    for p in deleted:
+        p.unlink(missing_ok=True)
+    return deleted

@@ -74,7 +74,9 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
     """
     cfg = trainer.cfg
     volumes = load_volumes(trainer.dataset, trainer.dataset.val, cfg.data.window)
-    rows, overlays = validate(trainer.segnet, volumes, **trainer._eval_kwargs(cfg.run.val_overlap))
+    rows, overlays = validate(
+        trainer.segnet, volumes, **trainer.inference_kwargs(cfg.run.val_overlap)
+    )
     run_dir = trainer.run_dir
     timing = trainer.timing()
     summary: dict[str, Any] = {

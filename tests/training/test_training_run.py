@@ -26,7 +26,7 @@ import torch
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.config import load_config, resolve_config, to_dict
 from training.run import main
-from training.trainer import STAGES
+from training.schedule import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY_KEYS = {"stages", "val", "data_wait_fraction", "device"}
@@ -230,3 +230,30 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(cli_args: Any, tmp_path: Pa
     saved = list(ckpts.glob("*-interrupt.pt"))
     assert len(saved) == 1 and latest_checkpoint(ckpts) == saved[0]
     assert load_checkpoint(saved[0])["extra"]["state"]["stage"] < 3
+
+
+def test_resume_at_the_end_of_an_epoch_finishes_identically(
+    smoke_run: Path, cli_args: Any, tmp_path: Path
+):
+    """A checkpoint taken after an epoch's last batch, before the epoch's end (its log, its
+    gate) was handled: the resumed run ends the epoch first and continues as if never
+    stopped."""
+    runs = tmp_path / "runs"
+    run = runs / "smoke"
+    # stage 1 of the smoke preset has 4 batches per epoch; checkpoint_every=4
+    assert main(cli_args(runs, "run.max_steps=4")) == 0
+    assert not (run / "summary.json").exists()
+    ck = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    state = ck["extra"]["state"]
+    assert (state["stage"], state["epoch"], state["batch"], state["step"]) == (0, 0, 4, 4)
+    assert not [e for e in events(run) if e["event"] in ("epoch", "gate")]
+    assert main([*cli_args(runs, "run.max_steps=0"), "--resume"]) == 0
+    got = json.loads((run / "summary.json").read_text())
+    want = json.loads((smoke_run / "summary.json").read_text())
+    assert got["stages"] == want["stages"] and got["val"] == want["val"]
+    a = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(smoke_run / "checkpoints"))
+    assert a["step"] == b["step"]
+    for net in ("segnet", "adversary"):
+        for k, v in b["models"][net].items():
+            assert torch.equal(a["models"][net][k], v), f"{net}.{k} differs after resume"

@@ -14,6 +14,9 @@ three stages run with their gates, the validation cases are segmented whole, and
     plots/validation.png       validation slices with ground truth and prediction outlines
     summary.json               stages (gate, value, reached, epochs), val means, data wait
 
+Each checkpoint has its size and SHA-256 beside it (``<name>.digest``); ``--resume`` checks
+them and falls back to the newest intact checkpoint, with a warning naming each damaged one.
+
 Examples::
 
     python -m training.run --preset smoke
@@ -22,8 +25,9 @@ Examples::
     python -m training.run --resume            # continue the run named by the preset/--name
     torchrun --nproc_per_node=2 -m training.run --preset smoke   # DDP (gloo on CPU)
 
-Exit status: 0 done; 2 bad configuration or data; 3 NaN loss or CUDA out of memory;
-130 interrupted (a checkpoint was saved: rerun with ``--resume``).
+Exit status: 0 done; 2 bad configuration, data or
+checkpoint (nothing is trained; settings are checked before any data work); 3 NaN loss or
+CUDA out of memory; 130 interrupted (a checkpoint was saved: rerun with ``--resume``).
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from training import distributed as D
+from training.checkpoint import CheckpointError, CheckpointWarning
 from training.config import Config, ConfigError, apply_overrides, load_config, resolve_config
 from training.data import TrainingDataError, epoch_key, load_volumes
 from training.evaluation import mean_metrics, validate, write_case_csv
@@ -189,15 +196,32 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+@contextmanager
+def _checkpoint_warnings_as_lines() -> Iterator[None]:
+    """Show a skipped checkpoint as one ``warning: ...`` line on stderr (no source line)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, CheckpointWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = parse_args(argv)
     main_rank = True
     try:
         cfg = _config(args)
-        summary = run_training(cfg, resume=args.resume)
+        with _checkpoint_warnings_as_lines():
+            summary = run_training(cfg, resume=args.resume)
         main_rank = D.is_main()
-    except (ConfigError, TrainingDataError, FileNotFoundError) as exc:
+    except (ConfigError, TrainingDataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, OutOfMemoryError) as exc:

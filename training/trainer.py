@@ -40,6 +40,7 @@ from training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     make_checkpoint,
     prune_checkpoints,
     restore_checkpoint,
@@ -112,11 +113,14 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class Trainer:
     """The staged trainer: builds everything from a :class:`Config`, then :meth:`fit`.
 
+    A ``resume`` checkpoint is checked before the dataset is prepared.
+
     Args:
         cfg: the resolved configuration.
-        resume: continue from the latest checkpoint in the run folder (``True``) or from
-            a given checkpoint file; ``False`` starts afresh (an existing run folder's
-            checkpoints are then ignored, and overwritten as steps recur).
+        resume: continue from the newest intact checkpoint in the run folder (``True``;
+            damaged ones are skipped with a warning) or from a given checkpoint file;
+            ``False`` starts afresh (an existing run folder's checkpoints are then ignored,
+            and overwritten as steps recur).
         progress: tqdm bars (default ``cfg.run.progress``; only on rank 0).
 
     Attributes:
@@ -132,6 +136,7 @@ class Trainer:
 
     Raises:
         FileNotFoundError: ``resume`` and no checkpoint.
+        CheckpointError: ``resume`` and no intact checkpoint.
         TrainingDataError: the dataset is refused.
     """
 
@@ -149,6 +154,14 @@ class Trainer:
         self.main = self.dist.is_main
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        resumed: tuple[Path, dict[str, Any]] | None = None
+        if resume is True:
+            try:
+                resumed = load_latest_checkpoint(self.ckpt_dir)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}") from None
+        elif resume:
+            resumed = Path(resume), load_checkpoint(resume)
         cpu = self.device.type == "cpu"
         if cpu and r.threads > 0:
             torch.set_num_threads(r.threads)
@@ -243,11 +256,8 @@ class Trainer:
         self._live_at: tuple[int, int, int] | None = None
         self._since_check: list[tuple[str, Tensor]] = []
         self.resumed_from: Path | None = None
-        if resume:
-            path = latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
-            if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
-            self.restore(path)
+        if resumed is not None:
+            self._restore(*resumed)
 
     # ------------------------------------------------------------------ small helpers
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -656,7 +666,11 @@ class Trainer:
         return path
 
     def restore(self, path: str | os.PathLike[str]) -> None:
-        """Load a checkpoint: weights, optimizers, scaler, this rank's RNG, the state."""
+        """Load a checkpoint: weights, optimizers, scaler, this rank's RNG, the state.
+
+        Raises:
+            CheckpointError: the file is damaged or not a checkpoint of this trainer.
+        """
         self._restore(Path(path), load_checkpoint(path))
 
     def _restore(self, path: Path, ckpt: dict[str, Any]) -> None:

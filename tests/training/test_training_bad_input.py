@@ -128,7 +128,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config):
     last = latest_checkpoint(ckpts)
     assert last is not None and last.name == "ckpt-000000004.pt"
     assert str(last) in str(err.value)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000002.pt", "ckpt-000000004.pt"]
+    kept = ["ckpt-000000002.pt", "ckpt-000000004.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(kept + [f"{k}.digest" for k in kept])
     ck = load_checkpoint(last)
     assert ck["step"] == 4
     for name, tensor in ck["models"]["segnet"].items():

@@ -47,7 +47,7 @@ from training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from training.config import Config, to_dict, to_toml
+from training.config import Config, check_device, check_folders, to_dict, to_toml
 from training.data import (
     HELDOUT_EPOCH,
     Dataset,
@@ -113,7 +113,9 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class Trainer:
     """The staged trainer: builds everything from a :class:`Config`, then :meth:`fit`.
 
-    A ``resume`` checkpoint is checked before the dataset is prepared.
+    Settings that depend on the machine (the device, writable run and cache folders) and a
+    ``resume`` checkpoint are checked before the dataset is prepared, and the run folder is
+    made only once the dataset was accepted.
 
     Args:
         cfg: the resolved configuration.
@@ -135,6 +137,7 @@ class Trainer:
         resumed_from: the checkpoint the run continued from, or None.
 
     Raises:
+        ConfigError: a setting this machine cannot honour.
         FileNotFoundError: ``resume`` and no checkpoint.
         CheckpointError: ``resume`` and no intact checkpoint.
         TrainingDataError: the dataset is refused.
@@ -149,11 +152,14 @@ class Trainer:
     ) -> None:
         self.cfg = cfg.validate()
         r = cfg.run
+        check_device(cfg)
         self.dist = D.init_distributed(device=None if r.device == "auto" else r.device)
         self.device = self.dist.device
         self.main = self.dist.is_main
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.main:
+            check_folders(cfg)
         resumed: tuple[Path, dict[str, Any]] | None = None
         if resume is True:
             try:
@@ -173,14 +179,6 @@ class Trainer:
         )
         self.channels_last = r.channels_last == "on" or (r.channels_last == "auto" and cpu)
         self.progress = (r.progress if progress is None else progress) and self.main
-
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
-        if self.main and not resume:
-            self.log.path.unlink(missing_ok=True)
 
         # data: rank 0 generates and builds, the others open what it built
         if self.main:
@@ -203,6 +201,15 @@ class Trainer:
         )
         gate_ids = self.dataset.train[: r.gate_cases] if r.gate_cases else self.dataset.train
         self.gate_volumes = load_volumes(self.dataset, gate_ids, cfg.data.window)
+
+        # the run folder, once the data was accepted: the resolved configuration, the log
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            if not resume:
+                self.log.path.unlink(missing_ok=True)
 
         # models, identical on every rank (weights from explicit generators)
         m = cfg.model

@@ -76,6 +76,7 @@ def test_dataset_without_labels(small_dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot train on the dataset")
     assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "smoke").exists()  # no run folder for refused data
 
 
 def test_empty_label(small_dataset, tmp_path):

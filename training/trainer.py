@@ -208,8 +208,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            if not resume:
+            if not resume:  # an earlier run's log and summary describe another run
                 self.log.path.unlink(missing_ok=True)
+                (self.run_dir / "summary.json").unlink(missing_ok=True)
 
         # models, identical on every rank (weights from explicit generators)
         m = cfg.model

@@ -111,7 +111,10 @@ def test_smoke_preset_writes_the_whole_report(smoke_run: Path, smoke_data: Path,
     ckpts = sorted(p.name for p in (smoke_run / "checkpoints").glob("ckpt-*.pt"))
     for name in STAGES:
         assert any(c.endswith(f"-{name}-end.pt") for c in ckpts), ckpts
-    ck = load_checkpoint(latest_checkpoint(smoke_run / "checkpoints"))
+    final = latest_checkpoint(smoke_run / "checkpoints")
+    assert final is not None and final.name.endswith("-adversarial-end.pt")
+    assert summary["checkpoint"] == str(final)
+    ck = load_checkpoint(final)
     assert set(ck["models"]) == {"segnet", "adversary"}
     assert set(ck["optimizers"]) == {"segnet1", "adversary", "segnet3"}
     assert ck["extra"]["state"]["stage"] == 3
@@ -230,6 +233,20 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(cli_args: Any, tmp_path: Pa
     saved = list(ckpts.glob("*-interrupt.pt"))
     assert len(saved) == 1 and latest_checkpoint(ckpts) == saved[0]
     assert load_checkpoint(saved[0])["extra"]["state"]["stage"] < 3
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(
+    smoke_run: Path, cli_args: Any, capsys: pytest.CaptureFixture[str]
+):
+    files = {p: p.read_bytes() for p in smoke_run.rglob("*") if p.is_file()}
+    assert main([*cli_args(smoke_run.parent), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    summary = smoke_run / "summary.json"
+    assert f"run {smoke_run} is finished" in out and f"its summary is {summary}" in out
+    assert "validation (1 cases)" in out  # and the summary table
+    assert "Traceback" not in err
+    now = {p: p.read_bytes() for p in smoke_run.rglob("*") if p.is_file()}
+    assert now == files  # nothing validated, trained or logged again
 
 
 def test_resume_at_the_end_of_an_epoch_finishes_identically(

@@ -28,15 +28,30 @@ renamed over the target with ``os.replace`` (atomic on POSIX and Windows), and t
 is fsynced. A crash at any point leaves either the previous file or the complete new one,
 never a torn file under a checkpoint name; :func:`latest_checkpoint` ignores the temporary
 files.
+
+Beside each checkpoint, :func:`save_checkpoint` writes ``<name>.digest``: its size in bytes
+and the SHA-256 of its bytes, as JSON, placed (atomically, like the checkpoint) before the
+checkpoint itself, so a checkpoint that is there has its digest. :func:`load_checkpoint`
+checks them, so a file cut short or changed after it was written (a full disk, a copy that
+stopped, bit rot) is refused with :class:`CheckpointError` naming the file, and so is a file
+that is not one of these checkpoints (for instance a pickle of arbitrary objects, which a
+weights-only load refuses). :func:`load_latest_checkpoint` falls back to the newest intact
+checkpoint with a warning for each one it skips. A checkpoint without a digest (written
+before digests existed) is loaded unchecked. :func:`prune_checkpoints` keeps the newest step
+checkpoints and every tagged one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,19 +62,45 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
     "capture_rng_state",
     "checkpoint_path",
+    "digest_path",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "make_checkpoint",
+    "prune_checkpoints",
     "restore_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 FORMAT = 1
-_NAME = re.compile(r"^ckpt-(\d{9,})(?:-[A-Za-z0-9_.-]+)?\.pt$")
+DIGEST_SUFFIX = ".digest"
+_CHUNK = 1 << 20
+_NAME = re.compile(r"^ckpt-(\d{9,})(?:-([A-Za-z0-9_.-]+))?\.pt$")
 _PRIMITIVE = (bool, int, float, str)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged or is not a checkpoint of this trainer.
+
+    Attributes:
+        path: the file (or, when no checkpoint in a directory is intact, the directory).
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"checkpoint {self.path}: {reason}")
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an earlier, intact one."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -281,8 +322,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def digest_path(path: str | os.PathLike[str]) -> Path:
+    """Where the size and SHA-256 of checkpoint ``path`` are kept: ``<path>.digest``."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": sha.hexdigest()}
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, ``os.replace``).
+    """Write ``checkpoint`` to ``path`` atomically, and its digest beside it.
+
+    The checkpoint goes to a temporary file (fsynced); its size and SHA-256 go to a
+    temporary digest file (fsynced); the digest is renamed into place, then the checkpoint,
+    then the directory is fsynced.
 
     Args:
         checkpoint: a dict from :func:`make_checkpoint` (or any weights_only-safe dict).
@@ -293,24 +358,64 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str])
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    digest = digest_path(path)
+    fd, tmp = _temporary(path)
+    tmp_digest: str | None = None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(checkpoint), f)
             f.flush()
             os.fsync(f.fileno())
+        fd_digest, tmp_digest = _temporary(digest)
+        with os.fdopen(fd_digest, "w") as f:
+            f.write(json.dumps(_digest(Path(tmp))) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_digest, digest)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if tmp_digest is not None:
+            Path(tmp_digest).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
 
 
+def _check_digest(path: Path) -> None:
+    """Compare ``path`` with its digest; no digest (an older checkpoint) passes unchecked."""
+    digest = digest_path(path)
+    try:
+        record = json.loads(digest.read_text())
+        want_bytes, want_sha = int(record["bytes"]), str(record["sha256"])
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(path, f"its digest {digest.name} is unreadable ({exc})") from None
+    try:
+        got = _digest(path)
+    except OSError as exc:
+        raise CheckpointError(path, f"unreadable ({exc.strerror or exc})") from None
+    if got["bytes"] < want_bytes:
+        raise CheckpointError(
+            path, f"truncated: {got['bytes']} of the {want_bytes} bytes it was written with"
+        )
+    if got["bytes"] != want_bytes:
+        raise CheckpointError(path, f"{got['bytes']} bytes, but it was written with {want_bytes}")
+    if got["sha256"] != want_sha:
+        raise CheckpointError(path, "corrupted: its SHA-256 differs from the one written with it")
+
+
+def _refused_global(message: str) -> str:
+    """The Python object a weights-only load refused, as torch names it (or "")."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return f" ({m.group(1)})" if m else ""
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu"
 ) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``.
+    """Read a checkpoint: its digest checked, then ``torch.load(weights_only=True)``.
 
     Args:
         path: the file.
@@ -319,8 +424,49 @@ def load_checkpoint(
 
     Returns:
         The checkpoint dict.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        CheckpointError: the file is truncated, corrupted, or not a checkpoint of this
+            format (for instance a pickle of arbitrary Python objects, which is never
+            unpickled).
     """
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    _check_digest(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on the pickle protocol of a file
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise CheckpointError(path, f"unreadable: {_first_line(exc)}") from None
+        raise CheckpointError(
+            path,
+            "not a checkpoint of this trainer: it is a pickle of Python objects"
+            f"{_refused_global(str(exc))} besides tensors and plain containers, and is not "
+            "loaded, since unpickling it could run arbitrary code",
+        ) from None
+    except Exception as exc:  # torch reports a damaged zip as RuntimeError, EOFError, ...
+        raise CheckpointError(path, f"unreadable: {_first_line(exc)}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        if not isinstance(checkpoint, dict):
+            found = f"a {type(checkpoint).__name__}"
+        elif "format" in checkpoint:
+            found = f"format {checkpoint['format']!r}"
+        else:
+            found = f"a dict without 'format' (keys {sorted(map(str, checkpoint))[:6]})"
+        raise CheckpointError(
+            path,
+            f"not a checkpoint of this trainer: expected a dict of format {FORMAT}, found {found}",
+        )
+    return checkpoint
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().split("\n")[0].split(". ")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def checkpoint_path(directory: str | os.PathLike[str], step: int, *, tag: str = "") -> Path:
@@ -340,11 +486,36 @@ def checkpoint_path(directory: str | os.PathLike[str], step: int, *, tag: str = 
     return Path(directory) / name
 
 
-def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint with the highest step in ``directory`` (ties: latest modified), or None.
+def _tag(path: Path) -> str:
+    m = _NAME.match(path.name)
+    return (m.group(2) or "") if m else ""
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoints in ``directory``, newest first: highest step, then latest modified.
 
     Only files named as :func:`checkpoint_path` makes them count, so temporary files from an
-    interrupted write are never returned.
+    interrupted write (and digests) are never listed.
+
+    Args:
+        directory: the checkpoint directory (need not exist).
+
+    Returns:
+        The paths.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p.stat().st_mtime_ns, p.name, p))
+    return [entry[3] for entry in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint in ``directory`` (see :func:`list_checkpoints`), or None.
 
     Args:
         directory: the checkpoint directory (need not exist).
@@ -352,12 +523,70 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     Returns:
         The path, or None when there is none.
     """
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    found = []
-    for p in d.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p.stat().st_mtime_ns, p.name, p))
-    return max(found)[3] if found else None
+    found = list_checkpoints(directory)
+    return found[0] if found else None
+
+
+def load_latest_checkpoint(
+    directory: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """The newest intact checkpoint in ``directory``, loaded.
+
+    A checkpoint that :func:`load_checkpoint` refuses is skipped with a
+    :class:`CheckpointWarning` naming it and the reason; the one before it is tried next.
+
+    Args:
+        directory: the checkpoint directory.
+        map_location: as for :func:`load_checkpoint`.
+
+    Returns:
+        ``(path, checkpoint)``.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint in ``directory``.
+        CheckpointError: there are checkpoints, and none is intact; the message lists them.
+    """
+    found = list_checkpoints(directory)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    refused: list[CheckpointError] = []
+    for path in found:
+        try:
+            return path, load_checkpoint(path, map_location=map_location)
+        except CheckpointError as exc:
+            refused.append(exc)
+            warnings.warn(
+                f"skipping {exc}; trying the checkpoint before it", CheckpointWarning, stacklevel=2
+            )
+    raise CheckpointError(
+        directory,
+        f"none of its {len(found)} checkpoints is intact ("
+        + "; ".join(f"{e.path.name}: {e.reason}" for e in refused)
+        + "); start afresh without --resume",
+    )
+
+
+def prune_checkpoints(directory: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest untagged (step) checkpoints, with their digests.
+
+    Tagged checkpoints (``ckpt-<step>-<tag>.pt``: stage ends, interrupts) are always kept;
+    digests left without their checkpoint by a crash between the two renames are removed.
+
+    Args:
+        directory: the checkpoint directory.
+        keep: step checkpoints to keep, >= 1.
+
+    Returns:
+        The checkpoints deleted.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+    steps = [p for p in list_checkpoints(directory) if not _tag(p)]
+    deleted = steps[keep:]
+    for p in deleted:
+        p.unlink(missing_ok=True)
+        digest_path(p).unlink(missing_ok=True)
+    for d in Path(directory).glob(f"ckpt-*.pt{DIGEST_SUFFIX}"):
+        if not d.with_name(d.name[: -len(DIGEST_SUFFIX)]).exists():
+            d.unlink(missing_ok=True)
+    return deleted

@@ -11,8 +11,11 @@ A configuration is resolved in this order, each step overriding the one before:
    ``--set data.patch_size=[64,64,64]``, ``--set run.name=\"try2\"``; a bare word is taken as
    a string).
 
-Every value is checked against the field's type when it is set, and the resolved
-configuration is written to the run folder as ``config.toml`` (loadable with ``--config``).
+Every value is checked against the field's type when it is set and against its range when
+the configuration is resolved (:meth:`Config.validate`); :func:`check_device` and
+:func:`check_folders` check what depends on the machine (the device exists, the run and
+cache folders can be written) before any work starts. The resolved configuration is written
+to the run folder as ``config.toml`` (loadable with ``--config``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -36,6 +40,8 @@ __all__ = [
     "Stage2Config",
     "Stage3Config",
     "apply_overrides",
+    "check_device",
+    "check_folders",
     "from_dict",
     "load_config",
     "resolve_config",
@@ -287,7 +293,12 @@ class Config:
             d.patch_size,
             f"multiples of {divisor} (2 ** (model.depth - 1) and 2 ** model.adv_depth)",
         )
-        _check(len(d.spacing) in (0, 3), "data.spacing", d.spacing, "three numbers or []")
+        _check(
+            len(d.spacing) in (0, 3) and all(v > 0 for v in d.spacing),
+            "data.spacing",
+            d.spacing,
+            "three numbers > 0, or [] for each case's own spacing",
+        )
         _check(len(d.window) == 2 and d.window[0] < d.window[1], "data.window", d.window, "lo < hi")
         _check(
             len(d.scale) == 2 and 0 < d.scale[0] <= d.scale[1],
@@ -306,6 +317,12 @@ class Config:
             _check(s.max_epochs >= 1, f"{name}.max_epochs", s.max_epochs, ">= 1")
             _check(s.steps_per_epoch >= 1, f"{name}.steps_per_epoch", s.steps_per_epoch, ">= 1")
             _check(s.lr > 0, f"{name}.lr", s.lr, "> 0")
+        _check(
+            self.stage2.heldout_pairs >= 1,
+            "stage2.heldout_pairs",
+            self.stage2.heldout_pairs,
+            ">= 1",
+        )
         s3 = self.stage3
         _check(s3.k_d >= 0 and s3.k_g >= 1, "stage3.k_d/k_g", (s3.k_d, s3.k_g), "k_d>=0, k_g>=1")
         r = self.run
@@ -323,6 +340,21 @@ class Config:
             "auto|on|off",
         )
         _check(r.gate_every >= 1, "run.gate_every", r.gate_every, ">= 1")
+        _check(r.infer_batch >= 1, "run.infer_batch", r.infer_batch, ">= 1")
+        _check(
+            r.keep_checkpoints >= 1,
+            "run.keep_checkpoints",
+            r.keep_checkpoints,
+            ">= 1 (stage-end checkpoints are kept anyway)",
+        )
+        _check(
+            r.checkpoint_every >= 0,
+            "run.checkpoint_every",
+            r.checkpoint_every,
+            ">= 0 (0: only at stage ends and on interrupt)",
+        )
+        for key in ("threads", "gate_cases", "max_steps"):
+            _check(getattr(r, key) >= 0, f"run.{key}", getattr(r, key), ">= 0 (0: no limit)")
         _check(r.log_every >= 1, "run.log_every", r.log_every, ">= 1")
         _check(
             0 <= r.gate_overlap < 1 and 0 <= r.val_overlap < 1,
@@ -341,6 +373,77 @@ class Config:
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r}: expected {want}")
+
+
+def check_device(cfg: Config, *, cuda_devices: int | None = None) -> None:
+    """Refuse a CUDA ``run.device`` that this machine does not have.
+
+    Args:
+        cfg: the configuration.
+        cuda_devices: CUDA devices available (None: ask torch).
+
+    Raises:
+        ConfigError: ``run.device`` is ``cuda`` without CUDA, or ``cuda:N`` beyond the
+            devices there are.
+    """
+    device = cfg.run.device
+    if not device.startswith("cuda"):
+        return
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_devices == 0:
+        raise ConfigError(
+            f"run.device = {device!r}: no CUDA device is available on this machine; "
+            "use --device cpu (or auto)"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= cuda_devices:
+        raise ConfigError(
+            f"run.device = {device!r}: this machine has {cuda_devices} CUDA device(s), "
+            f"cuda:0 to cuda:{cuda_devices - 1}"
+        )
+
+
+def _writable_folder(path: Path, setting: str) -> None:
+    """``path`` is a folder we can write in, or can be made as one."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is not a folder" if existing == path else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"{setting}: {path} {where}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
+    except OSError as exc:
+        raise ConfigError(
+            f"{setting}: cannot write in {existing} ({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_folders(cfg: Config) -> None:
+    """Refuse a run folder or cache folder that is a file or cannot be written.
+
+    Call it on the process that writes them (rank 0). A cache given as a URL
+    (``s3://...``) is not checked here.
+
+    Args:
+        cfg: the configuration.
+
+    Raises:
+        ConfigError: naming the setting, the path and the problem.
+    """
+    r = cfg.run
+    _writable_folder(
+        cfg.run_dir, f"the run folder (run.runs_dir = {r.runs_dir!r}, run.name = {r.name!r})"
+    )
+    d = cfg.data
+    if "://" not in d.cache:
+        setting = f"data.cache = {d.cache!r}" if d.cache else f"the cache (data.root = {d.root!r})"
+        _writable_folder(d.cache_root, setting)
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -1,7 +1,10 @@
-"""The run report: PNG plots (matplotlib's Agg canvas, no GUI backend), summary.json, a table.
+"""The run report: the metrics log, PNG plots (matplotlib's Agg canvas, no GUI backend),
+summary.json, a table.
 
-Plots are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas directly, so
-importing this module never switches the process's matplotlib backend.
+``metrics.jsonl`` holds one JSON object per line, appended as training goes
+(:class:`MetricsLog`) and read back with :func:`read_metrics`. Plots are drawn on
+``matplotlib.figure.Figure`` objects with the Agg canvas directly, so importing this module
+never switches the process's matplotlib backend.
 """
 
 from __future__ import annotations
@@ -9,13 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from training.schedule import STAGES
+
 __all__ = [
+    "MetricsLog",
     "plot_montage",
     "plot_overlays",
     "plot_stages",
@@ -24,8 +31,33 @@ __all__ = [
     "write_summary",
 ]
 
-STAGE_ORDER = ("segnet", "adversary", "adversarial")
 _LOSSES = ("loss_seg", "loss_gen", "loss_d")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended (rank 0 only).
+
+    Args:
+        path: the file.
+        enabled: write at all (False on the ranks other than 0).
+    """
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append ``{"event": event, "time": <unix seconds>, **fields}``.
+
+        Args:
+            event: the record's kind (``"epoch"``, ``"gate"``, ``"checkpoint"``, ...).
+            fields: its values (JSON-serialisable; numpy and torch scalars as floats).
+        """
+        if not self.enabled:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -73,7 +105,7 @@ def plot_stages(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     axes = fig.subplots(2, 3, squeeze=False)
     epochs = [r for r in records if r.get("event") in ("epoch", "gate")]
     ends = {r["name"]: r for r in records if r.get("event") == "stage_end"}
-    for col, stage in enumerate(STAGE_ORDER):
+    for col, stage in enumerate(STAGES):
         rows = sorted((r for r in epochs if r.get("stage") == stage), key=lambda r: r["epoch"])
         top, bottom = axes[0][col], axes[1][col]
         top.set_title(stage)

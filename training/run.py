@@ -12,7 +12,12 @@ three stages run with their gates, the validation cases are segmented whole, and
     plots/stages.png           loss and gate metric per epoch, per stage
     plots/augmented.png        a montage of augmented training patches with their labels
     plots/validation.png       validation slices with ground truth and prediction outlines
-    summary.json               stages (gate, value, reached, epochs), val means, data wait
+    summary.json               stages (gate, value, reached, epochs), val means, data wait,
+                               the final checkpoint
+
+Each checkpoint has its size and SHA-256 beside it (``<name>.digest``); ``--resume`` checks
+them and falls back to the newest intact checkpoint, with a warning naming each damaged one.
+``--resume`` of a finished run (its summary names the newest checkpoint) says so and exits.
 
 Examples::
 
@@ -22,22 +27,27 @@ Examples::
     python -m training.run --resume            # continue the run named by the preset/--name
     torchrun --nproc_per_node=2 -m training.run --preset smoke   # DDP (gloo on CPU)
 
-Exit status: 0 done; 2 bad configuration or data; 3 NaN loss or CUDA out of memory;
-130 interrupted (a checkpoint was saved: rerun with ``--resume``).
+Exit status: 0 done (or ``--resume`` of a finished run); 2 bad configuration, data or
+checkpoint (nothing is trained; settings are checked before any data work); 3 NaN loss or
+CUDA out of memory; 130 interrupted (a checkpoint was saved: rerun with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from training import distributed as D
+from training.checkpoint import CheckpointError, CheckpointWarning, latest_checkpoint
 from training.config import Config, ConfigError, apply_overrides, load_config, resolve_config
 from training.data import TrainingDataError, epoch_key, load_volumes
 from training.evaluation import mean_metrics, validate, write_case_csv
@@ -51,7 +61,7 @@ from training.report import (
 )
 from training.trainer import NonFiniteLossError, OutOfMemoryError, Trainer, TrainingInterrupted
 
-__all__ = ["finish", "main", "parse_args", "run_training"]
+__all__ = ["finish", "finished_summary", "main", "parse_args", "run_training"]
 
 
 def _device_name(trainer: Trainer) -> str:
@@ -74,9 +84,12 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
     """
     cfg = trainer.cfg
     volumes = load_volumes(trainer.dataset, trainer.dataset.val, cfg.data.window)
-    rows, overlays = validate(trainer.segnet, volumes, **trainer._eval_kwargs(cfg.run.val_overlap))
+    rows, overlays = validate(
+        trainer.segnet, volumes, **trainer.inference_kwargs(cfg.run.val_overlap)
+    )
     run_dir = trainer.run_dir
     timing = trainer.timing()
+    last = latest_checkpoint(trainer.ckpt_dir)
     summary: dict[str, Any] = {
         "stages": [
             {k: r[k] for k in ("name", "gate", "value", "reached", "epochs")}
@@ -91,6 +104,7 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
         "timing": timing,
         "run_dir": str(run_dir),
         "resumed_from": None if trainer.resumed_from is None else str(trainer.resumed_from),
+        "checkpoint": None if last is None else str(last),
     }
     if trainer.main:
         write_case_csv(rows, run_dir / "val_cases.csv")
@@ -110,6 +124,30 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
         summary["wall_s"] = time.perf_counter() - started
         write_summary(summary, run_dir / "summary.json")
     return summary
+
+
+def finished_summary(cfg: Config) -> Path | None:
+    """``summary.json`` of the run in ``cfg.run_dir`` if that run finished, else None.
+
+    A run is finished when its summary names the run's newest checkpoint: no training
+    happened after the validation that wrote it. (A fresh run in the same folder deletes
+    the old summary first.)
+
+    Args:
+        cfg: the configuration naming the run.
+
+    Returns:
+        The summary's path, or None.
+    """
+    path = cfg.run_dir / "summary.json"
+    try:
+        final = json.loads(path.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    last = latest_checkpoint(cfg.run_dir / "checkpoints")
+    if not final or last is None or Path(final).name != last.name:
+        return None
+    return path
 
 
 def run_training(
@@ -187,15 +225,41 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+@contextmanager
+def _checkpoint_warnings_as_lines() -> Iterator[None]:
+    """Show a skipped checkpoint as one ``warning: ...`` line on stderr (no source line)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, CheckpointWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = parse_args(argv)
     main_rank = True
     try:
         cfg = _config(args)
-        summary = run_training(cfg, resume=args.resume)
+        done = finished_summary(cfg) if args.resume else None
+        if done is not None:
+            print(
+                f"run {cfg.run_dir} is finished (all stages trained and validated); its "
+                f"summary is {done}. Nothing to resume: start another run with --name, or "
+                "leave out --resume to train this one again."
+            )
+            print(summary_table(json.loads(done.read_text())))
+            return 0
+        with _checkpoint_warnings_as_lines():
+            summary = run_training(cfg, resume=args.resume)
         main_rank = D.is_main()
-    except (ConfigError, TrainingDataError, FileNotFoundError) as exc:
+    except (ConfigError, TrainingDataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, OutOfMemoryError) as exc:

@@ -1,21 +1,7 @@
-"""The staged segnet + adversary trainer: one flat loop over stages, epochs and batches.
+"""The staged segnet + adversary trainer: ``for stage: for epoch: for batch:``.
 
-The schedule (seed notes, DESIGN.md):
-
-=============  =====================================  =================================
-stage          who learns                             gate (each with an epoch cap)
-=============  =====================================  =================================
-segnet         segnet, Dice + cross-entropy           train VoE < ``stage1.gate``
-adversary      adversary alone; segnet frozen (eval   held-out accuracy >= ``stage2.gate``
-               mode, no grad, requires_grad off)
-adversarial    segnet: seg loss + lambda x non-       train VoE < ``stage3.gate``
-               saturating adversarial loss, new LR;
-               adversary in alternation (k_D : k_G)
-=============  =====================================  =================================
-
-"Train VoE" is defined in :mod:`training.evaluation`. A gate is measured every
-``run.gate_every`` epochs and at the cap; the stage ends when it is reached, or at the cap,
-which is logged as ``"reached": false``.
+The stages, their gates and learning rates are :mod:`training.schedule`; checkpoint files
+are :mod:`training.checkpoint`; ``metrics.jsonl`` is :class:`training.report.MetricsLog`.
 
 In :meth:`Trainer.fit` every batch goes through at most two explicit blocks: (1) the
 segnet's update, with the segnet in training mode and the adversary frozen; (2) the
@@ -23,12 +9,16 @@ adversary's update, with the adversary in training mode and the segnet evaluated
 without autograd. Stage 2 runs entirely inside ``frozen(segnet)`` and
 ``expect_mode(segnet, training=False)``, so a stray ``.train()`` anywhere raises instead of
 silently turning dropout back on (the bug of the seed notes).
+
+The loops start where the :class:`~training.schedule.State` stands (a resumed run, or a
+``fit`` called again after ``stop_after`` / ``max_seconds``): at its stage, epoch and batch;
+the loader makes the batches of an epoch from any start (``PatchLoader.epoch(e,
+start_batch=k)``), the same ones an uninterrupted run sees.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -50,21 +40,23 @@ from training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     make_checkpoint,
+    prune_checkpoints,
     restore_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from training.config import Config, to_dict, to_toml
+from training.config import Config, check_device, check_folders, to_dict, to_toml
 from training.data import (
     HELDOUT_EPOCH,
     Dataset,
+    epoch_key,
     load_volumes,
     make_loader,
     make_sampler,
     prepare_dataset,
 )
-from training.data import epoch_key as _epoch_key
 from training.evaluation import heldout_scores, train_voe
 from training.losses import (
     DeepSupervisionLoss,
@@ -76,18 +68,25 @@ from training.losses import (
 )
 from training.models import Discriminator3D, UNet3D
 from training.modes import evaluating, expect_mode, frozen
+from training.report import MetricsLog
+from training.schedule import STAGES, Stage, State, make_stages
 
 __all__ = [
-    "STAGES",
+    "SEGNET_GRAD_CLIP",
     "NonFiniteLossError",
     "OutOfMemoryError",
-    "Stage",
-    "State",
     "Trainer",
     "TrainingInterrupted",
+    "channels_last_weights",
 ]
 
 NUM_CLASSES = 2  # background and liver (the cache stores loaders.liver_label)
+
+SEGNET_GRAD_CLIP = 12.0
+"""Largest global L2 norm of the segnet's gradients in a step (after AMP unscaling). It is
+nnU-Net's value (its trainer clips at 12 with the same poly schedule and Dice + CE loss):
+it only bounds the rare outsized step, such as the first steps of a fresh optimizer. Not
+tuned here. The adversary's gradients are not clipped."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,156 +101,46 @@ class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT: a checkpoint was saved and training stopped; ``--resume`` continues it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One stage of the schedule and its gate.
-
-    Attributes:
-        name: ``"segnet"``, ``"adversary"`` or ``"adversarial"``.
-        number: 1, 2 or 3 (config section ``stage<number>``).
-        metric: what the gate measures (``"train_voe"`` or ``"heldout_accuracy"``).
-        below: the gate is ``metric < threshold`` (else ``metric >= threshold``).
-        threshold: the gate's value.
-        max_epochs: the cap.
-        steps_per_epoch: batches per epoch.
-        k_d: adversary updates per cycle (0 in stage 1).
-        k_g: segnet updates per cycle (0 in stage 2).
-    """
-
-    name: str
-    number: int
-    metric: str
-    below: bool
-    threshold: float
-    max_epochs: int
-    steps_per_epoch: int
-    k_d: int
-    k_g: int
-
-    @property
-    def gate(self) -> str:
-        """The gate as text, e.g. ``"train_voe < 0.2"``."""
-        return f"{self.metric} {'<' if self.below else '>='} {self.threshold:g}"
-
-    def reached(self, value: float) -> bool:
-        """Whether ``value`` passes the gate (NaN never does)."""
-        return value < self.threshold if self.below else value >= self.threshold
-
-    def updates(self, stage_step: int) -> tuple[bool, bool]:
-        """``(segnet, adversary)``: which blocks run on batch ``stage_step`` of the stage.
-
-        A cycle is ``k_d + k_g`` batches: the adversary's ``k_d`` first, then the segnet's.
-        """
-        phase = stage_step % (self.k_d + self.k_g)
-        return phase >= self.k_d, phase < self.k_d
-
-
-STAGES = ("segnet", "adversary", "adversarial")
-
-
-def make_stages(cfg: Config) -> list[Stage]:
-    """The three stages from the configuration."""
-    s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
-    return [
-        Stage("segnet", 1, "train_voe", True, s1.gate, s1.max_epochs, s1.steps_per_epoch, 0, 1),
-        Stage(
-            "adversary",
-            2,
-            "heldout_accuracy",
-            False,
-            s2.gate,
-            s2.max_epochs,
-            s2.steps_per_epoch,
-            1,
-            0,
-        ),
-        Stage(
-            "adversarial",
-            3,
-            "train_voe",
-            True,
-            s3.gate,
-            s3.max_epochs,
-            s3.steps_per_epoch,
-            s3.k_d,
-            s3.k_g,
-        ),
-    ]
-
-
-@dataclasses.dataclass
-class State:
-    """Where training stands; saved in every checkpoint (``extra["state"]``).
-
-    Attributes:
-        stage: index into :data:`STAGES` (3 when all are done).
-        epoch: epochs completed in the current stage.
-        batch: batches completed in the current epoch.
-        step: optimizer steps in total (segnet and adversary).
-        stage_step: batches completed in the current stage (warm-up, alternation).
-        results: one dict per finished stage: name, gate, value, reached, epochs.
-        gate_value: the last gate measurement of the current stage (NaN before one).
-        sums: loss sums and counts of the epoch in progress.
-        wait_s: seconds spent waiting for batches, per stage name.
-        compute_s: seconds spent in the steps, per stage name.
-        steps: batches trained, per stage name.
-    """
-
-    stage: int = 0
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    stage_step: int = 0
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    gate_value: float = math.nan
-    sums: dict[str, float] = dataclasses.field(default_factory=dict)
-    wait_s: dict[str, float] = dataclasses.field(default_factory=dict)
-    compute_s: dict[str, float] = dataclasses.field(default_factory=dict)
-    steps: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended (rank 0 only)."""
-
-    def __init__(self, path: Path, *, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, event: str, **fields: Any) -> None:
-        if not self.enabled:
-            return
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-
-
 def _first(out: Tensor | list[Tensor]) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class Trainer:
     """The staged trainer: builds everything from a :class:`Config`, then :meth:`fit`.
 
+    Settings that depend on the machine (the device, writable run and cache folders) and a
+    ``resume`` checkpoint are checked before the dataset is prepared, and the run folder is
+    made only once the dataset was accepted.
+
     Args:
         cfg: the resolved configuration.
-        resume: continue from the latest checkpoint in the run folder (``True``) or from
-            a given checkpoint file; ``False`` starts afresh (an existing run folder's
-            checkpoints are then ignored, and overwritten as steps recur).
+        resume: continue from the newest intact checkpoint in the run folder (``True``;
+            damaged ones are skipped with a warning) or from a given checkpoint file;
+            ``False`` starts afresh (an existing run folder's checkpoints are then ignored,
+            and overwritten as steps recur).
         progress: tqdm bars (default ``cfg.run.progress``; only on rank 0).
 
     Attributes:
         segnet, adversary: the networks (unwrapped; DDP and compile wrappers are separate).
-        state: the :class:`State`.
-        stages: the :class:`Stage` list.
+        segnet_optimizers: the segnet's optimizer of each stage that trains it (stage 3
+            starts a fresh one), keyed by the :class:`~training.schedule.Stage`.
+        adversary_optimizer: the adversary's optimizer (stages 2 and 3).
+        state: the :class:`~training.schedule.State`.
+        stages: the :class:`~training.schedule.Stage` list.
         run_dir: ``runs_dir/name``.
+        log: the run's :class:`~training.report.MetricsLog`.
+        resumed_from: the checkpoint the run continued from, or None.
+
+    Raises:
+        ConfigError: a setting this machine cannot honour.
+        FileNotFoundError: ``resume`` and no checkpoint.
+        CheckpointError: ``resume`` and no intact checkpoint.
+        TrainingDataError: the dataset is refused.
     """
 
     def __init__(
@@ -263,11 +152,22 @@ class Trainer:
     ) -> None:
         self.cfg = cfg.validate()
         r = cfg.run
-        self.dist = D.init_distributed(
-            device=None if r.device == "auto" else ("cpu" if r.device == "cpu" else r.device)
-        )
+        check_device(cfg)
+        self.dist = D.init_distributed(device=None if r.device == "auto" else r.device)
         self.device = self.dist.device
         self.main = self.dist.is_main
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.main:
+            check_folders(cfg)
+        resumed: tuple[Path, dict[str, Any]] | None = None
+        if resume is True:
+            try:
+                resumed = load_latest_checkpoint(self.ckpt_dir)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}") from None
+        elif resume:
+            resumed = Path(resume), load_checkpoint(resume)
         cpu = self.device.type == "cpu"
         if cpu and r.threads > 0:
             torch.set_num_threads(r.threads)
@@ -279,15 +179,6 @@ class Trainer:
         )
         self.channels_last = r.channels_last == "on" or (r.channels_last == "auto" and cpu)
         self.progress = (r.progress if progress is None else progress) and self.main
-        self.run_dir = cfg.run_dir
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
-        if self.main and not resume:
-            self.log.path.unlink(missing_ok=True)
 
         # data: rank 0 generates and builds, the others open what it built
         if self.main:
@@ -310,6 +201,16 @@ class Trainer:
         )
         gate_ids = self.dataset.train[: r.gate_cases] if r.gate_cases else self.dataset.train
         self.gate_volumes = load_volumes(self.dataset, gate_ids, cfg.data.window)
+
+        # the run folder, once the data was accepted: the resolved configuration, the log
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            if not resume:  # an earlier run's log and summary describe another run
+                self.log.path.unlink(missing_ok=True)
+                (self.run_dir / "summary.json").unlink(missing_ok=True)
 
         # models, identical on every rank (weights from explicit generators)
         m = cfg.model
@@ -339,18 +240,16 @@ class Trainer:
         if r.compile:
             self.segnet_train = torch.compile(self.segnet_train)  # type: ignore[assignment]
             self.adversary_train = torch.compile(self.adversary_train)  # type: ignore[assignment]
-        s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
-        self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "segnet1": torch.optim.AdamW(
-                self.segnet.parameters(), lr=s1.lr, weight_decay=s1.weight_decay
-            ),
-            "adversary": torch.optim.Adam(
-                self.adversary.parameters(), lr=s2.lr, betas=(0.5, 0.999)
-            ),
-            "segnet3": torch.optim.AdamW(
-                self.segnet.parameters(), lr=s3.lr, weight_decay=s3.weight_decay
-            ),
+        self.segnet_optimizers: dict[Stage, torch.optim.Optimizer] = {
+            stage: torch.optim.AdamW(
+                self.segnet.parameters(), lr=stage.lr, weight_decay=stage.weight_decay
+            )
+            for stage in self.stages
+            if stage.trains_segnet
         }
+        self.adversary_optimizer: torch.optim.Optimizer = torch.optim.Adam(
+            self.adversary.parameters(), lr=cfg.stage2.lr, betas=(0.5, 0.999)
+        )
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype is torch.float16
         )
@@ -365,11 +264,8 @@ class Trainer:
         self._live_at: tuple[int, int, int] | None = None
         self._since_check: list[tuple[str, Tensor]] = []
         self.resumed_from: Path | None = None
-        if resume:
-            path = latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
-            if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
-            self.restore(path)
+        if resumed is not None:
+            self._restore(*resumed)
 
     # ------------------------------------------------------------------ small helpers
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -378,7 +274,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _eval_kwargs(self, overlap: float) -> dict[str, Any]:
+    def inference_kwargs(self, overlap: float) -> dict[str, Any]:
+        """The sliding-window options of this run (``training.evaluation.segment``'s).
+
+        Args:
+            overlap: the windows' overlap (``run.gate_overlap`` or ``run.val_overlap``).
+
+        Returns:
+            Keyword arguments for ``train_voe``, ``validate`` and ``segment``.
+        """
         return {
             "patch_size": tuple(self.cfg.data.patch_size),
             "overlap": overlap,
@@ -403,7 +307,7 @@ class Trainer:
         st = self.state
         if self._live_at != (stage.number, st.epoch, st.batch):
             # resuming mid-epoch: the sample keys make the remaining batches the same
-            key = _epoch_key(stage.number, st.epoch)
+            key = epoch_key(stage.number, st.epoch)
             self._live = iter(self.loader.epoch(key, start_batch=st.batch))
         assert self._live is not None
         batch = next(self._live)
@@ -428,7 +332,7 @@ class Trainer:
         out: dict[str, float] = {}
         if stage.metric == "train_voe":
             out["value"] = train_voe(
-                self.segnet, self.gate_volumes, **self._eval_kwargs(self.cfg.run.gate_overlap)
+                self.segnet, self.gate_volumes, **self.inference_kwargs(self.cfg.run.gate_overlap)
             )
         else:
             scores = heldout_scores(
@@ -443,18 +347,9 @@ class Trainer:
                 out["train_voe"] = train_voe(
                     self.segnet,
                     self.gate_volumes,
-                    **self._eval_kwargs(self.cfg.run.gate_overlap),
+                    **self.inference_kwargs(self.cfg.run.gate_overlap),
                 )
         return out
-
-    def _stage_context(self, stage: Stage) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        if stage.name == "adversary":
-            # The segnet is frozen for the whole stage, and any forward pass of it in
-            # training mode raises ModeError.
-            stack.enter_context(frozen(self.segnet))
-            stack.enter_context(expect_mode(self.segnet, training=False))
-        return stack
 
     def _check_losses(self) -> None:
         """Read the losses since the last check (a host-device sync); stop on NaN/inf."""
@@ -519,137 +414,133 @@ class Trainer:
         cfg, st = self.cfg, self.state
         if stop_after is not None and stop_after not in STAGES:
             raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
-        t_start = time.perf_counter()
+        deadline = time.perf_counter() + (max_seconds or 0.0)
         self.stopped = None
         seg, adv = self.segnet_train, self.adversary_train  # the DDP / compiled wrappers
-        stage_ctx, in_stage, bar = contextlib.ExitStack(), -1, None
         handler = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        bar = None
         try:
-            while st.stage < len(self.stages):
-                stage = self.stages[st.stage]
-                if in_stage != st.stage:  # entering (or resuming) a stage
-                    stage_ctx.close()
-                    stage_ctx, in_stage = self._stage_context(stage), st.stage
-                    if st.stage_step == 0:
-                        self.log.write(
-                            "stage_start", stage=stage.name, gate=stage.gate, step=st.step
-                        )
-                # end of an epoch: log it, measure the gate when due, maybe end the stage
-                if st.batch == stage.steps_per_epoch:
-                    _close(bar)
-                    bar = None
-                    if self._end_epoch(stage):
-                        stage_ctx.close()
-                        self._end_stage(stage)
-                        if stop_after == stage.name:
+            for stage in self.stages[st.stage :]:
+                if st.stage_step == 0:
+                    self.log.write("stage_start", stage=stage.name, gate=stage.gate, step=st.step)
+                with contextlib.ExitStack() as stage_modes:
+                    if not stage.trains_segnet:
+                        # stage 2: the segnet is frozen for the whole stage (eval mode, no
+                        # grads), and any forward pass of it in training mode raises ModeError
+                        stage_modes.enter_context(frozen(self.segnet))
+                        stage_modes.enter_context(expect_mode(self.segnet, training=False))
+                    # the epochs and batches left from where the state stands
+                    for _epoch in range(st.epoch, stage.max_epochs):
+                        bar = self._bar(stage)
+                        for _batch in range(st.batch, stage.steps_per_epoch):
+                            # the next batch (the loader works ahead; on CUDA the copy is async)
+                            t0 = time.perf_counter()
+                            x, y = self._to_device(self._next_batch(stage))
+                            t1 = time.perf_counter()
+                            upd_seg, upd_adv = stage.updates(st.stage_step)
+                            # 1. segnet update (stages 1 and 3): the segnet trains; the
+                            #    adversary is frozen (eval mode, no parameter grads) and only
+                            #    passes gradients through
+                            if upd_seg:
+                                self.segnet.train()
+                                opt = self.segnet_optimizers[stage]
+                                _set_lr(opt, stage.segnet_lr(st.stage_step))
+                                with frozen(self.adversary), self.autocast():
+                                    out = seg(x)
+                                    loss_seg = self.seg_loss(out, y)
+                                    loss = loss_seg
+                                    if stage.adv_weight > 0:
+                                        probs = _first(out).float().softmax(1).to(x.dtype)
+                                        loss_gen = generator_loss(self.adversary(x, probs).float())
+                                        loss = loss_seg + stage.adv_weight * loss_gen
+                                        self._since_check.append(("loss_gen", loss_gen.detach()))
+                                opt.zero_grad(set_to_none=True)
+                                self.scaler.scale(loss).backward()
+                                self.scaler.unscale_(opt)
+                                nn.utils.clip_grad_norm_(self.segnet.parameters(), SEGNET_GRAD_CLIP)
+                                self.scaler.step(opt)
+                                self.scaler.update()
+                                st.step += 1
+                                self._since_check.append(("loss_seg", loss_seg.detach()))
+                            # 2. adversary update (stages 2 and 3): the adversary trains; the
+                            #    segnet's masks come from eval mode without autograd
+                            if upd_adv:
+                                with evaluating(self.segnet), self.autocast():
+                                    fake = _first(self.segnet(x)).float().softmax(1)
+                                self.adversary.train()
+                                opt = self.adversary_optimizer
+                                _set_lr(opt, stage.adversary_lr)  # from the config, also on resume
+                                with self.autocast():  # real and fake pairs in one forward pass
+                                    pairs = torch.cat([one_hot(y, NUM_CLASSES), fake]).to(x.dtype)
+                                    logits = adv(torch.cat([x, x]), pairs).float()
+                                    real_logits, fake_logits = logits.chunk(2)
+                                    loss_d = discriminator_loss(real_logits, fake_logits)
+                                opt.zero_grad(set_to_none=True)
+                                self.scaler.scale(loss_d).backward()
+                                self.scaler.step(opt)
+                                self.scaler.update()
+                                st.step += 1
+                                self._since_check.append(("loss_d", loss_d.detach()))
+                                self._since_check.append(
+                                    ("acc_d", adversary_accuracy(real_logits, fake_logits))
+                                )
+                            # bookkeeping: loss read-out, timing, checkpoint, interrupt, stop
+                            st.batch += 1
+                            st.stage_step += 1
+                            self._after_batch(stage, int(upd_seg) + int(upd_adv), t0, t1, bar)
+                            if cfg.run.max_steps and st.step >= cfg.run.max_steps:
+                                self.stopped = "max_steps"
+                            elif max_seconds is not None and time.perf_counter() > deadline:
+                                self.stopped = "time"
+                            if self.stopped:
+                                return st
+                        bar.close()
+                        # end of the epoch: log it, measure the gate when due
+                        if self._end_epoch(stage):
                             break
-                    continue
-                if bar is None:
-                    bar = self._bar(stage)
-                # fetch the next batch (the loader works ahead; on CUDA the copy is async)
-                t0 = time.perf_counter()
-                x, y = self._to_device(self._next_batch(stage))
-                t1 = time.perf_counter()
-                upd_seg, upd_adv = stage.updates(st.stage_step)
-                # 1. segnet update (stages 1 and 3): the segnet trains; the adversary is
-                #    frozen (eval mode, no parameter grads) and only passes gradients through
-                if upd_seg:
-                    self.segnet.train()
-                    opt = self.optimizers["segnet3" if stage.number == 3 else "segnet1"]
-                    self._set_lr(opt, stage)
-                    with frozen(self.adversary), self.autocast():
-                        out = seg(x)
-                        loss_seg = self.seg_loss(out, y)
-                        loss = loss_seg
-                        if stage.number == 3 and cfg.stage3.adv_weight > 0:
-                            probs = _first(out).float().softmax(1).to(x.dtype)
-                            loss_gen = generator_loss(self.adversary(x, probs).float())
-                            loss = loss_seg + cfg.stage3.adv_weight * loss_gen
-                            self._since_check.append(("loss_gen", loss_gen.detach()))
-                    opt.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
-                    self.scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(self.segnet.parameters(), 12.0)
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                    st.step += 1
-                    self._since_check.append(("loss_seg", loss_seg.detach()))
-                # 2. adversary update (stages 2 and 3): the adversary trains; the segnet's
-                #    masks come from eval mode without autograd
-                if upd_adv:
-                    with evaluating(self.segnet), self.autocast():
-                        fake = _first(self.segnet(x)).float().softmax(1)
-                    self.adversary.train()
-                    opt = self.optimizers["adversary"]
-                    for group in opt.param_groups:  # constant; from the config, also on resume
-                        group["lr"] = cfg.stage2.lr
-                    with self.autocast():  # real and fake pairs in one forward (one DDP pass)
-                        pairs = torch.cat([one_hot(y, NUM_CLASSES), fake]).to(x.dtype)
-                        logits = adv(torch.cat([x, x]), pairs).float()
-                        real_logits, fake_logits = logits.chunk(2)
-                        loss_d = discriminator_loss(real_logits, fake_logits)
-                    opt.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss_d).backward()
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                    st.step += 1
-                    self._since_check.append(("loss_d", loss_d.detach()))
-                    self._since_check.append(
-                        ("acc_d", adversary_accuracy(real_logits, fake_logits))
-                    )
-                # bookkeeping: loss read-out (sync point), timing, checkpoint, interrupt
-                st.batch += 1
-                st.stage_step += 1
-                every = cfg.run.checkpoint_every
-                ckpt_due = every > 0 and (st.step - upd_seg - upd_adv) // every != st.step // every
-                check = (
-                    st.stage_step % cfg.run.log_every == 0
-                    or ckpt_due
-                    or st.batch == stage.steps_per_epoch
-                )
-                if check:
-                    self._check_losses()  # host-device sync
-                t2 = time.perf_counter()
-                st.wait_s[stage.name] = st.wait_s.get(stage.name, 0.0) + (t1 - t0)
-                st.compute_s[stage.name] = st.compute_s.get(stage.name, 0.0) + (t2 - t1)
-                st.steps[stage.name] = st.steps.get(stage.name, 0) + 1
-                self._update_bar(bar)
-                if ckpt_due:
-                    self.save()
-                if check and self._interrupt_requested():
-                    self.save(tag="interrupt")
-                    raise TrainingInterrupted(
-                        f"interrupted in stage {stage.name!r}, epoch {st.epoch + 1}, step "
-                        f"{st.step}; checkpoint saved in {self.ckpt_dir}; continue with --resume"
-                    )
-                if cfg.run.max_steps and st.step >= cfg.run.max_steps:
-                    self.stopped = "max_steps"
-                elif max_seconds is not None and time.perf_counter() - t_start > max_seconds:
-                    self.stopped = "time"
-                if self.stopped:
+                self._end_stage(stage)
+                if stop_after == stage.name:
                     break
             return st
         except torch.OutOfMemoryError as exc:
             raise self._oom(self.stages[min(st.stage, 2)], exc) from None
         finally:
-            _close(bar)
-            stage_ctx.close()
+            if bar is not None:
+                bar.close()
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
 
-    def _set_lr(self, opt: torch.optim.Optimizer, stage: Stage) -> None:
-        """nnU-Net's poly schedule, ``lr * (1 - t / T) ** 0.9`` over the stage's cap of ``T``
-        batches (the gate may end the stage earlier), after a linear warm-up in stage 1;
-        stage 3 starts again from its own, new rate."""
-        s1, s3 = self.cfg.stage1, self.cfg.stage3
-        t = self.state.stage_step
-        poly = max(1.0 - t / (stage.max_epochs * stage.steps_per_epoch), 0.0) ** 0.9
-        if stage.number == 1:
-            lr = s1.lr * poly * min(1.0, (t + 1) / max(s1.warmup_steps, 1))
-        else:
-            lr = s3.lr * poly
-        for group in opt.param_groups:
-            group["lr"] = lr
+    def _after_batch(self, stage: Stage, updates: int, t0: float, t1: float, bar: Any) -> None:
+        """Read the losses when due (a host-device sync), count the time, advance the bar,
+        save a checkpoint when due, and stop after saving on SIGINT.
+
+        Args:
+            stage: the stage.
+            updates: optimizer steps this batch took (1 or 2).
+            t0, t1: ``perf_counter`` before and after fetching the batch.
+            bar: the epoch's progress bar.
+        """
+        cfg, st = self.cfg, self.state
+        every = cfg.run.checkpoint_every
+        ckpt_due = every > 0 and (st.step - updates) // every != st.step // every
+        check = (
+            st.stage_step % cfg.run.log_every == 0 or ckpt_due or st.batch == stage.steps_per_epoch
+        )
+        if check:
+            self._check_losses()  # host-device sync
+        t2 = time.perf_counter()
+        st.wait_s[stage.name] = st.wait_s.get(stage.name, 0.0) + (t1 - t0)
+        st.compute_s[stage.name] = st.compute_s.get(stage.name, 0.0) + (t2 - t1)
+        st.steps[stage.name] = st.steps.get(stage.name, 0) + 1
+        self._update_bar(bar)
+        if ckpt_due:
+            self.save()
+        if check and self._interrupt_requested():
+            self.save(tag="interrupt")
+            raise TrainingInterrupted(
+                f"interrupted in stage {stage.name!r}, epoch {st.epoch + 1}, step "
+                f"{st.step}; checkpoint saved in {self.ckpt_dir}; continue with --resume"
+            )
 
     def _bar(self, stage: Stage) -> Any:
         st = self.state
@@ -677,7 +568,7 @@ class Trainer:
 
     def _end_epoch(self, stage: Stage) -> bool:
         """Log the epoch, measure the gate when due; True when the stage is over."""
-        cfg, st = self.cfg, self.state
+        st = self.state
         st.epoch += 1
         st.batch = 0
         keys = sorted(k for k in st.sums if not k.startswith("n_") and st.sums.get(f"n_{k}"))
@@ -687,26 +578,25 @@ class Trainer:
             means = dict(zip(keys, reduced.tolist(), strict=True))  # type: ignore[union-attr]
         st.sums = {}
         record: dict[str, Any] = {"stage": stage.name, "epoch": st.epoch, "step": st.step, **means}
-        capped = st.epoch >= stage.max_epochs
-        if st.epoch % cfg.run.gate_every == 0 or capped:
-            gate = self.measure_gate(stage)
-            st.gate_value = gate["value"]
-            reached = stage.reached(st.gate_value)
-            record.update(
-                gate=stage.gate,
-                reached=reached,
-                **{(stage.metric if k == "value" else k): v for k, v in gate.items()},
+        if not stage.gate_due(st.epoch):
+            self.log.write("epoch", **record)
+            return False
+        gate = self.measure_gate(stage)
+        st.gate_value = gate["value"]
+        reached = stage.reached(st.gate_value)
+        record.update(
+            gate=stage.gate,
+            reached=reached,
+            **{(stage.metric if k == "value" else k): v for k, v in gate.items()},
+        )
+        self.log.write("gate", **record)
+        if self.progress:
+            tqdm.write(
+                f"[{stage.name}] epoch {st.epoch}/{stage.max_epochs}: "
+                + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
+                + f" -> gate {stage.gate}: {'reached' if reached else 'not yet'}"
             )
-            self.log.write("gate", **record)
-            if self.progress:
-                tqdm.write(
-                    f"[{stage.name}] epoch {st.epoch}/{stage.max_epochs}: "
-                    + " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
-                    + f" -> gate {stage.gate}: {'reached' if reached else 'not yet'}"
-                )
-            return reached or capped
-        self.log.write("epoch", **record)
-        return False
+        return reached or st.epoch >= stage.max_epochs
 
     def _end_stage(self, stage: Stage) -> None:
         st = self.state
@@ -728,21 +618,22 @@ class Trainer:
                 f"[{stage.name}] gate {stage.gate}: {verdict} "
                 f"(value {st.gate_value:.4f}, {st.epoch} epochs)"
             )
-        st.stage += 1
-        st.epoch = st.batch = st.stage_step = 0
-        st.gate_value = math.nan
+        st.start_stage(st.stage + 1)
         self.save(tag=f"{stage.name}-end")
 
     def goto(self, stage: str) -> None:
         """Jump to the start of ``stage`` (timing runs; the schedule's results are not
         filled in for the skipped stages)."""
-        st = self.state
-        st.stage = STAGES.index(stage)
-        st.epoch = st.batch = st.stage_step = 0
-        st.gate_value = math.nan
-        st.sums = {}
+        self.state.start_stage(STAGES.index(stage))
 
     # ------------------------------------------------------------------ checkpoints
+    def _named_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers under their names in a checkpoint: ``segnet<stage number>`` and
+        ``adversary``."""
+        named = {f"segnet{s.number}": opt for s, opt in self.segnet_optimizers.items()}
+        named["adversary"] = self.adversary_optimizer
+        return named
+
     def save(self, *, tag: str = "") -> Path | None:
         """Save a checkpoint (all ranks call this; rank 0 writes).
 
@@ -761,9 +652,9 @@ class Trainer:
             st = self.state
             ckpt = make_checkpoint(
                 models={"segnet": self.segnet, "adversary": self.adversary},
-                optimizers=self.optimizers,
+                optimizers=self._named_optimizers(),
                 scaler=self.scaler,
-                stage=STAGES[min(st.stage, len(STAGES) - 1)] if st.stage < len(STAGES) else "done",
+                stage="done" if st.finished else STAGES[st.stage],
                 epoch=st.epoch,
                 step=st.step,
                 config=to_dict(self.cfg),
@@ -778,30 +669,30 @@ class Trainer:
                 epoch=st.epoch,
                 batch=st.batch,
             )
-            self._prune()
+            prune_checkpoints(self.ckpt_dir, self.cfg.run.keep_checkpoints)
         D.barrier()
         return path
 
-    def _prune(self) -> None:
-        plain = sorted(p for p in self.ckpt_dir.glob("ckpt-*.pt") if p.stem.count("-") == 1)
-        for p in plain[: max(len(plain) - self.cfg.run.keep_checkpoints, 0)]:
-            p.unlink(missing_ok=True)
-
     def restore(self, path: str | os.PathLike[str]) -> None:
-        """Load a checkpoint: weights, optimizers, scaler, this rank's RNG, the state."""
-        ckpt = load_checkpoint(path)
+        """Load a checkpoint: weights, optimizers, scaler, this rank's RNG, the state.
+
+        Raises:
+            CheckpointError: the file is damaged or not a checkpoint of this trainer.
+        """
+        self._restore(Path(path), load_checkpoint(path))
+
+    def _restore(self, path: Path, ckpt: dict[str, Any]) -> None:
         meta = restore_checkpoint(
             ckpt,
             models={"segnet": self.segnet, "adversary": self.adversary},
-            optimizers=self.optimizers,
+            optimizers=self._named_optimizers(),
             scaler=self.scaler,
             restore_global_rng=False,
         )
         rngs = meta["extra"].get("rank_rng") or [ckpt["rng"]]
         restore_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0])
-        fields = {f.name for f in dataclasses.fields(State)}
-        self.state = State(**{k: v for k, v in meta["extra"]["state"].items() if k in fields})
-        self.resumed_from = Path(path)
+        self.state = State.from_dict(meta["extra"]["state"])
+        self.resumed_from = path
         st = self.state
         self.log.write(
             "resume",
@@ -840,8 +731,3 @@ def channels_last_weights(model: nn.Module) -> None:
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def _close(bar: Any) -> None:
-    if bar is not None:
-        bar.close()

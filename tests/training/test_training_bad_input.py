@@ -76,6 +76,7 @@ def test_dataset_without_labels(small_dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot train on the dataset")
     assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "smoke").exists()  # no run folder for refused data
 
 
 def test_empty_label(small_dataset, tmp_path):
@@ -128,7 +129,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(smoke_config):
     last = latest_checkpoint(ckpts)
     assert last is not None and last.name == "ckpt-000000004.pt"
     assert str(last) in str(err.value)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000002.pt", "ckpt-000000004.pt"]
+    kept = ["ckpt-000000002.pt", "ckpt-000000004.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(kept + [f"{k}.digest" for k in kept])
     ck = load_checkpoint(last)
     assert ck["step"] == 4
     for name, tensor in ck["models"]["segnet"].items():

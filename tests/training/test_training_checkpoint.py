@@ -1,10 +1,14 @@
-"""Checkpoints: exact round trip through weights_only loading, and atomic writes."""
+"""Checkpoints: exact round trip through weights_only loading, atomic writes, digests that
+catch damaged files, the fall-back to the newest intact checkpoint, foreign files, pruning."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -193,7 +197,132 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(tmp_path) == good
     assert ckpt.load_checkpoint(good)["step"] == 1
     assert ckpt.load_checkpoint(fixed)["step"] == 1  # overwriting in place failed cleanly
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "latest.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-000000001.pt",
+        "ckpt-000000001.pt.digest",
+        "latest.pt",
+        "latest.pt.digest",
+    ]
+
+
+def small_checkpoint(step: int) -> dict:
+    model = nn.Linear(3, 2)
+    return ckpt.make_checkpoint(models={"m": model}, step=step, extra={"w": torch.randn(256)})
+
+
+def test_digest_holds_the_size_and_sha256_of_the_file(tmp_path):
+    path = ckpt.save_checkpoint(small_checkpoint(3), ckpt.checkpoint_path(tmp_path, 3))
+    digest = json.loads(ckpt.digest_path(path).read_text())
+    data = path.read_bytes()
+    assert ckpt.digest_path(path).name == "ckpt-000000003.pt.digest"
+    assert digest == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ckpt.load_checkpoint(path)["step"] == 3
+    assert ckpt.list_checkpoints(tmp_path) == [path]  # the digest is not a checkpoint
+
+
+def test_truncated_or_changed_checkpoints_are_refused_by_name(tmp_path):
+    path = ckpt.save_checkpoint(small_checkpoint(1), ckpt.checkpoint_path(tmp_path, 1))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"ckpt-000000001.pt: truncated: {len(data) // 2} of the {len(data)} bytes",
+    ) as err:
+        ckpt.load_checkpoint(path)
+    assert err.value.path == path
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted: its SHA-256 differs"):
+        ckpt.load_checkpoint(path)
+    # without a digest (written before digests existed) torch's own failure is translated
+    ckpt.digest_path(path).unlink()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt-000000001.pt: unreadable: "):
+        ckpt.load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable"):
+        ckpt.load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        ckpt.load_checkpoint(tmp_path / "missing.pt")
+
+
+class Payload:
+    """Not a tensor or plain container: a weights-only load must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled: arbitrary code ran",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_foreign_files_get_our_message_never_torchs_advice(tmp_path, writer, capsys):
+    path = tmp_path / "ckpt-000000005.pt"
+    with open(path, "wb") as f:
+        if writer == "torch.save":
+            torch.save({"format": 1, "models": {}, "payload": Payload()}, f)
+        else:
+            pickle.dump({"format": 1, "payload": Payload()}, f)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"checkpoint {path}: not a checkpoint of this trainer")
+    assert "arbitrary code" in msg
+    if writer == "torch.save":
+        assert "(print)" in msg  # the object torch's weights-only unpickler refused
+    assert "weights_only" not in msg and "False" not in msg
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert "unpickled" not in capsys.readouterr().out
+
+
+def test_loadable_files_that_are_not_checkpoints(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ckpt.CheckpointError, match="expected a dict of format 1, found a Tensor"):
+        ckpt.load_checkpoint(tmp_path / "tensor.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "state_dict.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"without 'format' \(keys \['weight'\]\)"):
+        ckpt.load_checkpoint(tmp_path / "state_dict.pt")
+
+
+def test_load_latest_falls_back_past_damaged_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        ckpt.load_latest_checkpoint(tmp_path)
+    paths = [
+        ckpt.save_checkpoint(small_checkpoint(s), ckpt.checkpoint_path(tmp_path, s))
+        for s in (2, 4, 6)
+    ]
+    newest = paths[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    paths[1].write_bytes(b"\x80\x04junk")
+    with pytest.warns(ckpt.CheckpointWarning) as caught:
+        path, loaded = ckpt.load_latest_checkpoint(tmp_path)
+    assert path == paths[0] and loaded["step"] == 2
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert str(newest) in messages[0] and "truncated" in messages[0]
+    assert str(paths[1]) in messages[1]
+    paths[0].unlink()
+    with pytest.warns(ckpt.CheckpointWarning), pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_latest_checkpoint(tmp_path)
+    msg = str(err.value)
+    assert "none of its 2 checkpoints is intact" in msg
+    assert "ckpt-000000006.pt: truncated" in msg and "ckpt-000000004.pt:" in msg
+
+
+def test_prune_keeps_the_newest_steps_and_every_tagged_checkpoint(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint({"format": 1}, ckpt.checkpoint_path(tmp_path, step))
+    ckpt.save_checkpoint({"format": 1}, ckpt.checkpoint_path(tmp_path, 2, tag="segnet-end"))
+    ckpt.save_checkpoint({"format": 1}, ckpt.checkpoint_path(tmp_path, 0, tag="interrupt"))
+    (tmp_path / "ckpt-000000009.pt.digest").write_text("{}")  # its checkpoint never landed
+    deleted = ckpt.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == ["ckpt-000000001.pt", "ckpt-000000002.pt"]
+    kept = ["ckpt-000000003.pt", "ckpt-000000004.pt", "ckpt-000000002-segnet-end.pt"]
+    kept.append("ckpt-000000000-interrupt.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        kept + [f"{k}.digest" for k in kept]
+    )
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        ckpt.prune_checkpoints(tmp_path, 0)
 
 
 CHILD = textwrap.dedent(

@@ -1,4 +1,5 @@
-"""The trainer on CUDA: bf16 autocast, GPU augmentation through the loader, the GPU check.
+"""The trainer on CUDA: bf16 autocast, GPU augmentation through the loader, and
+``python -m benchmarks.gpu_check``.
 
 Marked ``gpu`` and skipped without a CUDA device.
 """
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 
-from training.gpu_check import main as gpu_check
+from benchmarks.gpu_check import main as gpu_check
 from training.run import finish
 from training.trainer import Trainer
 

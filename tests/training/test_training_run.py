@@ -26,7 +26,7 @@ import torch
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.config import load_config, resolve_config, to_dict
 from training.run import main
-from training.trainer import STAGES
+from training.schedule import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY_KEYS = {"stages", "val", "data_wait_fraction", "device"}
@@ -111,7 +111,10 @@ def test_smoke_preset_writes_the_whole_report(smoke_run: Path, smoke_data: Path,
     ckpts = sorted(p.name for p in (smoke_run / "checkpoints").glob("ckpt-*.pt"))
     for name in STAGES:
         assert any(c.endswith(f"-{name}-end.pt") for c in ckpts), ckpts
-    ck = load_checkpoint(latest_checkpoint(smoke_run / "checkpoints"))
+    final = latest_checkpoint(smoke_run / "checkpoints")
+    assert final is not None and final.name.endswith("-adversarial-end.pt")
+    assert summary["checkpoint"] == str(final)
+    ck = load_checkpoint(final)
     assert set(ck["models"]) == {"segnet", "adversary"}
     assert set(ck["optimizers"]) == {"segnet1", "adversary", "segnet3"}
     assert ck["extra"]["state"]["stage"] == 3
@@ -230,3 +233,44 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(cli_args: Any, tmp_path: Pa
     saved = list(ckpts.glob("*-interrupt.pt"))
     assert len(saved) == 1 and latest_checkpoint(ckpts) == saved[0]
     assert load_checkpoint(saved[0])["extra"]["state"]["stage"] < 3
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(
+    smoke_run: Path, cli_args: Any, capsys: pytest.CaptureFixture[str]
+):
+    files = {p: p.read_bytes() for p in smoke_run.rglob("*") if p.is_file()}
+    assert main([*cli_args(smoke_run.parent), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    summary = smoke_run / "summary.json"
+    assert f"run {smoke_run} is finished" in out and f"its summary is {summary}" in out
+    assert "validation (1 cases)" in out  # and the summary table
+    assert "Traceback" not in err
+    now = {p: p.read_bytes() for p in smoke_run.rglob("*") if p.is_file()}
+    assert now == files  # nothing validated, trained or logged again
+
+
+def test_resume_at_the_end_of_an_epoch_finishes_identically(
+    smoke_run: Path, cli_args: Any, tmp_path: Path
+):
+    """A checkpoint taken after an epoch's last batch, before the epoch's end (its log, its
+    gate) was handled: the resumed run ends the epoch first and continues as if never
+    stopped."""
+    runs = tmp_path / "runs"
+    run = runs / "smoke"
+    # stage 1 of the smoke preset has 4 batches per epoch; checkpoint_every=4
+    assert main(cli_args(runs, "run.max_steps=4")) == 0
+    assert not (run / "summary.json").exists()
+    ck = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    state = ck["extra"]["state"]
+    assert (state["stage"], state["epoch"], state["batch"], state["step"]) == (0, 0, 4, 4)
+    assert not [e for e in events(run) if e["event"] in ("epoch", "gate")]
+    assert main([*cli_args(runs, "run.max_steps=0"), "--resume"]) == 0
+    got = json.loads((run / "summary.json").read_text())
+    want = json.loads((smoke_run / "summary.json").read_text())
+    assert got["stages"] == want["stages"] and got["val"] == want["val"]
+    a = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(smoke_run / "checkpoints"))
+    assert a["step"] == b["step"]
+    for net in ("segnet", "adversary"):
+        for k, v in b["models"][net].items():
+            assert torch.equal(a["models"][net][k], v), f"{net}.{k} differs after resume"

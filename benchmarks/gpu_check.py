@@ -1,4 +1,4 @@
-"""``python -m training.gpu_check --seconds 60``: the trainer's numbers on a GPU, as a table.
+"""``python -m benchmarks.gpu_check --seconds 60``: the trainer's numbers on a GPU, as a table.
 
 Runs the real :class:`training.trainer.Trainer` (``gpu`` preset: bf16 autocast, GPU
 augmentation through ``PatchLoader(mode="gpu")``) on a small phantom dataset and measures,
@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 
+from training.config import Config, resolve_config
+from training.trainer import Trainer, channels_last_weights
+
 __all__ = ["main", "measure_stage"]
 
 
-def _reset(trainer: Any) -> None:
-    st = trainer.state
-    st.wait_s, st.compute_s, st.steps = {}, {}, {}
-    trainer.loader.stats.reset()
-
-
-def measure_stage(trainer: Any, stage: str, *, seconds: float, warmup_s: float) -> dict[str, Any]:
+def measure_stage(
+    trainer: Trainer, stage: str, *, seconds: float, warmup_s: float
+) -> dict[str, Any]:
     """Time ``stage`` of ``trainer`` for ``seconds`` after ``warmup_s`` of warm-up.
 
     Returns:
@@ -43,7 +42,8 @@ def measure_stage(trainer: Any, stage: str, *, seconds: float, warmup_s: float) 
     trainer.goto(stage)
     trainer.fit(stop_after=stage, max_seconds=warmup_s)  # cudnn autotuning, kernel builds
     torch.cuda.synchronize()
-    _reset(trainer)
+    trainer.state.reset_timing()
+    trainer.loader.stats.reset()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.fit(stop_after=stage, max_seconds=seconds)
@@ -63,9 +63,7 @@ def measure_stage(trainer: Any, stage: str, *, seconds: float, warmup_s: float) 
     }
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from training.config import resolve_config
-
+def _config(args: argparse.Namespace) -> Config:
     overrides = [
         f'data.root="{args.data}"',
         "data.phantom_cases=6",
@@ -105,7 +103,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; returns the exit status."""
-    p = argparse.ArgumentParser(prog="python -m training.gpu_check", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
     p.add_argument(
         "--seconds",
         type=float,
@@ -132,8 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
-    from training.trainer import Trainer, channels_last_weights
-
     rows: list[dict[str, Any]] = []
     t_setup = time.perf_counter()
     try:

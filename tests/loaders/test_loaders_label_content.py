@@ -113,8 +113,8 @@ def test_volume_smaller_than_the_patch_warns_at_sampler_creation(tmp_path, make_
     fits = augment.Compose([augment.RandomCrop((12, 8, 8))])
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
-        PatchSampler(cache, fits, foreground=0.0)
+        PatchSampler(cache, fits)
     too_big = augment.Compose([augment.RandomCrop((8, 16, 16))])  # y is 14 voxels
     with pytest.warns(DataWarning, match=r"smaller than the crop \(z, y, x\) \(8, 16, 16\)") as rec:
-        PatchSampler(cache, too_big, foreground=0.0)
+        PatchSampler(cache, too_big)
     assert "c0 (12, 14, 16)" in str(rec[0].message) and str(cache.root) in str(rec[0].message)

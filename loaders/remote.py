@@ -21,7 +21,8 @@ Retries: for ``s3://`` the backend's own settings, no loop here: botocore's "sta
 mode (exponential back-off with jitter on 5xx, throttling, connection errors and timeouts,
 ``config_kwargs={"retries": ...}``) under s3fs, whose own loop (``S3FileSystem.retries``)
 also retries a response body cut short. fsspec's HTTP filesystem has no retry setting, so
-``http(s)://`` reads go through ``_with_retries`` below.
+for ``http(s)://`` the store is wrapped (``_retrying_store``) to retry its reads with
+exponential back-off.
 """
 
 from __future__ import annotations
@@ -53,12 +54,16 @@ MAX_REQUESTS = 16
 """Concurrent range requests per region read (and connections in s3fs's pool)."""
 HTTP_ATTEMPTS = 5
 """Tries of one ``http(s)://`` request on a transient error (5xx, 429, reset, timeout)."""
-S3FS_RETRIES = 3
-"""s3fs's own tries around botocore's (which retries each request itself)."""
+S3FS_RETRIES = 2
+"""s3fs's own tries around botocore's (which retries each request itself). s3fs nests its
+loop (around the call and around the call plus the body read), so a server that takes
+connections and never answers fails after ``S3FS_RETRIES**2 * total_max_attempts *
+read_timeout`` = 2 minutes with the defaults; an endpoint that refuses connections, in about
+a second."""
 S3_CONFIG: dict[str, Any] = {
-    "retries": {"mode": "standard", "total_max_attempts": 4},
+    "retries": {"mode": "standard", "total_max_attempts": 3},
     "connect_timeout": 5,
-    "read_timeout": 20,
+    "read_timeout": 10,
     "max_pool_connections": MAX_REQUESTS,
 }
 """botocore ``Config`` defaults for ``s3://`` (``storage_options["config_kwargs"]`` entries
@@ -68,6 +73,15 @@ HTTP_TIMEOUT = {"sock_connect": 5.0, "sock_read": 20.0}
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _TRANSIENT_HTTP = {429, 500, 502, 503, 504}
+_UNREACHABLE = {  # botocore's and aiohttp's names for a server that cannot be reached
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+}
 
 
 def is_url(root: object) -> bool:
@@ -93,6 +107,7 @@ def _known_options(protocol: str) -> set[str]:
 
         request = inspect.signature(aiohttp.ClientSession._request).parameters
         names |= {n for n, p in request.items() if p.kind is p.KEYWORD_ONLY}
+    names.add("skip_instance_cache")  # taken by fsspec for every filesystem
     names.discard("asynchronous")  # zarr's store sets it
     names.discard("loop")
     return names
@@ -179,10 +194,8 @@ def _explain(url: str, exc: BaseException) -> CacheError:
             "'secret', or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and that they may read "
             "this bucket"
         )
-    elif name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or (
-        isinstance(exc, (ConnectionError, asyncio.TimeoutError, TimeoutError))
-        or "Connect timeout" in text
-        or "Could not connect" in text
+    elif name in _UNREACHABLE or isinstance(
+        exc, (ConnectionError, asyncio.TimeoutError, TimeoutError)
     ):
         problem = (
             f"cannot reach the server after retries ({name}: {text}): check the endpoint "
@@ -191,6 +204,29 @@ def _explain(url: str, exc: BaseException) -> CacheError:
     else:
         problem = f"request failed after retries ({name}: {text})"
     return CacheError(url, problem)
+
+
+def _retrying_store(store: Any) -> Any:
+    """``store`` with its reads retried by ``_with_retries`` (zarr-python's reads of the
+    small arrays included)."""
+    from zarr.storage import WrapperStore
+
+    class RetryingStore(WrapperStore):
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            return await _with_retries(
+                lambda: self._store.get(key, prototype, byte_range), HTTP_ATTEMPTS
+            )
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+            key_ranges = list(key_ranges)
+            return await _with_retries(
+                lambda: self._store.get_partial_values(prototype, key_ranges), HTTP_ATTEMPTS
+            )
+
+        async def exists(self, key: str) -> bool:
+            return await _with_retries(lambda: self._store.exists(key), HTTP_ATTEMPTS)
+
+    return RetryingStore(store)
 
 
 class RemoteRoot:
@@ -232,6 +268,8 @@ class RemoteRoot:
             store = FsspecStore.from_url(self.url, storage_options=self._options, read_only=True)
             if self.is_s3:
                 store.fs.retries = S3FS_RETRIES
+            else:
+                store = _retrying_store(store)
             self._store, self._pid = store, os.getpid()
         return self._store
 
@@ -263,13 +301,8 @@ class RemoteRoot:
         else:
             byte_range = RangeByteRequest(start or 0, stop)
 
-        async def get() -> Any:
-            return await self.store.get(key, default_buffer_prototype(), byte_range)
-
-        if self.is_s3:
-            buf = await get()  # retried by botocore and s3fs (module docstring)
-        else:
-            buf = await _with_retries(get, HTTP_ATTEMPTS)
+        # retried by botocore and s3fs, or by _retrying_store (module docstring)
+        buf = await self.store.get(key, default_buffer_prototype(), byte_range)
         return None if buf is None else memoryview(buf.as_numpy_array())
 
     def read(self, key: str) -> bytes | None:

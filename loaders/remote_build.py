@@ -32,7 +32,8 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,24 @@ def default_staging(url: str) -> Path:
     """The local staging folder of the cache at ``url`` (see the module docstring)."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "voxaug" / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _staging_lock(folder: Path) -> Iterator[None]:
+    """One build at a time per staging folder, from staging to publishing (a lock file
+    beside it, released by the OS if the holder dies): the local builder deletes staged
+    folders that another build may still be uploading."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    fd = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _s3_code(exc: BaseException) -> str | None:
@@ -201,8 +220,14 @@ def build_remote(
         if not remote.bucket_exists():
             raise CacheError(remote.url, f"bucket {pub.bucket!r} does not exist: create it first")
         pub.run(pub.check_foreign())
-    report = build_local(folder)
-    local_doc = json.loads((folder / "zarr.json").read_bytes())
+    with _staging_lock(folder):
+        report = build_local(folder)
+        _publish(pub, json.loads((folder / "zarr.json").read_bytes()))
+    return report
+
+
+def _publish(pub: _Publisher, local_doc: dict[str, Any]) -> None:
+    """Upload what the remote cache lacks, write the manifest, delete what it dropped."""
     local = _cache_of(local_doc)
     assert local is not None and local.get("complete"), "the staging build raises on failure"
     uploaded: set[str] = set()
@@ -231,13 +256,13 @@ def build_remote(
             pub.run(pub.delete((published | uploaded) - referenced))
         else:
             warnings.warn(
-                f"{remote.url}: the server does not support conditional writes; the manifest "
-                "was written unconditionally and no stale folders were deleted",
-                stacklevel=2,
+                f"{pub.remote.url}: the server does not support conditional writes; the "
+                "manifest was written unconditionally and no stale folders were deleted",
+                stacklevel=3,
             )
-        return report
+        return
     raise CacheError(
-        remote.url,
+        pub.remote.url,
         f"the manifest was replaced by other builders {PUBLISH_TRIES} times in a row; "
         "try again when they are done",
     )

@@ -23,9 +23,19 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["LocalS3Server", "Record", "RecordingProxy", "free_port"]
+__all__ = ["DUMMY_AWS_ENV", "LocalS3Server", "Record", "RecordingProxy", "free_port"]
 
 _HOST = "127.0.0.1"
+DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+"""Environment for talking to ``LocalS3Server``: dummy credentials, nothing from the
+machine's AWS configuration."""
 _SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"

@@ -59,7 +59,8 @@ class DataConfig:
         phantom_cases: number of labelled phantom cases to generate (train + val).
         phantom_size: ``loaders.phantom.SIZES`` preset of the generated grid.
         phantom_seed: seed of the phantom generator.
-        cache: the zarr volume cache folder; empty means ``<root>.zarr``.
+        cache: the zarr volume cache folder, or its URL (``s3://bucket/path``); empty
+            means ``<root>.zarr``.
         spacing: resample to this (z, y, x) spacing in mm when building the cache; empty
             keeps each case's own spacing.
         val_cases: the last this many cases (sorted by id) are held out for validation.
@@ -99,8 +100,10 @@ class DataConfig:
     build_workers: int = 2
 
     @property
-    def cache_root(self) -> Path:
-        """The cache folder: ``cache`` or ``<root>.zarr``."""
+    def cache_root(self) -> Path | str:
+        """The cache folder: ``cache`` or ``<root>.zarr``; a URL (``s3://...``) as it is."""
+        if "://" in self.cache:  # object storage: credentials and endpoint from AWS_* env
+            return self.cache
         return Path(self.cache) if self.cache else Path(self.root).with_suffix(".zarr")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from botocore.config import Config
+from botocore.config import Config as BotoConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +27,8 @@ from loaders.cache import CACHE_CHUNKS
 from loaders.remote import RemoteRoot
 from loaders.remote_build import _Publisher, build_remote
 from loaders.remote_server import LocalS3Server, RecordingProxy
+from training.config import Config, apply_overrides
+from training.data import prepare_dataset
 
 
 def new_bucket(endpoint: str) -> str:
@@ -368,5 +370,18 @@ def test_local_server_stops(tmp_path):
             aws_access_key_id="a",
             aws_secret_access_key="b",
             region_name="us-east-1",
-            config=Config(retries={"max_attempts": 0}),
+            config=BotoConfig(retries={"max_attempts": 0}),
         ).list_buckets()
+
+
+def test_training_takes_the_cache_url_from_set(aws_env, s3_server, phantom_cases, monkeypatch):
+    bucket = new_bucket(s3_server.endpoint)
+    url = f"s3://{bucket}/liver.zarr"
+    # the endpoint as a user of a real S3-compatible store would give it to a CLI run
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    VolumeCache(url).build(phantom_cases, workers=1, progress=False)
+    cfg = apply_overrides(Config(), [f"data.cache={url}", "data.val_cases=1"])
+    assert cfg.data.cache_root == url
+    dataset = prepare_dataset(cfg.data, build=False)
+    assert dataset.cache.root == url
+    assert len(dataset.train) + len(dataset.val) == len(phantom_cases)

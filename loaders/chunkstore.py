@@ -483,10 +483,16 @@ class ArrayReader:
             if buf is None and self.source.read("zarr.json") is None:
                 raise self._gone()
             return buf
-        found = self._locate(cidx)
-        if found is None:
+        # _locate inlined: this is the per-chunk path of local reads
+        pz, py, px = self._per_shard
+        cz, cy, cx = cidx
+        sidx = (cz // pz, cy // py, cx // px)
+        whole, index = self._shard(sidx)
+        if index is None:
             return None
-        sidx, whole, offset, nbytes = found
+        offset, nbytes = index[((cz % pz) * py + cy % py) * px + cx % px]
+        if offset == _EMPTY:
+            return None
         if whole is not None:
             return memoryview(whole)[offset : offset + nbytes]
         buf = self.source.read_ranges([("c/" + "/".join(map(str, sidx)), offset, offset + nbytes)])[

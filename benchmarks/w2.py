@@ -280,7 +280,7 @@ def run(quick: bool = False) -> list[Result]:
 
     # the loader and two plain processes, in alternating windows of the same size
     loader_runs, plain_runs, waits = [], [], []
-    plain = PlainPair(cache.root, patch)
+    plain = PlainPair(Path(cache.root), patch)
     try:
         with PatchLoader(sampler, batch_size=BATCH, batches_per_epoch=10**6, num_workers=2) as ld:
             ld.start()

@@ -84,6 +84,8 @@ from loaders.errors import (
 )
 from loaders.fingerprint import SourceDigest, digest_source
 from loaders.orientation import Reorientation
+from loaders.remote import RemoteRoot, is_url
+from loaders.remote_build import build_remote
 
 __all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache", "default_cache_root"]
 
@@ -205,9 +207,16 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     format, CacheError for anything else."""
     path = root / "zarr.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except FileNotFoundError:
         return None
+    return _parse_manifest(text, path)
+
+
+def _parse_manifest(text: bytes, path: Path | str) -> dict[str, Any]:
+    """The manifest in a root ``zarr.json``'s bytes (read from ``path``)."""
+    try:
+        meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(path, f"corrupt cache metadata: {exc}") from None
     manifest = meta.get("attributes", {}).get("voxaug_cache") if isinstance(meta, dict) else None
@@ -458,23 +467,38 @@ class VolumeCache:
     The object pickles as its root and options (no open maps, pools or cached chunks).
 
     Args:
-        root: the cache folder (created by ``build``).
+        root: the cache folder (created by ``build``), or the URL of a cache on object
+            storage (``s3://bucket/path``; ``http(s)://`` read-only; see ``loaders.remote``).
+        storage_options: for a URL, the options of its fsspec filesystem (s3fs:
+            ``endpoint_url``, ``key``, ``secret``, ``anon``, ``config_kwargs``, ...).
         cache_bytes: byte budget of this process's LRU of decoded chunks (0 disables it).
         threads: chunk-decoding threads per ``read_region`` call (1: the calling thread;
             keep 1 inside multi-process loaders).
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], *, cache_bytes: int = 256 << 20, threads: int = 1
+        self,
+        root: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        cache_bytes: int = 256 << 20,
+        threads: int = 1,
     ):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.root = Path(root)
+        # a folder, or the URL (a str) of a remote cache
+        self.root: Path | str = str(root).rstrip("/") if is_url(root) else Path(root)
+        self.storage_options = dict(storage_options or {})
+        if self.storage_options and not isinstance(self.root, str):
+            raise ValueError(f"storage_options are for a URL, not the folder {self.root}")
         self.cache_bytes = int(cache_bytes)
         self.threads = int(threads)
         self._init_state()
 
     def _init_state(self) -> None:
+        self._remote = (
+            RemoteRoot(self.root, self.storage_options) if isinstance(self.root, str) else None
+        )
         self._lru = ChunkLRU(self.cache_bytes)
         self._readers: dict[tuple[str, str], ArrayReader] = {}
         self._infos: dict[str, CaseInfo] = {}
@@ -484,7 +508,12 @@ class VolumeCache:
         self.refresh()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "cache_bytes": self.cache_bytes, "threads": self.threads}
+        return {
+            "root": self.root,
+            "storage_options": self.storage_options,
+            "cache_bytes": self.cache_bytes,
+            "threads": self.threads,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -517,9 +546,23 @@ class VolumeCache:
         """Re-read the manifest (to see a build that finished since this was opened)."""
         self._other_format: CacheError | None = None
         try:
-            self._manifest = _read_manifest(self.root)
+            if self._remote is None:
+                self._manifest = _read_manifest(Path(self.root))
+            else:
+                text = self._remote.read_root()
+                where = self._remote.describe("zarr.json")
+                self._manifest = None if text is None else _parse_manifest(text, where)
         except _OtherFormat as exc:  # refused by every read, replaced by build()
             self._manifest, self._other_format = None, exc
+        if self._remote is not None and self._manifest is not None:
+            if not self._manifest.get("complete"):
+                raise CacheError(
+                    where,
+                    "the manifest says this cache is incomplete (a local build that was "
+                    "interrupted or failed, copied as it was): copy a complete cache there, "
+                    "or remove this zarr.json and build with VolumeCache(url).build(...), "
+                    "which publishes complete caches only",
+                )
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
@@ -609,7 +652,11 @@ class VolumeCache:
     def _small_array(self, e: dict[str, Any], name: str, dtype: type, empty: tuple[int, ...]):
         import zarr
 
-        path = self.root / e["dir"] / name
+        if self._remote is not None:
+            got: np.ndarray = np.asarray(self._remote.small_array(e["dir"], name), dtype=dtype)
+            got.setflags(write=False)
+            return got if got.size else np.zeros(empty, dtype)
+        path = Path(self.root) / e["dir"] / name
         try:
             arr: np.ndarray = np.asarray(zarr.open_array(str(path), mode="r")[...], dtype=dtype)
         except FileNotFoundError:
@@ -626,8 +673,13 @@ class VolumeCache:
                 raise ValueError(f"array must be one of {ARRAYS}, got {array!r}")
             e = self._entry(case)
             if array == "label" and not e["has_label"]:
-                raise CacheError(self.root / e["dir"], f"case {case!r} has no label")
-            reader = ArrayReader(self.root / e["dir"] / array, lru=self._lru, key=(e["dir"], array))
+                raise CacheError(f"{self.root}/{e['dir']}", f"case {case!r} has no label")
+            source = (
+                Path(self.root) / e["dir"] / array
+                if self._remote is None
+                else self._remote.array_source(e["dir"], array)
+            )
+            reader = ArrayReader(source, lru=self._lru, key=(e["dir"], array))
             self._readers[key] = reader
         return reader
 
@@ -709,7 +761,7 @@ class VolumeCache:
     # --------------------------------------------------------------------------- build
     def _check_root(self) -> None:
         """Create the cache folder, or check that an existing one is a cache."""
-        root = self.root
+        root = Path(self.root)
         root.mkdir(parents=True, exist_ok=True)
         if (root / "zarr.json").exists():
             try:
@@ -736,6 +788,9 @@ class VolumeCache:
         force: bool = False,
     ) -> BuildReport:
         """Convert cases into the cache (incrementally and atomically, see the module doc).
+
+        A cache at an ``s3://`` URL is built in a local staging folder and uploaded, its
+        manifest published last (``loaders.remote_build``); a failed build publishes nothing.
 
         Args:
             cases: the dataset (e.g. ``msd_cases(root)``); ids must be unique. After the
@@ -765,6 +820,24 @@ class VolumeCache:
                 finished; they stay in the cache).
             CacheError: several cases failed, or the root is not a cache folder.
         """
+        if self._remote is not None:  # built in a local staging folder, then published
+            report = build_remote(
+                self._remote,
+                lambda staging: VolumeCache(staging).build(
+                    cases,
+                    workers=workers,
+                    label_map=label_map,
+                    spacing=spacing,
+                    image_dtype=image_dtype,
+                    allow_empty_label=allow_empty_label,
+                    n_foreground=n_foreground,
+                    seed=seed,
+                    progress=progress,
+                    force=force,
+                ),
+            )
+            self.refresh()
+            return report
         t0 = time.perf_counter()
         cases = list(cases)
         seen: dict[str, Case] = {}
@@ -781,7 +854,7 @@ class VolumeCache:
             "seed": int(seed),
         }
         self._check_root()
-        root = self.root
+        root = Path(self.root)
         with _flock(root, exclusive=True):
             tmp = root / ".tmp"
             if tmp.exists():

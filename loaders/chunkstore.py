@@ -8,6 +8,11 @@ process, looks inner chunks up in the shard index and decodes them with numcodec
 decoded chunks. Supported without zarr: regular grid, default chunk keys, and codecs
 ``[bytes, blosc]`` or ``[sharding_indexed([bytes, blosc], index [bytes, crc32c?])]``.
 Any other valid zarr v3 array is read through ``zarr`` itself (same results, slower).
+
+Where the bytes come from is a ``ByteSource``: ``LocalSource`` memory-maps local shard files
+(the fast path); ``loaders.remote`` fetches byte ranges from object storage. The layout,
+the shard index (fetched once per array and kept), the checks and the decoding are the same
+code for both.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ from collections.abc import Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numcodecs import blosc
 
 from loaders.errors import CacheError
 
-__all__ = ["ArrayReader", "ChunkLRU", "Region", "parse_region"]
+__all__ = ["ArrayReader", "ByteSource", "ChunkLRU", "LocalSource", "Region", "parse_region"]
 
 Region = tuple[slice, slice, slice] | tuple[Sequence[int], Sequence[int]]
 """A box of voxels in (z, y, x): three slices (step 1), or ``(start, stop)`` triples.
@@ -130,6 +135,10 @@ class ChunkLRU:
                 _, dropped = s.entries.popitem(last=False)
                 s.nbytes -= dropped.nbytes
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is kept (counts neither a hit nor a miss)."""
+        return key in self._s.entries
+
     def clear(self) -> None:
         with self._lock:
             self._s.entries.clear()
@@ -204,33 +213,145 @@ def _fast_layout(meta: dict, dtype: np.dtype) -> _Layout | None:
         return None
 
 
-class ArrayReader:
-    """Region reads from one local zarr v3 array (3D, numeric).
+class ByteSource(Protocol):
+    """Where the bytes of one zarr v3 array come from. Keys are relative to the array
+    (``"zarr.json"``, ``"c/0/1/2"``)."""
+
+    @property
+    def location(self) -> str:
+        """The array's folder or URL, for messages."""
+        ...
+
+    @property
+    def mapped(self) -> bool:
+        """True when ``read_index`` hands out the whole shard (memory-mapped), so chunk bytes
+        are sliced from it; False when chunks are fetched with ``read_ranges``."""
+        ...
+
+    def describe(self, key: str) -> str:
+        """The file or URL of ``key``, for messages."""
+        ...
+
+    def read(self, key: str) -> bytes | None:
+        """A whole object, or None where it does not exist."""
+        ...
+
+    def read_index(self, key: str, nbytes: int, at_end: bool) -> tuple[Any, bytes] | None:
+        """The last (``at_end``) or first ``nbytes`` of a shard, and the whole shard when
+        ``mapped`` (else None in its place); None where the shard does not exist.
+
+        Raises:
+            CacheError: the shard is empty or shorter than ``nbytes``.
+        """
+        ...
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[Any]:
+        """Bytes ``[start, stop)`` of each ``(key, start, stop)`` (``stop`` None: to the
+        end); None where the key does not exist."""
+        ...
+
+    def open_zarr(self) -> Any:
+        """The array opened read-only with zarr-python (layouts read without the fast path)."""
+        ...
+
+
+class LocalSource:
+    """A local array folder; shard files are memory-mapped (by ``read_index``).
 
     Args:
         path: the array's folder (holding its ``zarr.json``).
+    """
+
+    mapped = True
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def describe(self, key: str) -> str:
+        return str(self.path.joinpath(*key.split("/")))
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            with open(self.path.joinpath(*key.split("/")), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def read_index(self, key: str, nbytes: int, at_end: bool) -> tuple[Any, bytes] | None:
+        fpath = self.path.joinpath(*key.split("/"))
+        try:
+            fd = os.open(fpath, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            raise CacheError(fpath, "shard file is empty (truncated?)") from None
+        finally:
+            os.close(fd)
+        if len(m) < nbytes:
+            raise CacheError(
+                fpath,
+                f"shard file is {len(m)} bytes, shorter than its {nbytes}-byte index (truncated?)",
+            )
+        off = len(m) - nbytes if at_end else 0
+        return m, m[off : off + nbytes]
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[Any]:
+        out: list[Any] = []
+        for key, start, stop in requests:
+            try:
+                with open(self.path.joinpath(*key.split("/")), "rb") as fh:
+                    fh.seek(start)
+                    out.append(fh.read() if stop is None else fh.read(stop - start))
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def open_zarr(self) -> Any:
+        import zarr
+
+        return zarr.open_array(str(self.path), mode="r")
+
+
+class ArrayReader:
+    """Region reads from one zarr v3 array (3D, numeric).
+
+    Args:
+        path: the array's local folder (holding its ``zarr.json``), or a ``ByteSource``
+            (``loaders.remote`` gives one for arrays on object storage).
         lru: a shared ``ChunkLRU`` for decoded chunks, or None.
-        key: a hashable naming this array in the LRU (default: its path).
+        key: a hashable naming this array in the LRU (default: its location).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | ByteSource,
         *,
         lru: ChunkLRU | None = None,
         key: Hashable | None = None,
     ):
-        self.path = Path(path)
-        meta_path = self.path / "zarr.json"
+        self.source: ByteSource = (
+            LocalSource(path) if isinstance(path, (str, os.PathLike)) else path
+        )
+        self.location = self.source.location
+        meta_path = self.source.describe("zarr.json")
+        raw = self.source.read("zarr.json")
+        if raw is None:
+            raise CacheError(meta_path, "array metadata missing (cache rebuilt or removed?)")
         try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise CacheError(
-                meta_path, "array metadata missing (cache rebuilt or removed?)"
-            ) from None
+            meta = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CacheError(meta_path, f"corrupt array metadata: {exc}") from None
-        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        if (
+            not isinstance(meta, dict)
+            or meta.get("zarr_format") != 3
+            or meta.get("node_type") != "array"
+        ):
             raise CacheError(meta_path, "not a zarr v3 array")
         dt = meta.get("data_type")
         try:
@@ -255,8 +376,9 @@ class ArrayReader:
         )
         self.dtype = self.dtype.newbyteorder("=")
         self._lru = lru if lru is not None and lru.budget > 0 else None
-        self._key = key if key is not None else str(self.path)
-        self._shards: dict[tuple[int, ...], tuple[mmap.mmap | None, list[list[int]] | None]] = {}
+        self._key = key if key is not None else self.location
+        # per shard: (the whole shard when the source maps it, else None; its index)
+        self._shards: dict[tuple[int, ...], tuple[Any, list[list[int]] | None]] = {}
         self._shard_lock = threading.Lock()
         self._zarr = None
 
@@ -274,18 +396,16 @@ class ArrayReader:
 
     def _zarr_array(self):
         if self._zarr is None:
-            import zarr
-
-            self._zarr = zarr.open_array(str(self.path), mode="r")
+            self._zarr = self.source.open_zarr()
         return self._zarr
 
     def close(self) -> None:
-        """Unmap the shard files (mapped again on the next read)."""
+        """Unmap the shard files and forget the shard indexes (read again when needed)."""
         with self._shard_lock:
-            for m, _ in self._shards.values():
-                if m is not None:
+            for whole, _ in self._shards.values():
+                if isinstance(whole, mmap.mmap):
                     try:
-                        m.close()
+                        whole.close()
                     except BufferError:  # a read in another thread still uses it: GC later
                         pass
             self._shards.clear()
@@ -298,9 +418,9 @@ class ArrayReader:
 
     # -- the fast path ------------------------------------------------------------------
     def _gone(self) -> CacheError:
-        return CacheError(self.path, "array removed while open (cache rebuilt?); reopen it")
+        return CacheError(self.location, "array removed while open (cache rebuilt?); reopen it")
 
-    def _shard(self, sidx: tuple[int, ...]):
+    def _shard(self, sidx: tuple[int, ...]) -> tuple[Any, list[list[int]] | None]:
         got = self._shards.get(sidx)
         if got is not None:
             return got
@@ -310,100 +430,145 @@ class ArrayReader:
                 return got
             layout = self._layout
             assert layout is not None and layout.shard_shape is not None
-            fpath = self.path.joinpath("c", *map(str, sidx))
-            try:
-                fd = os.open(fpath, os.O_RDONLY)
-            except FileNotFoundError:
-                if not (self.path / "zarr.json").exists():
-                    raise self._gone() from None
-                got = (None, None)  # an absent shard: all fill value
-                self._shards[sidx] = got
-                return got
-            try:
-                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            except ValueError:  # an empty file
-                raise CacheError(fpath, "shard file is empty (truncated?)") from None
-            finally:
-                os.close(fd)
-            per = [s // c for s, c in zip(layout.shard_shape, layout.chunk_shape, strict=True)]
-            n = int(np.prod(per))
+            key = "c/" + "/".join(map(str, sidx))
+            n = int(np.prod(self._per_shard))
             size = n * 16 + (4 if layout.index_crc else 0)
-            if len(m) < size:
-                raise CacheError(
-                    fpath,
-                    f"shard file is {len(m)} bytes, shorter than its "
-                    f"{size}-byte index (truncated?)",
-                )
-            off = len(m) - size if layout.index_at_end else 0
-            raw = m[off : off + n * 16]
-            if layout.index_crc:
-                self._check_crc(fpath, raw, m[off + n * 16 : off + size])
-            index = np.frombuffer(raw, dtype="<u8").reshape(n, 2).tolist()
-            got = (m, index)
+            found = self.source.read_index(key, size, layout.index_at_end)
+            if found is None:
+                if self.source.read("zarr.json") is None:
+                    raise self._gone()
+                got = (None, None)  # an absent shard: all fill value
+            else:
+                whole, raw = found
+                if len(raw) != size:
+                    raise CacheError(
+                        self.source.describe(key),
+                        f"shard is shorter than its {size}-byte index (truncated?)",
+                    )
+                if layout.index_crc:
+                    self._check_crc(self.source.describe(key), raw[: n * 16], raw[n * 16 :])
+                index = np.frombuffer(raw, dtype="<u8", count=2 * n).reshape(n, 2).tolist()
+                got = (whole, index)
             self._shards[sidx] = got
             return got
 
     @staticmethod
-    def _check_crc(fpath: Path, raw: bytes, crc: bytes) -> None:
+    def _check_crc(where: str, raw: bytes, crc: bytes) -> None:
         try:
             import google_crc32c
         except ImportError:  # zarr's own dependency; without it, skip the check
             return
-        if google_crc32c.value(raw) != int.from_bytes(crc, "little"):
-            raise CacheError(fpath, "shard index checksum mismatch (corrupt or partly written)")
+        if google_crc32c.value(bytes(raw)) != int.from_bytes(crc, "little"):
+            raise CacheError(where, "shard index checksum mismatch (corrupt or partly written)")
+
+    def _locate(self, cidx: tuple[int, int, int]) -> tuple[tuple[int, ...], Any, int, int] | None:
+        """``(shard index, whole shard or None, offset, nbytes)`` of a sharded chunk, or None
+        where it is absent (fill value)."""
+        pz, py, px = self._per_shard
+        cz, cy, cx = cidx
+        sidx = (cz // pz, cy // py, cx // px)
+        whole, index = self._shard(sidx)
+        if index is None:
+            return None
+        offset, nbytes = index[((cz % pz) * py + cy % py) * px + cx % px]
+        if offset == _EMPTY:
+            return None
+        return sidx, whole, offset, nbytes
 
     def _chunk_bytes(self, cidx: tuple[int, int, int]):
         layout = self._layout
         assert layout is not None
         if layout.shard_shape is None:
-            fpath = self.path.joinpath("c", *map(str, cidx))
-            try:
-                with open(fpath, "rb") as fh:
-                    return fh.read()
-            except FileNotFoundError:
-                if not (self.path / "zarr.json").exists():
-                    raise self._gone() from None
-                return None
+            buf = self.source.read("c/" + "/".join(map(str, cidx)))
+            if buf is None and self.source.read("zarr.json") is None:
+                raise self._gone()
+            return buf
+        # _locate inlined: this is the per-chunk path of local reads
         pz, py, px = self._per_shard
         cz, cy, cx = cidx
-        m, index = self._shard((cz // pz, cy // py, cx // px))
-        if m is None:
+        sidx = (cz // pz, cy // py, cx // px)
+        whole, index = self._shard(sidx)
+        if index is None:
             return None
         offset, nbytes = index[((cz % pz) * py + cy % py) * px + cx % px]
         if offset == _EMPTY:
             return None
-        return memoryview(m)[offset : offset + nbytes]
-
-    def _decode(self, cidx: tuple[int, int, int], scratch: np.ndarray | None) -> np.ndarray | None:
-        buf = self._chunk_bytes(cidx)
+        if whole is not None:
+            return memoryview(whole)[offset : offset + nbytes]
+        buf = self.source.read_ranges([("c/" + "/".join(map(str, sidx)), offset, offset + nbytes)])[
+            0
+        ]
         if buf is None:
-            return None
+            raise self._gone()
+        return buf
+
+    def _fetch(self, tasks) -> dict[tuple[int, int, int], Any]:
+        """The bytes of every chunk ``tasks`` need (LRU hits left out), from an unmapped
+        source in one batch of requests; None for absent chunks."""
+        layout = self._layout
+        assert layout is not None
+        lru = self._lru
+        got: dict[tuple[int, int, int], Any] = {}
+        requests: list[tuple[str, int, int | None]] = []
+        order = []
+        for cidx, _, _ in tasks:
+            if lru is not None and (self._key, cidx) in lru:
+                continue
+            if layout.shard_shape is None:
+                requests.append(("c/" + "/".join(map(str, cidx)), 0, None))
+                order.append(cidx)
+                continue
+            found = self._locate(cidx)
+            if found is None:
+                got[cidx] = None
+            else:
+                sidx, _, offset, nbytes = found
+                requests.append(("c/" + "/".join(map(str, sidx)), offset, offset + nbytes))
+                order.append(cidx)
+        missing = False
+        for cidx, buf in zip(order, self.source.read_ranges(requests), strict=True):
+            got[cidx] = buf
+            missing |= buf is None
+        if missing and (layout.shard_shape is not None or self.source.read("zarr.json") is None):
+            raise self._gone()  # an indexed shard or the array vanished since it was opened
+        return got
+
+    def _decode(self, buf, cidx: tuple[int, int, int], scratch: np.ndarray | None) -> np.ndarray:
         dest = scratch if scratch is not None else np.empty(self.chunk_shape, self._disk_dtype)
         # blosc1 header: bytes 4-8 hold the decoded size; a short one would leave stale data
         if len(buf) < 16 or int.from_bytes(buf[4:8], "little") != dest.nbytes:
-            raise CacheError(self.path, f"chunk {cidx} is corrupt (bad blosc header)")
+            raise CacheError(self.location, f"chunk {cidx} is corrupt (bad blosc header)")
         try:
             blosc.decompress(buf, dest)
         except (RuntimeError, ValueError) as exc:
-            raise CacheError(self.path, f"cannot decode chunk {cidx}: {exc}") from None
+            raise CacheError(self.location, f"cannot decode chunk {cidx}: {exc}") from None
         return dest
 
-    def _copy_chunks(self, tasks, out: np.ndarray) -> None:
+    def _copy_chunks(self, tasks, out: np.ndarray, fetched) -> None:
         lru = self._lru
         if lru is None:  # decode every chunk into one reused buffer
             scratch = np.empty(self.chunk_shape, self._disk_dtype)
             for cidx, src, dst in tasks:
-                arr = self._decode(cidx, scratch)
-                out[dst] = self.fill_value if arr is None else arr[src]
+                buf = self._chunk_bytes(cidx) if fetched is None else fetched[cidx]
+                if buf is None:
+                    out[dst] = self.fill_value
+                else:
+                    out[dst] = self._decode(buf, cidx, scratch)[src]
             return
         for cidx, src, dst in tasks:
             key = (self._key, cidx)
             arr = lru.get(key)
             if arr is None:
-                arr = self._decode(cidx, None)
-                if arr is None:
+                # a chunk _fetch left out as a hit can have been evicted since: fetch it alone
+                buf = (
+                    fetched[cidx]
+                    if fetched is not None and cidx in fetched
+                    else self._chunk_bytes(cidx)
+                )
+                if buf is None:
                     out[dst] = self.fill_value
                     continue
+                arr = self._decode(buf, cidx, None)
                 lru.put(key, arr)
             out[dst] = arr[src]
 
@@ -418,6 +583,9 @@ class ArrayReader:
         threads: int = 1,
     ) -> None:
         """Write voxels ``[start, stop)`` (inside the array) into ``out`` (that shape).
+
+        From an unmapped source (object storage), the chunks the region needs are fetched
+        first, in one batch of concurrent range requests, then decoded as from a local one.
 
         Args:
             start: first voxel (z, y, x), >= 0.
@@ -442,11 +610,14 @@ class ArrayReader:
             ((pz[0], py[0], px[0]), (pz[1], py[1], px[1]), (pz[2], py[2], px[2]))
             for pz, py, px in itertools.product(*per_axis)
         ]
+        fetched = None if self.source.mapped else self._fetch(tasks)
         if pool is None or threads <= 1 or len(tasks) < 2 * threads:
-            self._copy_chunks(tasks, out)
+            self._copy_chunks(tasks, out, fetched)
             return
         # One job per thread (not per chunk): an executor round trip costs about as
         # much as decoding a small chunk.
-        futures = [pool.submit(self._copy_chunks, tasks[t::threads], out) for t in range(threads)]
+        futures = [
+            pool.submit(self._copy_chunks, tasks[t::threads], out, fetched) for t in range(threads)
+        ]
         for f in futures:
             f.result()

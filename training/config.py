@@ -65,7 +65,8 @@ class DataConfig:
         phantom_cases: number of labelled phantom cases to generate (train + val).
         phantom_size: ``loaders.phantom.SIZES`` preset of the generated grid.
         phantom_seed: seed of the phantom generator.
-        cache: the zarr volume cache folder; empty means ``<root>.zarr``.
+        cache: the zarr volume cache folder, or its URL (``s3://bucket/path``); empty
+            means ``<root>.zarr``.
         spacing: resample to this (z, y, x) spacing in mm when building the cache; empty
             keeps each case's own spacing.
         val_cases: the last this many cases (sorted by id) are held out for validation.
@@ -105,9 +106,12 @@ class DataConfig:
     build_workers: int = 2
 
     @property
-    def cache_root(self) -> Path:
+    def cache_root(self) -> Path | str:
         """The cache folder: ``cache`` or ``<root>.zarr`` beside root (the rule of
-        ``loaders.default_cache_root``, not imported here to keep this module light)."""
+        ``loaders.default_cache_root``, not imported here to keep this module light); a URL
+        (``s3://...``) as it is."""
+        if "://" in self.cache:  # object storage: credentials and endpoint from AWS_* env
+            return self.cache
         if self.cache:
             return Path(self.cache)
         root = Path(self.root)
@@ -443,7 +447,7 @@ def check_folders(cfg: Config) -> None:
     d = cfg.data
     if "://" not in d.cache:
         setting = f"data.cache = {d.cache!r}" if d.cache else f"the cache (data.root = {d.root!r})"
-        _writable_folder(d.cache_root, setting)
+        _writable_folder(Path(d.cache_root), setting)
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

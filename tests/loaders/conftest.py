@@ -6,7 +6,10 @@ uses them as an independent reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import SimpleITK as sitk
 
 from loaders import Case, VolumeCache
 from loaders.phantom import write_msd_dataset
+from loaders.remote_server import DUMMY_AWS_ENV, LocalS3Server
 
 
 def sitk_image(
@@ -111,3 +115,59 @@ def itk_image() -> Callable[..., sitk.Image]:
 def dicom_writer() -> Callable[..., list[Path]]:
     """``write_dicom_series`` (one file per slice, GDCM-readable tags)."""
     return write_dicom_series
+
+
+# ------------------------------------------------------------------ object storage (loopback)
+def aws_test_env(mp: pytest.MonkeyPatch, staging: Path) -> None:
+    """``DUMMY_AWS_ENV`` and nothing else of AWS's from the machine; staging in ``staging``."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            mp.delenv(name)
+    for name, value in DUMMY_AWS_ENV.items():
+        mp.setenv(name, value)
+    mp.setenv("XDG_CACHE_HOME", str(staging))
+
+
+@pytest.fixture(scope="module")
+def aws_module_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``aws_test_env`` for a module's fixtures and tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        aws_test_env(mp, tmp_path_factory.mktemp("xdg"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3Server]:
+    """moto's S3 server on 127.0.0.1, one per test session."""
+    with LocalS3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``aws_test_env`` for one test."""
+    aws_test_env(monkeypatch, tmp_path / "xdg")
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """Refuse (and record) every connection of this process to an address that is not
+    loopback; the test fails if there was one."""
+    refused: list[object] = []
+    connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0] if isinstance(address, tuple) else address
+            try:
+                loopback = ipaddress.ip_address(str(host)).is_loopback
+            except ValueError:  # a host name: resolved elsewhere, never expected here
+                loopback = False
+            if not loopback:
+                refused.append(address)
+                raise ConnectionRefusedError(f"test guard: {address} is not loopback")
+        connect(self, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    yield refused
+    assert not refused, f"connections outside 127.0.0.1 were attempted: {refused}"

@@ -22,6 +22,7 @@ Nothing from ``loaders`` or ``training`` is imported here; torch and Triton load
 from augment import matrices, slices
 from augment.base import IntensityTransform, Params, SpatialTransform
 from augment.compose import Compose
+from augment.elastic import RandomElastic
 from augment.intensity import (
     Normalize,
     RandomBrightness,
@@ -47,6 +48,7 @@ __all__ = [
     "RandomBrightness",
     "RandomContrast",
     "RandomCrop",
+    "RandomElastic",
     "RandomFlip",
     "RandomGamma",
     "RandomNoise",

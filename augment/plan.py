@@ -87,6 +87,11 @@ class Plan:
         points: per sample, the ``(N, 3)`` points mapped into the patch, or None.
         coord: ``(B, 3, d / s, h / s, w / s)`` float32 coordinate channel (TargetCrop's
             ``coord_stride``), or None.
+        field: ``(B, 3, gz, gy, gx)`` control vectors of a cubic B-spline displacement
+            laid over the output grid (:mod:`augment.kernels.bspline`), in index units of
+            the given arrays: every sampled coordinate is ``matrices[b] @ (z, y, x, 1)``
+            plus the spline's value there. None when no sample is displaced; a displaced
+            sample is never an exact copy.
     """
 
     params: ComposeParams
@@ -105,6 +110,7 @@ class Plan:
     target: tuple[F64 | None, ...] | None = None
     points: tuple[F64, ...] | None = None
     coord: NDArray[np.float32] | None = None
+    field: F64 | None = None
 
     @property
     def batch(self) -> int:
@@ -123,6 +129,15 @@ class Plan:
         return dataclasses.replace(
             self,
             matrices=m,
-            exact=tuple(mx.as_exact(mb) for mb in m),
+            exact=exact_maps(m, self.field),
             offsets=self.offsets + off,
         )
+
+
+def exact_maps(matrices: F64, field: F64 | None) -> tuple[mx.ExactMap | None, ...]:
+    """Per sample, the exact index map of ``matrices[b]`` (None where it is not one, or
+    where the sample has a non-zero displacement ``field[b]``)."""
+    return tuple(
+        None if field is not None and np.any(field[b]) else mx.as_exact(mb)
+        for b, mb in enumerate(matrices)
+    )

@@ -38,7 +38,8 @@ import augment
 from benchmarks.common import Result
 from benchmarks.w1 import PATCH, check_output, make_source, w1_pipeline
 
-ELASTIC = {"points": 8, "magnitude": (0.0, 4.0)}
+POINTS = 8
+MAGNITUDE = (0.0, 4.0)
 COST_GOAL = 30.0  # % of W1's CPU time
 BGV2_GOAL = 8.0
 MONAI_GOAL = 20.0
@@ -48,7 +49,8 @@ Way = tuple[str, Callable[[int], object]]
 
 def w7_pipeline(patch: tuple[int, int, int] = PATCH) -> augment.Compose:
     """W1's pipeline with ``RandomElastic`` listed last (it deforms the patch grid)."""
-    return augment.Compose([*w1_pipeline(patch).transforms, augment.RandomElastic(**ELASTIC)])
+    elastic = augment.RandomElastic(points=POINTS, magnitude=MAGNITUDE)
+    return augment.Compose([*w1_pipeline(patch).transforms, elastic])
 
 
 def augment_way(img: np.ndarray, lab: np.ndarray, aug: augment.Compose) -> Callable[[int], object]:
@@ -233,8 +235,8 @@ def run(quick: bool = False) -> list[Result]:
             ("peer-batchgeneratorsv2-elastic", BGV2_GOAL),
             ("peer-monai-elastic", MONAI_GOAL),
         ):
-            got = measured.get(peer)
-            if got is None or isinstance(got, Exception):
+            theirs = measured.get(peer)
+            if theirs is None or isinstance(theirs, Exception):
                 continue
             results.append(
                 Result(

@@ -451,9 +451,10 @@ def section_elastic(ctx: Ctx) -> None:
             [compose.sample(g, src_shape) for g in batch_rngs(ctx.seed, k, range(batch))]
         )
         mats.append(compose.matrix(params))
-        fields.append(compose.field(params))
-    if any(f is None for f in fields):
-        raise RuntimeError("W7's draws should displace every batch")
+        field = compose.field(params)
+        if field is None:
+            raise RuntimeError("W7's draws should displace every batch")
+        fields.append(field)
     rate: dict[str, float] = {}
 
     def measure(name: str, run: Callable[[int], Any], n: int, repeats: int) -> None:
@@ -515,18 +516,18 @@ def section_elastic(ctx: Ctx) -> None:
     else:
         row("elastic", "triton", "skipped", note="dry run" if ctx.dry else "triton not importable")
     for name, with_field in (("torch-path W1", False), ("torch-path W7", True)):
-        attempt(
-            "elastic",
-            name,
-            lambda name=name, with_field=with_field: measure(
+
+        def fallback(name: str = name, with_field: bool = with_field) -> None:
+            measure(
                 name,
                 lambda k: tk.warp_batch(
                     img, lab, mats[k], patch, field=fields[k] if with_field else None
                 ),
                 min(n_b, 2),
                 max(2, reps // 3),
-            ),
-        )
+            )
+
+        attempt("elastic", name, fallback)
     for prefix in ("triton", "triton kernel", "torch-path"):
         plain, deformed = rate.get(f"{prefix} W1"), rate.get(f"{prefix} W7")
         if prefix == "triton kernel":

@@ -20,6 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from augment import matrices as mx
 from augment.base import IntensityTransform, Params, Shape3, stack
+from augment.kernels import bspline
 
 F64 = NDArray[np.float64]
 # per sample: the intensity transforms that run after the warp, with their parameters
@@ -115,6 +116,15 @@ class Plan:
     @property
     def batch(self) -> int:
         return int(self.matrices.shape[0])
+
+    @property
+    def reach(self) -> F64:
+        """``(B, 3)``: how far the displacement moves a sample off its affine coordinate,
+        at most, per axis (index units; 0 without a field). A region read for a patch
+        needs this much more on every side than the matrix's footprint."""
+        if self.field is None:
+            return np.zeros((self.batch, 3))
+        return bspline.bound(self.field)
 
     @property
     def post_warp(self) -> bool:

@@ -52,9 +52,11 @@ class RandomElastic(SpatialTransform):
         p: probability that a sample is deformed (the others get a zero field and keep the
             affine-only path, exact copies included).
 
-    Cost: per output voxel, 12 multiply-adds for the three components along x plus a
-    per-row share of the 16-tap contraction over z and y (``48 * points / w`` per voxel),
-    in the same pass as the trilinear read; see ``benchmarks/w7.py``.
+    Cost: in the same pass as the trilinear read, per output voxel 12 multiply-adds
+    (three components, four B-spline taps along x, a loop that vectorises) plus its share
+    of the y and z taps, contracted once per row and per tile plane (float64); in the
+    numba kernel on W7 (W1's 128^3 patches) about a fifth more CPU time than W1 alone,
+    measured on the 2-core development VM (``python -m benchmarks.run w7``).
     """
 
     reads_label = False

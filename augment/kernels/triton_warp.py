@@ -25,6 +25,12 @@ Design (each choice is about the W1 workload, 8 x 128^3 patches of 200x256x256 s
   float64 words bitcast to int64) travel in ONE int64 table per launch, one async copy.
 - The intensity program is unrolled over ``N_OPS`` (constexpr), each op a scalar branch on
   its opcode; padding ops are the identity ``AFFINE(1, 0)``.
+- A displacement (``ELASTIC``, a separate specialisation: without it the kernel is the
+  affine one) is added to the fixed-point coordinates before the taps. The host contracts
+  the control grid's z taps for every output plane (``od * 3 * gy * gx`` floats a sample,
+  not one per voxel); each voxel then takes 16 (y, x) taps per component from that small
+  plane table (cache-resident), with its B-spline position in 32.32 fixed point. A tile
+  is unmasked when its affine corners clear the borders by the largest control vector.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ Nothing from ``loaders`` or ``training`` is imported here; torch and Triton load
 
 from augment import matrices, slices
 from augment.base import IntensityTransform, Params, SpatialTransform
+from augment.bias_field import RandomBiasField
 from augment.compose import Compose
+from augment.elastic import RandomElastic
+from augment.filters import RandomGaussianBlur, RandomLowResolution
 from augment.intensity import (
     Normalize,
     RandomBrightness,
@@ -44,11 +47,15 @@ __all__ = [
     "Params",
     "Plan",
     "RandomAffine",
+    "RandomBiasField",
     "RandomBrightness",
     "RandomContrast",
     "RandomCrop",
+    "RandomElastic",
     "RandomFlip",
     "RandomGamma",
+    "RandomGaussianBlur",
+    "RandomLowResolution",
     "RandomNoise",
     "RandomRot90",
     "RandomSwapAxes",

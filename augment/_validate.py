@@ -81,6 +81,24 @@ def check_programs(programs: Any, batch: int) -> NDArray[np.float64]:
     return np.ascontiguousarray(p)
 
 
+def check_field(field: Any, batch: int) -> NDArray[np.float64] | None:
+    """``None`` or ``(B, 3, gz, gy, gx)`` control vectors (numpy or tensor) -> float64,
+    each control axis with at least 4 points, every value finite."""
+    if field is None:
+        return None
+    if is_torch(field):
+        field = field.detach().cpu().numpy()
+    f = np.asarray(field, dtype=np.float64)
+    if f.ndim != 5 or f.shape[0] != batch or f.shape[1] != 3 or min(f.shape[2:]) < 4:
+        raise ValueError(
+            f"field must be ({batch}, 3, gz, gy, gx) control vectors with gz, gy, gx >= 4, "
+            f"got shape {f.shape}"
+        )
+    if not np.isfinite(f).all():
+        raise ValueError("field must be finite")
+    return np.ascontiguousarray(f)
+
+
 def as_channels(x: NDArray[Any], name: str) -> tuple[NDArray[Any], bool]:
     """``(D, H, W)`` or ``(C, D, H, W)`` -> C-contiguous ``(C, D, H, W)`` and whether it had C."""
     if not isinstance(x, np.ndarray):

@@ -79,6 +79,21 @@ class SpatialTransform(ABC):
     def matrix(self, params: Params, in_shape: Shape3) -> NDArray[np.float64]:
         """``(B, 4, 4)`` pull maps from the output grid to the input grid."""
 
+    def displacement(self, params: Params) -> NDArray[np.float64] | None:
+        """A smooth displacement on top of :meth:`matrix`, or None (the default: a matrix
+        is all there is).
+
+        Returns:
+            ``(B, 3, gz, gy, gx)`` control vectors of a cubic B-spline laid over the
+            pipeline's output grid (:mod:`augment.kernels.bspline`), in voxels of this
+            transform's grid; ``Compose`` maps them into the source and the kernels add
+            the interpolated vector to every sampled coordinate. A transform that returns
+            one sets the class attribute ``displaces = True``.
+        """
+        return None
+
+    displaces = False
+
 
 class IntensityTransform(ABC):
     """An element-wise or patch-statistic intensity change of the image (labels untouched)."""

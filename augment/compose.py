@@ -32,7 +32,7 @@ from augment._validate import check_cval, check_label_mode, is_torch
 from augment.backends import numpy as numpy_backend
 from augment.base import IntensityTransform, Shape3, SpatialTransform
 from augment.kernels import program as pg
-from augment.plan import ComposeParams, Plan, stack_params
+from augment.plan import ComposeParams, Plan, exact_maps, stack_params
 from augment.target_crop import TargetCrop, TargetCropParams, coord_channel
 
 __all__ = ["Compose", "ComposeParams", "stack_params"]
@@ -76,6 +76,13 @@ class Compose:
             if not isinstance(t, (SpatialTransform, IntensityTransform)):
                 raise TypeError(f"not a transform: {t!r}")
         self.spatial = [t for t in self.transforms if isinstance(t, SpatialTransform)]
+        displacing = [t for t in self.spatial if t.displaces]
+        if len(displacing) > 1:
+            raise ValueError(
+                f"a Compose takes one displacing transform (one RandomElastic), got "
+                f"{len(displacing)}: {[type(t).__name__ for t in displacing]}; keep one "
+                "with the combined settings"
+            )
         self.intensity = [t for t in self.transforms if isinstance(t, IntensityTransform)]
         crops = [t for t in self.spatial if isinstance(t, TargetCrop)]
         self.target_crop = crops[-1] if crops else None
@@ -145,6 +152,27 @@ class Compose:
                 shape = t.out_shape(shape)  # type: ignore[arg-type]
             out.append(m)
         return np.stack(out) if out else np.zeros((0, 4, 4))
+
+    def field(self, params: ComposeParams) -> F64 | None:
+        """``(B, 3, gz, gy, gx)`` control vectors of the displacement (see
+        :class:`~augment.plan.Plan`) in source index units, or None when no sample is
+        displaced: the displacing transform's vectors mapped through the linear part of
+        the transforms listed before it."""
+        k = next((i for i, t in enumerate(self.spatial) if t.displaces), None)
+        if k is None:
+            return None
+        d = self.spatial[k].displacement(params.spatial[k])
+        if d is None or not np.any(d):
+            return None
+        out = np.empty_like(np.asarray(d, dtype=np.float64))
+        for b in range(params.batch):
+            shape = tuple(int(s) for s in params.in_shape[b])
+            m = np.eye(4)
+            for t, p in zip(self.spatial[:k], params.spatial[:k], strict=True):
+                m = np.matmul(m, t.matrix(p.take(b), shape).reshape(4, 4))  # type: ignore[arg-type]
+                shape = t.out_shape(shape)  # type: ignore[arg-type]
+            out[b] = np.einsum("ij,j...->i...", m[:3, :3], d[b])
+        return out
 
     def program(self, params: ComposeParams, index: int = 0) -> tuple[F64, int]:
         """Sample ``index``'s fused intensity program and the position of the first
@@ -240,10 +268,11 @@ class Compose:
             coord = np.stack(
                 [coord_channel(m[b], src[b], out_shape, stride) for b in range(batch)]
             ).astype(np.float32, copy=False)
+        field = self.field(params)
         return Plan(
             params=params,
             matrices=region,
-            exact=tuple(mx.as_exact(mb) for mb in region),
+            exact=exact_maps(region, field),
             programs=pg.pad(programs),
             post=tuple(posts),
             after_warp=after,
@@ -257,6 +286,7 @@ class Compose:
             target=mapped_t,
             points=mapped_p,
             coord=coord,
+            field=field,
         )
 
     def _targets(

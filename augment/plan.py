@@ -20,6 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from augment import matrices as mx
 from augment.base import IntensityTransform, Params, Shape3, stack
+from augment.kernels import bspline
 
 F64 = NDArray[np.float64]
 # per sample: the intensity transforms that run after the warp, with their parameters
@@ -87,6 +88,11 @@ class Plan:
         points: per sample, the ``(N, 3)`` points mapped into the patch, or None.
         coord: ``(B, 3, d / s, h / s, w / s)`` float32 coordinate channel (TargetCrop's
             ``coord_stride``), or None.
+        field: ``(B, 3, gz, gy, gx)`` control vectors of a cubic B-spline displacement
+            laid over the output grid (:mod:`augment.kernels.bspline`), in index units of
+            the given arrays: every sampled coordinate is ``matrices[b] @ (z, y, x, 1)``
+            plus the spline's value there. None when no sample is displaced; a displaced
+            sample is never an exact copy.
     """
 
     params: ComposeParams
@@ -105,10 +111,20 @@ class Plan:
     target: tuple[F64 | None, ...] | None = None
     points: tuple[F64, ...] | None = None
     coord: NDArray[np.float32] | None = None
+    field: F64 | None = None
 
     @property
     def batch(self) -> int:
         return int(self.matrices.shape[0])
+
+    @property
+    def reach(self) -> F64:
+        """``(B, 3)``: how far the displacement moves a sample off its affine coordinate,
+        at most, per axis (index units; 0 without a field). A region read for a patch
+        needs this much more on every side than the matrix's footprint."""
+        if self.field is None:
+            return np.zeros((self.batch, 3))
+        return bspline.bound(self.field)
 
     @property
     def post_warp(self) -> bool:
@@ -123,6 +139,15 @@ class Plan:
         return dataclasses.replace(
             self,
             matrices=m,
-            exact=tuple(mx.as_exact(mb) for mb in m),
+            exact=exact_maps(m, self.field),
             offsets=self.offsets + off,
         )
+
+
+def exact_maps(matrices: F64, field: F64 | None) -> tuple[mx.ExactMap | None, ...]:
+    """Per sample, the exact index map of ``matrices[b]`` (None where it is not one, or
+    where the sample has a non-zero displacement ``field[b]``)."""
+    return tuple(
+        None if field is not None and np.any(field[b]) else mx.as_exact(mb)
+        for b, mb in enumerate(matrices)
+    )

@@ -20,6 +20,9 @@ end; the rows go to ``--json`` (default ``$OUT/device_check.json`` when ``$OUT``
 - ``w1``: W1 batched (8 x 128^3 from 200x256x256 float32 + uint8 sources on the device,
   host-drawn W1 parameters): Triton float32 and bfloat16 output, the torch path on the
   device, hand-written ``affine_grid`` + ``grid_sample``; patches/s, ratios, the goals.
+- ``elastic``: W7 batched (W1 plus ``RandomElastic``): the Triton kernel and the torch
+  path with and without the deformation on the same matrices, the elastic cost, one
+  sample against the numba path.
 - ``compose``: ``Compose`` end to end on device batches (host sampling included).
 - ``peers``: MONAI and Kornia on the GPU where importable.
 
@@ -421,6 +424,122 @@ def section_w1(ctx: Ctx) -> None:
             )
 
     attempt("w1", "goals", goals)
+
+
+@register("elastic")
+def section_elastic(ctx: Ctx) -> None:
+    """W7 batched: W1 plus ``RandomElastic`` (``benchmarks.w7``) against W1 alone on the
+    same matrices, through the Triton kernel (API call and pre-built launch) and the torch
+    path; one sample checked against the numba path first."""
+    from augment.backends.numpy import warp_numpy
+    from augment.kernels import torch_fallback as tk
+    from augment.plan import stack_params
+    from augment.rng import batch_rngs
+    from benchmarks import w1_gpu as w
+    from benchmarks import w7
+
+    dev = ctx.device
+    if ctx.dry:
+        batch, src_shape, patch, n_b, reps = 2, (40, 48, 48), (24, 24, 24), 2, 2
+    else:
+        batch, src_shape, patch, n_b, reps = w.BATCH, w.SOURCE, w.PATCH, 12, 7
+    img, lab = w.make_sources(batch, src_shape, dev, ctx.seed)
+    compose = w7.w7_pipeline(patch)
+    mats, fields = [], []
+    for k in range(n_b):
+        params = stack_params(
+            [compose.sample(g, src_shape) for g in batch_rngs(ctx.seed, k, range(batch))]
+        )
+        mats.append(compose.matrix(params))
+        field = compose.field(params)
+        if field is None:
+            raise RuntimeError("W7's draws should displace every batch")
+        fields.append(field)
+    rate: dict[str, float] = {}
+
+    def measure(name: str, run: Callable[[int], Any], n: int, repeats: int) -> None:
+        run(0)
+        ctx.sync()
+        times, host = w.time_batches(run, n, repeats, dev)
+        rate[name] = n * batch / statistics.median(times)
+        row(
+            "elastic",
+            name,
+            rate[name],
+            "patches/s",
+            note=f"median of {repeats}, {n} batches of {batch}; host {host * 1e6:.0f} us/call",
+        )
+
+    def agreement() -> None:
+        if ctx.triton:
+            from augment.kernels import triton_warp as trw
+
+            got, got_lab = trw.warp_batch(img, lab, mats[0], patch, field=fields[0])
+            name = "triton"
+        else:
+            got, got_lab = tk.warp_batch(img, lab, mats[0], patch, field=fields[0])
+            name = "torch path"
+        assert got is not None and got_lab is not None
+        host_img, host_lab = img[0].cpu().numpy(), lab[0].cpu().numpy()
+        ref, ref_lab = warp_numpy(host_img, host_lab, mats[0][0], patch, field=fields[0][0])
+        e = rel_err(got[0], ref)
+        row("elastic", f"{name} vs numba rel err", e, ok=e < REL_GOAL)
+        a = agree(got_lab[0], ref_lab)
+        row("elastic", f"{name} vs numba labels equal", a, ok=a >= 0.999)
+
+    attempt("elastic", "agreement", agreement)
+    if ctx.triton:
+        from augment.kernels import triton_warp as trw
+
+        for name, with_field in (("triton W1", False), ("triton W7", True)):
+
+            def api(name: str = name, with_field: bool = with_field) -> None:
+                measure(
+                    name,
+                    lambda k: trw.warp_batch(
+                        img, lab, mats[k], patch, field=fields[k] if with_field else None
+                    ),
+                    n_b,
+                    reps,
+                )
+
+            attempt("elastic", name, api)
+
+            def kernel_only(name: str = name, with_field: bool = with_field) -> None:
+                ready = [
+                    trw.prepare(img, lab, mats[k], patch, field=fields[k] if with_field else None)
+                    for k in range(n_b)
+                ]
+                measure(f"{name} kernel", lambda k: ready[k](), n_b, reps)
+
+            attempt("elastic", f"{name} kernel", kernel_only)
+    else:
+        row("elastic", "triton", "skipped", note="dry run" if ctx.dry else "triton not importable")
+    for name, with_field in (("torch-path W1", False), ("torch-path W7", True)):
+
+        def fallback(name: str = name, with_field: bool = with_field) -> None:
+            measure(
+                name,
+                lambda k: tk.warp_batch(
+                    img, lab, mats[k], patch, field=fields[k] if with_field else None
+                ),
+                min(n_b, 2),
+                max(2, reps // 3),
+            )
+
+        attempt("elastic", name, fallback)
+    for prefix in ("triton", "triton kernel", "torch-path"):
+        plain, deformed = rate.get(f"{prefix} W1"), rate.get(f"{prefix} W7")
+        if prefix == "triton kernel":
+            plain, deformed = rate.get("triton W1 kernel"), rate.get("triton W7 kernel")
+        if plain and deformed:
+            row(
+                "elastic",
+                f"{prefix}: elastic cost",
+                100.0 * (plain / deformed - 1.0),
+                "%",
+                note="time of W7 over W1, minus 1 (the CPU goal is <= 30 %)",
+            )
 
 
 @register("compose")

@@ -29,6 +29,7 @@ WORKLOADS = {
     "w4": "benchmarks.w4",
     "w5": "benchmarks.w5",
     "w5-remote": "benchmarks.w5_remote",
+    "w7": "benchmarks.w7",
 }
 
 

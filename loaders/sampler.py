@@ -223,7 +223,8 @@ class PatchSampler:
         """The cache box (clipped to the volume) that the patch of ``params`` (or of its
         plan on the whole volume) reads."""
         plan = params if isinstance(params, augment.Plan) else self.compose.plan(params)
-        box = footprint(plan.matrices[0], self.patch_shape, margin=self.margin)
+        reach = int(np.ceil(plan.reach[0].max()))  # an elastic displacement's extra reach
+        box = footprint(plan.matrices[0], self.patch_shape, margin=self.margin + reach)
         return clip_box(box, self.cache.shape(case))
 
     # -- reading and augmenting ---------------------------------------------------------

@@ -31,6 +31,7 @@ from augment._validate import (
     check_matrix,
     check_out,
 )
+from augment.kernels import bspline
 from augment.kernels import program as prog_mod
 from augment.plan import Plan
 
@@ -115,6 +116,7 @@ def execute(
     dst_img = check_out(out_image, img, shape, np.float32, "out_image")
     dst_lab = check_out(out_label, lab, shape, None, "out_label")
     m, em, prog = plan.matrices[0], plan.exact[0], plan.programs[0]
+    field = None if plan.field is None else plan.field[0]
     out_img: NDArray[np.float32] | None
     out_lab: NDArray[Any] | None
     if plan.label_mode == "linear_onehot" and lab is not None:
@@ -130,8 +132,9 @@ def execute(
                 cval=plan.cval,
                 program=prog,
                 out_image=dst_img,
+                field=field,
             )
-        out_lab = onehot_linear_numpy(lab, m, shape, plan.label_cval)
+        out_lab = onehot_linear_numpy(lab, m, shape, plan.label_cval, field=field)
     else:
         out_img, out_lab = _warp(
             img,
@@ -145,6 +148,7 @@ def execute(
             program=prog,
             out_image=dst_img,
             out_label=dst_lab,
+            field=field,
         )
     if out_img is not None:
         for t, p in plan.after_warp[0]:
@@ -217,19 +221,22 @@ def warp_numpy(
     out_image: NDArray[np.float32] | None = None,
     out_label: NDArray[Any] | None = None,
     parallel: bool = True,
+    field: NDArray[np.float64] | None = None,
 ) -> tuple[NDArray[np.float32] | None, NDArray[Any] | None]:
     """Fused numba pass for a channels-first image and label sharing one matrix.
 
     Inputs are already validated ``(C, D, H, W)`` C-contiguous arrays (or None). The image
     comes out float32 (nearest or trilinear, then ``program``); the label nearest, in its
-    own dtype. A signed-permutation matrix is an exact index copy.
+    own dtype. A signed-permutation matrix is an exact index copy, unless ``field`` (the
+    ``(3, gz, gy, gx)`` control vectors of a displacement in source index units, see
+    :class:`~augment.plan.Plan`) is given: then every coordinate gets the displacement.
     """
     m = np.ascontiguousarray(mx.to_3x4(matrix))
     return _warp(
         image,
         label,
         m,
-        mx.as_exact(m),
+        mx.as_exact(m) if field is None else None,
         out_shape,
         image_order=image_order,
         cval=cval,
@@ -238,6 +245,7 @@ def warp_numpy(
         out_image=out_image,
         out_label=out_label,
         parallel=parallel,
+        field=field,
     )
 
 
@@ -255,6 +263,7 @@ def _warp(
     out_image: NDArray[np.float32] | None = None,
     out_label: NDArray[Any] | None = None,
     parallel: bool = True,
+    field: NDArray[np.float64] | None = None,
 ) -> tuple[NDArray[np.float32] | None, NDArray[Any] | None]:
     """:func:`warp_numpy` with the C-contiguous ``(3, 4)`` matrix ``m`` and its exact map
     ``em`` (or None) already worked out."""
@@ -272,7 +281,7 @@ def _warp(
     if label is not None and out_label is None:
         out_label = np.empty((label.shape[0], *out_shape), label.dtype)
 
-    if em is not None:
+    if em is not None and field is None:
         if image is not None and out_image is not None:
             exact_copy(image, em, out_shape, cval, out_image)
             if len(prog):
@@ -292,6 +301,14 @@ def _warp(
         lval = np.asarray(label_cval).astype(label.dtype).item()
     else:
         lval = 0
+    if field is not None:
+        _warp_displaced(
+            cpu.warp_elastic if parallel else cpu.warp_elastic_serial,
+            (img, lab, m, oimg, olab, nc, nl, src_shape, out_shape, float(cval), lval, prog),
+            image_order == 1,
+            field,
+        )
+        return out_image, out_label
     kernel = cpu.warp if parallel else cpu.warp_serial
     kernel(
         img,
@@ -311,10 +328,42 @@ def _warp(
     return out_image, out_label
 
 
+def _warp_displaced(
+    kernel: Any, args: tuple[Any, ...], linear: bool, field: NDArray[np.float64]
+) -> None:
+    """Run ``cpu.warp_elastic`` (or its serial twin) on ``field`` ((3, gz, gy, gx) control
+    vectors) over the output shape ``args[8]``, with the tables the kernel reads."""
+    coef = np.asarray(field, dtype=np.float64)
+    if coef.ndim != 4 or coef.shape[0] != 3:
+        raise ValueError(f"field must be (3, gz, gy, gx) control vectors, got {coef.shape}")
+    gz, gy, gx = (int(g) for g in coef.shape[1:])
+    d, h, w = (int(n) for n in args[8])
+    jz, wz = bspline.basis(d, gz)
+    jy, wy = bspline.basis(h, gy)
+    jx, wx = bspline.basis(w, gx)
+    kernel(
+        *args,
+        linear,
+        np.ascontiguousarray(coef.transpose(1, 2, 0, 3)).reshape(gz, gy, 3 * gx),
+        jz,
+        np.ascontiguousarray(wz.T),
+        jy,
+        np.ascontiguousarray(wy.T),
+        np.searchsorted(jx, np.arange(gx - 1)).astype(np.int64),  # first x of interval j
+        np.ascontiguousarray(wx.T),
+        bspline.bound(coef),
+    )
+
+
 def onehot_linear_numpy(
-    lab: NDArray[Any], m: NDArray[np.float64], out_shape: Any, fill: int
+    lab: NDArray[Any],
+    m: NDArray[np.float64],
+    out_shape: Any,
+    fill: int,
+    field: NDArray[np.float64] | None = None,
 ) -> NDArray[Any]:
-    """Label resampling by trilinear interpolation of each class's indicator, then argmax."""
+    """Label resampling by trilinear interpolation of each class's indicator, then argmax
+    (``field``: a displacement, as :func:`warp_numpy`)."""
     out = np.empty((lab.shape[0], *out_shape), dtype=lab.dtype)
     for c in range(lab.shape[0]):
         classes = np.unique(np.concatenate([np.unique(lab[c]), [fill]]))
@@ -322,7 +371,14 @@ def onehot_linear_numpy(
         best = np.full(out_shape, -1.0, np.float32)
         arg = np.zeros(out_shape, np.int64)
         for i, k in enumerate(classes):
-            w, _ = warp_numpy(onehot[i : i + 1], None, m, out_shape, cval=1.0 if k == fill else 0.0)
+            w, _ = warp_numpy(
+                onehot[i : i + 1],
+                None,
+                m,
+                out_shape,
+                cval=1.0 if k == fill else 0.0,
+                field=field,
+            )
             assert w is not None
             better = w[0] > best
             best = np.where(better, w[0], best)

@@ -32,6 +32,7 @@ from augment._validate import (
     TORCH_LABEL_DTYPES,
     TORCH_OUT_DTYPES,
     check_cval,
+    check_field,
     check_label_mode,
     check_matrix,
     check_order,
@@ -39,7 +40,7 @@ from augment._validate import (
     check_programs,
 )
 from augment.kernels import torch_fallback as tk
-from augment.plan import Plan
+from augment.plan import Plan, exact_maps
 
 IMAGE_DTYPES = tuple(getattr(torch, n) for n in TORCH_IMAGE_DTYPES)
 LABEL_DTYPES = tuple(getattr(torch, n) for n in TORCH_LABEL_DTYPES)
@@ -221,6 +222,7 @@ def warp_torch(
     label_mode: str = "nearest",
     classes: torch.Tensor | None = None,
     backend: str = "auto",
+    field: Any = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Resample a batch of images and labels in one pass, one pull map per sample.
 
@@ -236,6 +238,8 @@ def warp_torch(
         label_mode: ``"nearest"`` or ``"linear_onehot"``.
         classes: sorted classes for ``linear_onehot`` (default: those present plus the fill).
         backend: ``"auto"`` (Triton on CUDA when importable), ``"triton"`` or ``"torch"``.
+        field: ``(B, 3, gz, gy, gx)`` control vectors of a displacement added to every
+            sampled coordinate (see :class:`augment.plan.Plan`), or None.
 
     Returns:
         ``(image (B, C, d, h, w), label (B, L, d, h, w))``, None where not given.
@@ -254,7 +258,8 @@ def warp_torch(
     if m.ndim == 2:
         m = np.broadcast_to(m, (batch, 3, 4)).copy()
     prog = check_programs(programs, batch)
-    exact = tuple(mx.as_exact(mb) for mb in m)
+    fld = check_field(field, batch)
+    exact = exact_maps(m, fld)
     return _warp(
         src,
         m,
@@ -268,6 +273,7 @@ def warp_torch(
         label_mode=label_mode,
         classes=classes,
         backend=backend,
+        field=fld,
     )
 
 
@@ -285,10 +291,13 @@ def _warp(
     label_mode: str,
     classes: torch.Tensor | None,
     backend: str,
+    field: NDArray[np.float64] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The checked batch through the exact copy, the Triton kernel or the fallback."""
     imgs, labs = src.images, src.labels
-    if label_mode == "nearest" and all(e is not None for e in exact):
+    if field is not None and not np.any(field):
+        field = None  # zero displacements: the affine path gives the same bits
+    if label_mode == "nearest" and field is None and all(e is not None for e in exact):
         return _exact_batch(
             imgs,
             labs,
@@ -317,6 +326,7 @@ def _warp(
             out_dtype=out_dtype,
             label_mode=label_mode,
             classes=classes,
+            field=field,
         )
     return tk.warp_batch(
         imgs,
@@ -330,6 +340,7 @@ def _warp(
         out_dtype=out_dtype,
         label_mode=label_mode,
         classes=classes,
+        field=field,
     )
 
 
@@ -487,6 +498,7 @@ def execute(
         label_mode=plan.label_mode,
         classes=classes,
         backend=backend,
+        field=plan.field,
     )
     if img is not None and post_ops:
         # patch-statistic transforms: per sample, after the warp, with torch ops

@@ -33,6 +33,7 @@ import torch
 from numpy.typing import NDArray
 
 from augment import matrices as mx
+from augment.kernels import bspline
 from augment.kernels.program import AFFINE, CLIP, GAMMA, HASH_M1, HASH_M2, MASK32, NOISE, TWO_PI
 
 Sources: TypeAlias = "torch.Tensor | Sequence[torch.Tensor]"
@@ -200,6 +201,35 @@ def _coords(m: torch.Tensor, out_shape: tuple[int, int, int]) -> list[torch.Tens
     return out
 
 
+def spline_matrix(n: int, g: int, device: torch.device) -> torch.Tensor:
+    """``(n, g)`` float64: row ``i`` holds output index ``i``'s four B-spline weights at
+    its control points (:func:`augment.kernels.bspline.basis`), zeros elsewhere."""
+    j, w = bspline.basis(n, g)
+    dense = np.zeros((n, g))
+    rows = np.arange(n)
+    for k in range(4):
+        dense[rows, j - 1 + k] = w[:, k]
+    return torch.from_numpy(dense).to(device)
+
+
+def displacement(field: torch.Tensor, out_shape: tuple[int, int, int]) -> list[torch.Tensor]:
+    """The displacement of every output voxel, per axis: the B-spline of ``field``
+    evaluated separably (three small matrix products, float64).
+
+    Shape:
+        field: ``(b, 3, gz, gy, gx)`` -> 3 x ``(b, d, h, w)``.
+    """
+    d, h, w = out_shape
+    gz, gy, gx = (int(g) for g in field.shape[2:])
+    bz = spline_matrix(d, gz, field.device)
+    by = spline_matrix(h, gy, field.device)
+    bx = spline_matrix(w, gx, field.device)
+    t = torch.einsum("xk,bcijk->bcijx", bx, field)
+    t = torch.einsum("yj,bcijx->bciyx", by, t)
+    t = torch.einsum("zi,bciyx->bczyx", bz, t)
+    return [t[:, k] for k in range(3)]
+
+
 def _bview(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, 1, 1, 1)
 
@@ -308,6 +338,7 @@ def warp_batch(
     out_dtype: torch.dtype = torch.float32,
     label_mode: str = "nearest",
     classes: torch.Tensor | None = None,
+    field: NDArray[np.float64] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Resample a batch of images and labels, one pull map per sample, with torch ops.
 
@@ -322,6 +353,8 @@ def warp_batch(
         out_dtype: image output dtype (float32 or bfloat16; computed in float32).
         label_mode: ``"nearest"`` or ``"linear_onehot"``.
         classes: sorted int64 classes, needed for ``linear_onehot``.
+        field: ``(B, 3, gz, gy, gx)`` float64 control vectors of a displacement added to
+            every coordinate (see :class:`augment.plan.Plan`), or None.
 
     Returns:
         ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype`` and ``(B, L, d, h, w)`` in
@@ -343,6 +376,12 @@ def warp_batch(
     for s0 in range(0, batch, step):
         sl = slice(s0, min(batch, s0 + step))
         coords = _coords(m_all[sl], out_shape)
+        if field is not None:
+            # the numba kernel's order: the affine coordinate, then + the displacement
+            shift = displacement(
+                torch.from_numpy(np.ascontiguousarray(field[sl])).to(dev), out_shape
+            )
+            coords = [c + s for c, s in zip(coords, shift, strict=True)]
         if img is not None:
             grid = _Grid(coords, sizes[sl], img.offsets[sl])
             if image_order == 1:

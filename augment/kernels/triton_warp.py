@@ -25,6 +25,12 @@ Design (each choice is about the W1 workload, 8 x 128^3 patches of 200x256x256 s
   float64 words bitcast to int64) travel in ONE int64 table per launch, one async copy.
 - The intensity program is unrolled over ``N_OPS`` (constexpr), each op a scalar branch on
   its opcode; padding ops are the identity ``AFFINE(1, 0)``.
+- A displacement (``ELASTIC``, a separate specialisation: without it the kernel is the
+  affine one) is added to the fixed-point coordinates before the taps. The host contracts
+  the control grid's z taps for every output plane (``od * 3 * gy * gx`` floats a sample,
+  not one per voxel); each voxel then takes 16 (y, x) taps per component from that small
+  plane table (cache-resident), with its B-spline position in 32.32 fixed point. A tile
+  is unmasked when its affine corners clear the borders by the largest control vector.
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ import triton.language as tl
 from numpy.typing import NDArray
 
 from augment import matrices as mx
+from augment.kernels import bspline
 from augment.kernels.program import AFFINE, CLIP, GAMMA, NOISE, pad
+from augment.kernels.torch_fallback import spline_matrix
 
 FIX_ONE = float(1 << 32)
 META_FIXED = 5  # img_off, lab_off, D, H, W, then 12 fixed-point matrix words, then program
 META_PROG = META_FIXED + 12
+ELASTIC_WORDS = 8  # after the program: plane offset, gy, gx, y/x steps, dmax z/y/x
 
 # (TY, TX, num_warps, VEC) tried by the tuner; the first is the default. TX = 32 with
 # rows spread over warps gives every lane its own x and each thread several rows, which
@@ -374,6 +383,72 @@ def _tile(
             tl.store(dst, lv.to(olab_b.dtype.element_ty), mask=store_mask)
 
 
+@triton.jit
+def _bspline4(t):
+    """Cubic B-spline weights of the points j - 1 .. j + 2 at fraction ``t`` in [0, 1]."""
+    s = 1.0 - t
+    t2 = t * t
+    t3 = t2 * t
+    return (
+        s * s * s * (1.0 / 6.0),
+        (3.0 * t3 - 6.0 * t2 + 4.0) * (1.0 / 6.0),
+        (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) * (1.0 / 6.0),
+        t3 * (1.0 / 6.0),
+    )
+
+
+@triton.jit
+def _interval(i, step_fx, g):
+    """Interval and fraction of output index ``i`` along an axis with ``g`` control points,
+    ``u = 1 + i * step`` in 32.32 fixed point, clipped to ``g - 2``
+    (:mod:`augment.kernels.bspline`)."""
+    u = (1 << 32) + i.to(tl.int64) * step_fx
+    u = tl.minimum(u, (g - 2).to(tl.int64) << 32)
+    j = tl.minimum(u >> 32, (g - 3).to(tl.int64))
+    t = (u - (j << 32)).to(tl.float32) * 2.3283064365386963e-10
+    return j.to(tl.int32), t
+
+
+@triton.jit
+def _displace(plane, gy, gx, yy, xx, sy_fx, sx_fx):
+    """The displacement (z, y, x components, float32) of the tile's voxels ``(yy, xx)`` of
+    one output plane, from that plane's ``(3, gy, gx)`` z-contracted control vectors:
+    16 taps per component."""
+    jy, ty = _interval(yy, sy_fx, gy)
+    jx, tx = _interval(xx, sx_fx, gx)
+    wy0, wy1, wy2, wy3 = _bspline4(ty)
+    wx0, wx1, wx2, wx3 = _bspline4(tx)
+    cstride = gy * gx
+    dz = ty * tx * 0.0
+    dy = dz
+    dx = dz
+    for b in tl.static_range(4):
+        if b == 0:
+            wy = wy0
+        elif b == 1:
+            wy = wy1
+        elif b == 2:
+            wy = wy2
+        else:
+            wy = wy3
+        row = (jy - 1 + b) * gx + jx - 1
+        for k in tl.static_range(4):
+            if k == 0:
+                wx = wx0
+            elif k == 1:
+                wx = wx1
+            elif k == 2:
+                wx = wx2
+            else:
+                wx = wx3
+            w = wy * wx
+            p = plane + row + k
+            dz += w * tl.load(p)
+            dy += w * tl.load(p + cstride)
+            dx += w * tl.load(p + 2 * cstride)
+    return dz, dy, dx
+
+
 # The output shape stays unspecialised: specialised (ow % 16 == 0), Triton vectorises the
 # stores and lays lanes out 2-4 voxels apart along x, which spreads each gather over more
 # cache lines. ``VEC`` brings the specialised width back (``ow_s``) for the tuner to try.
@@ -385,6 +460,7 @@ def warp_kernel(
     out_lab_ptr,
     meta_ptr,
     cls_ptr,
+    fld_ptr,
     od,
     oh,
     ow,
@@ -404,12 +480,17 @@ def warp_kernel(
     TX: tl.constexpr,
     EVEN: tl.constexpr,
     VEC: tl.constexpr,
+    ELASTIC: tl.constexpr = False,
 ):
     """Resample tile ``program_id(0)`` of sample ``program_id(1)``.
 
     ``meta`` row of a sample (int64): image and label element offsets relative to
     ``img_ptr`` / ``lab_ptr``, source (D, H, W), the (3, 4) pull map in 32.32 fixed point,
-    then ``N_OPS`` program rows of four float64 words (bitcast).
+    then ``N_OPS`` program rows of four float64 words (bitcast), then with ``ELASTIC``
+    the displacement's words (:data:`ELASTIC_WORDS`): the element offset of the sample's
+    ``(od, 3, gy, gx)`` float32 plane table in ``fld_ptr`` (the control vectors with the
+    z taps contracted per output plane), gy, gx, the y and x steps in 32.32 fixed point
+    and the largest displacement per axis (fixed point).
     """
     t = tl.program_id(0)
     b = tl.program_id(1)
@@ -461,6 +542,25 @@ def warp_kernel(
     hi_y = by + tl.maximum(my1 * ey, 0) + tl.maximum(my2 * ex, 0)
     lo_x = bx + tl.minimum(mx1 * ey, 0) + tl.minimum(mx2 * ex, 0)
     hi_x = bx + tl.maximum(mx1 * ey, 0) + tl.maximum(mx2 * ex, 0)
+    if ELASTIC:
+        # every voxel moves by the spline of the control vectors: at most dmax per axis
+        e = meta_b + 17 + 4 * N_OPS
+        plane = fld_ptr + tl.load(e) + z.to(tl.int64) * (3 * tl.load(e + 1) * tl.load(e + 2))
+        gy = tl.load(e + 1).to(tl.int32)
+        gx = tl.load(e + 2).to(tl.int32)
+        dmz = tl.load(e + 5)
+        dmy = tl.load(e + 6)
+        dmx = tl.load(e + 7)
+        lo_z = lo_z - dmz
+        hi_z = hi_z + dmz
+        lo_y = lo_y - dmy
+        hi_y = hi_y + dmy
+        lo_x = lo_x - dmx
+        hi_x = hi_x + dmx
+        fz, fy, fx = _displace(plane, gy, gx, y0 + jy, x0 + jx, tl.load(e + 3), tl.load(e + 4))
+        vz = vz + (fz * 4294967296.0).to(tl.int64)
+        vy = vy + (fy * 4294967296.0).to(tl.int64)
+        vx = vx + (fx * 4294967296.0).to(tl.int64)
     interior = (
         (lo_z >= 0)
         & (hi_z < ((nz - 1).to(tl.int64) << 32))
@@ -579,24 +679,61 @@ def build_meta(
     shapes: NDArray[np.int64],
     matrices: NDArray[np.float64],
     programs: NDArray[np.float64],
+    elastic: NDArray[np.int64] | None = None,
 ) -> NDArray[np.int64]:
     """The per-sample int64 table the kernel reads (see :func:`warp_kernel`).
 
     Shape:
         offsets ``(B,)``, shapes ``(B, 3)``, matrices ``(B, 3, 4)``, programs
-        ``(B, n_ops, 4)`` -> ``(B, 17 + 4 * n_ops)``.
+        ``(B, n_ops, 4)``, elastic ``(B, 8)`` (:func:`elastic_words`) ->
+        ``(B, 17 + 4 * n_ops [+ 8])``.
     """
     b = len(shapes)
     n_ops = programs.shape[1]
-    meta = np.empty((b, META_PROG + 4 * n_ops), dtype=np.int64)
+    n_el = 0 if elastic is None else ELASTIC_WORDS
+    meta = np.empty((b, META_PROG + 4 * n_ops + n_el), dtype=np.int64)
     meta[:, 0] = img_offsets
     meta[:, 1] = lab_offsets
     meta[:, 2:5] = shapes
     meta[:, META_FIXED:META_PROG] = fixed_point(matrices)
     if n_ops:
         words = np.ascontiguousarray(programs, dtype=np.float64).reshape(b, -1)
-        meta[:, META_PROG:] = words.view(np.int64)
+        meta[:, META_PROG : META_PROG + 4 * n_ops] = words.view(np.int64)
+    if elastic is not None:
+        meta[:, META_PROG + 4 * n_ops :] = elastic
     return meta
+
+
+def elastic_words(field: NDArray[np.float64], out_shape: tuple[int, int, int]) -> NDArray[np.int64]:
+    """The kernel's displacement words per sample (see :func:`warp_kernel`), for plane
+    tables stored one sample after another.
+
+    Shape:
+        field ``(B, 3, gz, gy, gx)`` -> ``(B, 8)``.
+    """
+    b, _, _, gy, gx = field.shape
+    od, oh, ow = out_shape
+    words = np.empty((b, ELASTIC_WORDS), dtype=np.int64)
+    words[:, 0] = np.arange(b) * (od * 3 * gy * gx)
+    words[:, 1] = gy
+    words[:, 2] = gx
+    words[:, 3] = round(bspline.step(oh, gy) * FIX_ONE)
+    words[:, 4] = round(bspline.step(ow, gx) * FIX_ONE)
+    # the float32 spline may pass the float64 bound by a few ulps; a margin covers it
+    dmax = bspline.bound(field) * (1.0 + 1e-5) + 1e-6
+    words[:, 5:8] = np.ceil(dmax * FIX_ONE).astype(np.int64)
+    return words
+
+
+def plane_tables(field: torch.Tensor, od: int) -> torch.Tensor:
+    """``(B, od, 3, gy, gx)`` float32: the control vectors with the z taps contracted for
+    each output plane (``od * 3 * gy * gx`` numbers a sample, not one per voxel).
+
+    Shape:
+        field: ``(B, 3, gz, gy, gx)`` float64 on the device.
+    """
+    bz = spline_matrix(od, int(field.shape[2]), field.device)
+    return torch.einsum("zi,bcijk->bzcjk", bz, field).to(torch.float32).contiguous()
 
 
 def to_device(a: NDArray[Any], device: torch.device) -> torch.Tensor:
@@ -728,6 +865,7 @@ def prepare(
     classes: torch.Tensor | None = None,
     config: Sequence[int] | None = None,
     tune: bool = True,
+    field: NDArray[np.float64] | None = None,
 ) -> Prepared:
     """Everything :func:`warp_batch` does short of the launch: the per-sample table (one
     async copy), the outputs, the launch configuration (tuned once per signature)."""
@@ -759,7 +897,12 @@ def prepare(
     if max(nc, nl, 1) * max(svol, ovol) >= 2**31:
         raise ValueError("one sample's source or output exceeds 2**31 elements")
 
-    meta = to_device(build_meta(ioff, loff, shapes, m, prog), device)
+    elastic = None if field is None else elastic_words(field, (od, oh, ow))
+    meta = to_device(build_meta(ioff, loff, shapes, m, prog, elastic), device)
+    planes = None
+    if field is not None:
+        planes = plane_tables(to_device(np.asarray(field, dtype=np.float64), device), od)
+        keep.append(planes)
     out_img = (
         torch.empty((batch, nc, od, oh, ow), dtype=out_dtype, device=device)
         if img is not None
@@ -783,6 +926,7 @@ def prepare(
         dummy if out_lab is None else out_lab,
         meta,
         cls,
+        planes if planes is not None else dummy,
     )
     tail = (int(meta.shape[1]), float(cval), int(label_cval))
     consts = {
@@ -792,6 +936,7 @@ def prepare(
         "LINEAR": image_order == 1,
         "LAB_ONEHOT": onehot,
         "N_CLS": int(cls.numel()) if onehot else 0,
+        "ELASTIC": planes is not None,
     }
 
     cfg = as_config(config) if config is not None else env_config()
@@ -831,6 +976,7 @@ def warp_batch(
     classes: torch.Tensor | None = None,
     config: Sequence[int] | None = None,
     tune: bool = True,
+    field: NDArray[np.float64] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Resample a batch in one Triton launch; the signature of
     :func:`augment.kernels.torch_fallback.warp_batch` plus launch settings. Takes checked
@@ -848,6 +994,8 @@ def warp_batch(
             else the one tuned once per launch signature on large launches, else
             ``CONFIGS[0]``.
         tune: allow that one-off tuning.
+        field: ``(B, 3, gz, gy, gx)`` float64 control vectors of a displacement added to
+            every coordinate (see :class:`augment.plan.Plan`), or None.
 
     Returns:
         ``(image, label)``: ``(B, C, d, h, w)`` in ``out_dtype``, ``(B, L, d, h, w)`` in the
@@ -867,4 +1015,5 @@ def warp_batch(
         classes=classes,
         config=config,
         tune=tune,
+        field=field,
     )()

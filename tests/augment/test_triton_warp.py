@@ -218,6 +218,7 @@ def _compile(**kw):
         "out_lab_ptr": "*u8",
         "meta_ptr": "*i64",
         "cls_ptr": "*i64",
+        "fld_ptr": "*fp32",
         "od": "i32",
         "oh": "i32",
         "ow": "i32",
@@ -239,6 +240,7 @@ def _compile(**kw):
         "TX": 64,
         "EVEN": True,
         "VEC": False,
+        "ELASTIC": False,
         **kw,
     }
     sig.update({k: "constexpr" for k in consts})
@@ -265,6 +267,8 @@ def test_triton_kernel_compiles_for_sm90():
         {"img": "*i16", "lab": "*i16", "N_OPS": 4, "EVEN": False},
         {"img": "*bf16", "NC": 2, "NL": 0, "LINEAR": False, "N_OPS": 2},
         {"img": "*fp16", "LAB_ONEHOT": True, "N_CLS": 3},
+        {"ELASTIC": True, "N_OPS": 4, "EVEN": False},
+        {"ELASTIC": True, "LAB_ONEHOT": True, "N_CLS": 2, "TY": 16, "TX": 32},
     ):
         compiled = _compile(**dict(kw))
         assert "cubin" in compiled.asm

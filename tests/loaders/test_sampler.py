@@ -64,6 +64,21 @@ def test_region_patch_equals_whole_volume_patch(cache, volumes):
     assert outside >= 5, "the draws should include patches that stick out of the volume"
 
 
+def test_region_patch_equals_whole_volume_patch_with_a_deformation(cache, volumes):
+    """The region also covers how far the elastic displacement moves samples."""
+    aug = augment.Compose(
+        [*pipeline(cval=-1024).transforms[:3], augment.RandomElastic(points=4, magnitude=4.0)],
+        cval=-1024,
+    )
+    sampler = PatchSampler(cache, aug, seed=12)
+    for i in range(12):
+        out = sampler.sample(0, i)
+        img, lab = volumes[out["case"]]
+        ref = sampler.compose(image=img, label=lab, params=out["params"])
+        np.testing.assert_allclose(out["image"][0], ref["image"], rtol=1e-6, atol=1e-5)
+        np.testing.assert_array_equal(out["label"][0], ref["label"])
+
+
 def test_reads_only_the_footprint(cache, volumes, monkeypatch):
     sampler = PatchSampler(cache, pipeline(foreground=0.5), seed=2)
     reads: list[tuple[str, tuple, tuple, str]] = []

@@ -388,13 +388,29 @@ class ArrayReader:
             raise CacheError(self.path, f"cannot decode chunk {cidx}: {exc}") from None
         return dest
 
-    def _copy_chunks(self, tasks, out: np.ndarray) -> None:
+    def _absent(self, cidx: tuple[int, int, int]) -> bool:
+        """Whether the shard index says the chunk is absent (all fill value); False when
+        that is not known without reading the chunk (one file per chunk)."""
+        layout = self._layout
+        if layout is None or layout.shard_shape is None:
+            return False
+        pz, py, px = self._per_shard
+        cz, cy, cx = cidx
+        m, index = self._shard((cz // pz, cy // py, cx // px))
+        return m is None or index[((cz % pz) * py + cy % py) * px + cx % px][0] == _EMPTY
+
+    def _copy_chunks(self, tasks, out: np.ndarray, filled: bool = False) -> None:
+        """Decode ``tasks`` into ``out``; absent chunks are filled unless ``filled`` (the
+        caller filled ``out`` already)."""
         lru = self._lru
         if lru is None:  # decode every chunk into one reused buffer
             scratch = np.empty(self.chunk_shape, self._disk_dtype)
             for cidx, src, dst in tasks:
                 arr = self._decode(cidx, scratch)
-                out[dst] = self.fill_value if arr is None else arr[src]
+                if arr is not None:
+                    out[dst] = arr[src]
+                elif not filled:
+                    out[dst] = self.fill_value
             return
         for cidx, src, dst in tasks:
             key = (self._key, cidx)
@@ -442,11 +458,22 @@ class ArrayReader:
             ((pz[0], py[0], px[0]), (pz[1], py[1], px[1]), (pz[2], py[2], px[2]))
             for pz, py, px in itertools.product(*per_axis)
         ]
+        filled = False
+        if self._lru is None:
+            absent = sum(self._absent(cidx) for cidx, _, _ in tasks)
+            # Label regions are mostly background, whose chunks are absent: one fill of the
+            # whole region, then only the chunks present, took 0.70x the CPU of a strided
+            # fill per absent chunk (W2's label regions, 27 of 64 chunks present).
+            if absent and 4 * absent >= len(tasks):
+                out.fill(self.fill_value)
+                filled = True
         if pool is None or threads <= 1 or len(tasks) < 2 * threads:
-            self._copy_chunks(tasks, out)
+            self._copy_chunks(tasks, out, filled)
             return
         # One job per thread (not per chunk): an executor round trip costs about as
         # much as decoding a small chunk.
-        futures = [pool.submit(self._copy_chunks, tasks[t::threads], out) for t in range(threads)]
+        futures = [
+            pool.submit(self._copy_chunks, tasks[t::threads], out, filled) for t in range(threads)
+        ]
         for f in futures:
             f.result()

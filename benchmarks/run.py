@@ -28,6 +28,7 @@ WORKLOADS = {
     "w3": "benchmarks.w3",
     "w4": "benchmarks.w4",
     "w5": "benchmarks.w5",
+    "w6": "benchmarks.w6",
 }
 
 

@@ -44,8 +44,8 @@ shared with other jobs, so compared by thread CPU time (medians):
   regions (W5), 0.77x for the image and 0.82x for the label regions of W2's 128^3 patches
   (LRU off); the decoder has fewer, longer matches to copy (32.7 vs 41.7 us per
   32x64x64 int16 chunk). Encoding runs at about 150 MB/s instead of 1.6 GB/s: the whole
-  build of the two cases took 1.19x the CPU. (An earlier note here measured lz4hc at
-  clevel 9 on hot chunks: 40 MB/s, "no faster to decode".)
+  build of the two cases took 1.19x the CPU. (An earlier note here had lz4hc "no faster
+  to decode, 40 MB/s to encode"; neither held in these measurements.)
 - blosc's automatic block size for these chunks is 256 KiB (the whole chunk): decoding
   then ran 2.4x slower (38 vs 12-14 us per hot chunk, 3.8 vs 1.3 ms per region; the L2
   cache is 512 KiB), hence the forced block size;

@@ -144,11 +144,13 @@ class Compose:
     def matrix(self, params: ComposeParams) -> F64:
         """``(B, 4, 4)`` pull maps from the output patch to the source, one per sample."""
         out = []
+        one = params.batch == 1  # a batch of one is its own sample 0: no take()
         for b in range(params.batch):
             shape = tuple(int(s) for s in params.in_shape[b])
             m = np.eye(4)
             for t, p in zip(self.spatial, params.spatial, strict=True):
-                m = np.matmul(m, t.matrix(p.take(b), shape).reshape(4, 4))  # type: ignore[arg-type]
+                pb = p if one else p.take(b)
+                m = np.matmul(m, t.matrix(pb, shape).reshape(4, 4))  # type: ignore[arg-type]
                 shape = t.out_shape(shape)  # type: ignore[arg-type]
             out.append(m)
         return np.stack(out) if out else np.zeros((0, 4, 4))
@@ -179,8 +181,9 @@ class Compose:
         intensity transform that must run after the warp (``len(intensity)`` if none)."""
         ops: list[F64] = []
         value_range = None
+        one = params.batch == 1
         for i, (t, p) in enumerate(zip(self.intensity, params.intensity, strict=True)):
-            prog = t.program(p.take(index), value_range)
+            prog = t.program(p if one else p.take(index), value_range)
             if prog is None:
                 return pg.concat(*ops), i
             ops.append(prog)
@@ -244,7 +247,7 @@ class Compose:
             posts.append(post)
         after = tuple(
             tuple(
-                (t, p.take(b))
+                (t, p if batch == 1 else p.take(b))
                 for t, p in zip(self.intensity[post:], params.intensity[post:], strict=True)
             )
             for b, post in enumerate(posts)

@@ -36,6 +36,14 @@ def _minmax(x: Any) -> tuple[float, float]:
     return float(x.min()), float(x.max())
 
 
+def _active_uniform(rng: np.random.Generator, p: float, bounds: Range) -> tuple[bool, float]:
+    """``random() < p`` and then ``uniform(*bounds)``, from one ``rng.random(2)`` call: the
+    same numbers as the two calls (``uniform`` is ``lo + (hi - lo) * random()``)."""
+    u = rng.random(2)
+    lo, hi = bounds
+    return bool(u[0] < p), lo + (hi - lo) * float(u[1])
+
+
 @dataclass(frozen=True)
 class NoParams(Params):
     active: NDArray[np.bool_]  # (B,)
@@ -178,12 +186,18 @@ class RandomGamma(IntensityTransform):
         self.value_range = value_range
 
     def sample(self, rng: np.random.Generator) -> GammaParams:
-        active = rng.random() < self.p
+        """Draw order: ``random() < p``; when the range straddles 1, ``random() < 0.5``
+        (below 1); then the gamma, ``lo + (hi - lo) * random()`` over its half (one
+        ``rng.random(k)`` call: the numbers ``rng.uniform`` call by call gives)."""
         lo, hi = self.gamma
-        if lo < 1.0 < hi and rng.random() < 0.5:
-            g = rng.uniform(lo, 1.0)
+        straddle = lo < 1.0 < hi
+        u = rng.random(3 if straddle else 2)
+        active = bool(u[0] < self.p)
+        if straddle and u[1] < 0.5:
+            g = lo + (1.0 - lo) * u[2]
         else:
-            g = rng.uniform(max(lo, 1.0) if lo < 1.0 < hi else lo, hi)
+            a = max(lo, 1.0) if straddle else lo
+            g = a + (hi - a) * u[-1]
         return GammaParams(active=np.array([active]), gamma=np.array([g if active else 1.0]))
 
     def program(self, params: Params, value_range: Range | None) -> F64 | None:
@@ -241,8 +255,12 @@ class RandomNoise(IntensityTransform):
         self.p = check_probability(p)
 
     def sample(self, rng: np.random.Generator) -> NoiseParams:
-        active = rng.random() < self.p
-        sigma = rng.uniform(*self.std) if self.std[1] > self.std[0] else self.std[0]
+        """Draw order: ``random() < p``, the sigma (a uniform, unless the range is one
+        value), then the seed (``integers(0, 2**32)``)."""
+        lo, hi = self.std
+        u = rng.random(2 if hi > lo else 1)
+        active = bool(u[0] < self.p)
+        sigma = lo + (hi - lo) * u[1] if hi > lo else lo
         seed = int(rng.integers(0, 2**32))
         return NoiseParams(
             active=np.array([active]),
@@ -301,8 +319,8 @@ class RandomContrast(IntensityTransform):
         self.preserve_range = preserve_range
 
     def sample(self, rng: np.random.Generator) -> ScaleParams:
-        active = rng.random() < self.p
-        f = rng.uniform(*self.factor)
+        """Draw order: ``random() < p``, then the factor (a uniform)."""
+        active, f = _active_uniform(rng, self.p, self.factor)
         return ScaleParams(active=np.array([active]), factor=np.array([f if active else 1.0]))
 
     def program(self, params: Params, value_range: Range | None) -> F64 | None:
@@ -353,8 +371,8 @@ class RandomBrightness(IntensityTransform):
             warnings.warn("RandomBrightness is configured as a no-op", stacklevel=2)
 
     def sample(self, rng: np.random.Generator) -> ScaleParams:
-        active = rng.random() < self.p
-        f = rng.uniform(*self.factor)
+        """Draw order: ``random() < p``, then the factor (a uniform)."""
+        active, f = _active_uniform(rng, self.p, self.factor)
         neutral = 0.0 if self.additive else 1.0
         return ScaleParams(active=np.array([active]), factor=np.array([f if active else neutral]))
 

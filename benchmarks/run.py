@@ -30,6 +30,7 @@ WORKLOADS = {
     "w5": "benchmarks.w5",
     "w5-remote": "benchmarks.w5_remote",
     "w7": "benchmarks.w7",
+    "w6": "benchmarks.w6",
 }
 
 

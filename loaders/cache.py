@@ -35,9 +35,17 @@ exact permutation/flip of the array, identity direction); its record keeps the
 Chunking and codec, measured on a 200x512x512 int16 phantom (``benchmarks/w5.py`` and
 the experiments behind it): random 160^3 regions, warm page cache, one thread, 2-core VM
 shared with other jobs, so compared by thread CPU time (medians):
-- sharded (one shard file per array), 32x64x64 inner chunks, blosc lz4 clevel 5 + byte
-  shuffle with 64 KiB blosc blocks, decoded here from a memory map: 0.43x the raw bytes,
+- sharded (one shard file per array), 32x64x64 inner chunks, blosc lz4hc clevel 5 + byte
+  shuffle with 64 KiB blosc blocks, decoded here from a memory map: 0.41x the raw bytes,
   about 2-2.5x the CPU of copying the region out of a .npy memmap;
+- lz4hc instead of lz4 (format 3; the same clevel, shuffle and blocks): 0.415x instead of
+  0.436x the raw bytes and less CPU per region read, by process CPU time in interleaved
+  rounds on the two caches of the same two phantom cases: 0.83x for random 160^3 image
+  regions (W5), 0.77x for the image and 0.82x for the label regions of W2's 128^3 patches
+  (LRU off); the decoder has fewer, longer matches to copy (32.7 vs 41.7 us per
+  32x64x64 int16 chunk). Encoding runs at about 150 MB/s instead of 1.6 GB/s: the whole
+  build of the two cases took 1.19x the CPU. (An earlier note here had lz4hc "no faster
+  to decode, 40 MB/s to encode"; neither held in these measurements.)
 - blosc's automatic block size for these chunks is 256 KiB (the whole chunk): decoding
   then ran 2.4x slower (38 vs 12-14 us per hot chunk, 3.8 vs 1.3 ms per region; the L2
   cache is 512 KiB), hence the forced block size;
@@ -45,8 +53,8 @@ shared with other jobs, so compared by thread CPU time (medians):
 - 48x64x64, 64^3 and 32x96x96 within 10% of 32x64x64 for 160^3 regions; 32^3 1.3x and
   16x64x64 1.1x slower (per-chunk overhead); for 96^3-128^3 regions 32x64x64 is within 5%
   of the best and 64x128x128 1.5x slower; 32 slices suit anisotropic scans of few slices;
-- lz4hc: 0.41x bytes, no faster to decode, 25x slower to encode (40 MB/s); zstd: 0.38x
-  bytes, 5x slower decoding; no shuffle: 0.87x bytes; bit shuffle: 2x slower decoding.
+- zstd: 0.38x bytes, 5x slower decoding; no shuffle: 0.87x bytes; bit shuffle: 2x slower
+  decoding.
 """
 
 from __future__ import annotations
@@ -91,12 +99,13 @@ __all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache", "default_ca
 
 # 2: cases on their canonical grid, with a "reorientation" record (format 1 stored them as
 # the files did, so its arrays would be misread next to reoriented ones)
-CACHE_FORMAT = 2
+# 3: image and label chunks in blosc lz4hc instead of lz4 (see the module docstring)
+CACHE_FORMAT = 3
 CACHE_CHUNKS: tuple[int, int, int] = (32, 64, 64)
 """Inner chunk shape (z, y, x) of the image and label arrays (see the module docstring)."""
 # c-blosc scales a forced block size by the item size with a 64 KiB floor: 64 KiB blocks
 # for int16 and uint8 alike (see the module docstring for why not the automatic size).
-_BLOSC: dict[str, Any] = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle", "blocksize": 32768}
+_BLOSC: dict[str, Any] = {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle", "blocksize": 32768}
 _PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
 _STATS_SAMPLE = 2_000_000  # voxels used for intensity percentiles (a regular stride)
 _MANIFEST_EVERY_S = 1.0  # how often a running build publishes finished cases

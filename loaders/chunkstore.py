@@ -544,16 +544,26 @@ class ArrayReader:
             raise CacheError(self.location, f"cannot decode chunk {cidx}: {exc}") from None
         return dest
 
-    def _copy_chunks(self, tasks, out: np.ndarray, fetched) -> None:
+    def _absent(self, cidx: tuple[int, int, int]) -> bool:
+        """Whether the shard index says the chunk is absent (all fill value); False when
+        that is not known without reading the chunk (one file per chunk)."""
+        layout = self._layout
+        if layout is None or layout.shard_shape is None:
+            return False
+        return self._locate(cidx) is None
+
+    def _copy_chunks(self, tasks, out: np.ndarray, fetched, filled: bool = False) -> None:
+        """Decode ``tasks`` into ``out`` (bytes from ``fetched`` where given); absent chunks
+        are filled unless ``filled`` (the caller filled ``out`` already)."""
         lru = self._lru
         if lru is None:  # decode every chunk into one reused buffer
             scratch = np.empty(self.chunk_shape, self._disk_dtype)
             for cidx, src, dst in tasks:
                 buf = self._chunk_bytes(cidx) if fetched is None else fetched[cidx]
-                if buf is None:
-                    out[dst] = self.fill_value
-                else:
+                if buf is not None:
                     out[dst] = self._decode(buf, cidx, scratch)[src]
+                elif not filled:
+                    out[dst] = self.fill_value
             return
         for cidx, src, dst in tasks:
             key = (self._key, cidx)
@@ -611,13 +621,23 @@ class ArrayReader:
             for pz, py, px in itertools.product(*per_axis)
         ]
         fetched = None if self.source.mapped else self._fetch(tasks)
+        filled = False
+        if self._lru is None:
+            absent = sum(self._absent(cidx) for cidx, _, _ in tasks)
+            # Label regions are mostly background, whose chunks are absent: one fill of the
+            # whole region, then only the chunks present, took 0.70-0.72x the CPU of a strided
+            # fill per absent chunk (W2's label regions, 27 of 64 chunks present).
+            if absent and 4 * absent >= len(tasks):
+                out.fill(self.fill_value)
+                filled = True
         if pool is None or threads <= 1 or len(tasks) < 2 * threads:
-            self._copy_chunks(tasks, out, fetched)
+            self._copy_chunks(tasks, out, fetched, filled)
             return
         # One job per thread (not per chunk): an executor round trip costs about as
         # much as decoding a small chunk.
         futures = [
-            pool.submit(self._copy_chunks, tasks[t::threads], out, fetched) for t in range(threads)
+            pool.submit(self._copy_chunks, tasks[t::threads], out, fetched, filled)
+            for t in range(threads)
         ]
         for f in futures:
             f.result()

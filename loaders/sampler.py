@@ -45,6 +45,8 @@ Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 # Corner coordinates within this distance of an integer count as that integer, so that the
 # floor taken here can never disagree with the kernel's by float rounding.
 _EPS = 1e-6
+# the corners of the unit cube, in the order meshgrid(..., indexing="ij") gives them
+_CORNERS = np.array([[z, y, x] for z in (0, 1) for y in (0, 1) for x in (0, 1)], dtype=np.int64)
 
 
 def footprint(matrix: ArrayLike, out_shape: Sequence[int], *, margin: int = 0) -> Box:
@@ -59,9 +61,7 @@ def footprint(matrix: ArrayLike, out_shape: Sequence[int], *, margin: int = 0) -
         ``(start, stop)``, half-open integer triples: every trilinear tap (floor(c) and
         floor(c) + 1 per axis) and every nearest tap of every output voxel lies inside.
     """
-    corners = np.stack(
-        np.meshgrid(*[[0, n - 1] for n in out_shape], indexing="ij"), axis=-1
-    ).reshape(-1, 3)
+    corners = _CORNERS * (np.asarray(out_shape, dtype=np.int64) - 1)
     src = mx.apply_points(matrix, corners)
     lo = np.floor(src.min(axis=0) - _EPS).astype(np.int64) - int(margin)
     hi = np.floor(src.max(axis=0) + _EPS).astype(np.int64) + 2 + int(margin)

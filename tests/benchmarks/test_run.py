@@ -154,3 +154,21 @@ def test_results_go_under_the_current_folder_never_into_the_package(
 
     after = set(package_results.iterdir()) if package_results.exists() else set()
     assert after == before
+
+
+def test_quick_w6_reports_the_host_cost_of_gpu_mode() -> None:
+    from benchmarks import w6
+
+    assert run.WORKLOADS["w6"] == "benchmarks.w6"
+    rows = {r.name: r for r in with_ratios(w6.run(quick=True))}
+    host, per_core = rows["host-cpu-ms-per-patch"], rows["patches-per-host-core"]
+    parts = ("sampling", "region-read", "batch-plan")
+    assert all(rows[f"{p}-cpu-ms-per-patch"].value > 0 for p in parts)
+    staging = rows.get("pinned-staging-cpu-ms-per-patch")
+    total = rows["sampling-cpu-ms-per-patch"].value + rows["region-read-cpu-ms-per-patch"].value
+    total += rows["batch-plan-cpu-ms-per-patch"].value + (staging.value if staging else 0.0)
+    assert host.unit == "ms" and abs(host.value - total) < 0.01
+    assert per_core.unit == "patches/s" and abs(per_core.value - 1000 / host.value) < 0.1
+    cpu_mode = rows["cpu-mode-cpu-ms-per-patch"]
+    assert host.baseline == cpu_mode.name and host.ratio == round(cpu_mode.value / host.value, 3)
+    assert "device step left out" in host.note

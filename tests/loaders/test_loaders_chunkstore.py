@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from loaders import CacheError
+from loaders import CacheError, chunkstore
 from loaders.chunkstore import ArrayReader, ChunkLRU, parse_region
 
 SHAPE = (13, 17, 19)
@@ -85,6 +85,32 @@ def test_fast_path_reads_what_zarr_reads(stores):
     ArrayReader(path).read_into((0, 0, 0), SHAPE, out)
     np.testing.assert_array_equal(out, zarr.open_array(str(path), mode="r")[...])
     np.testing.assert_array_equal(out, arr)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mostly_absent_regions_read_the_fill_value_and_the_chunks_present(
+    tmp_path, monkeypatch, threads
+):
+    """A label-like array: one chunk present, the others absent (fill value 7). The region
+    is filled once, and only the chunk present is decoded."""
+    arr = np.full((12, 10, 12), 7, np.uint8)
+    arr[4:8, 5:10, 6:12] = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    path = tmp_path / "label"
+    z = zarr.create_array(
+        str(path), shape=arr.shape, dtype=np.uint8, fill_value=7, **LAYOUTS["sharded-blosc"]
+    )
+    z[...] = arr
+    reader = ArrayReader(path)
+    decoded = []
+    real = chunkstore.blosc.decompress
+    monkeypatch.setattr(
+        chunkstore.blosc, "decompress", lambda src, dest: decoded.append(1) or real(src, dest)
+    )
+    out = np.zeros((9, 9, 9), np.uint8)
+    with ThreadPoolExecutor(2) as pool:
+        reader.read_into((2, 1, 3), (11, 10, 12), out, pool=pool, threads=threads)
+    np.testing.assert_array_equal(out, arr[2:11, 1:10, 3:12])
+    assert len(decoded) == 1  # of the 12 chunks the region meets
 
 
 def test_lru_keeps_to_its_budget_and_hits(stores):

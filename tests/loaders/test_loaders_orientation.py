@@ -27,6 +27,7 @@ from loaders import (
     read_volume,
     to_canonical,
 )
+from loaders.cache import CACHE_FORMAT
 
 SHAPE = (9, 11, 13)  # (z, y, x)
 SPACING_XYZ = (0.8, 0.7, 2.5)
@@ -253,7 +254,9 @@ def test_a_cache_of_the_old_format_is_rebuilt_not_misread(tmp_path, variant_file
     old_dirs = {p.name for p in root.iterdir() if "@" in p.name}
     cache = VolumeCache(root)  # opens, but every read is refused
     for read in (lambda: cache.cases, lambda: cache.read("ras"), lambda: cache.info("ras")):
-        with pytest.raises(CacheError, match="cache format 1; this version reads 2: rebuild"):
+        with pytest.raises(
+            CacheError, match=f"cache format 1; this version reads {CACHE_FORMAT}: rebuild"
+        ):
             read()
     assert "cache format 1" in repr(cache) and not cache.complete
     report = cache.build(cases, workers=1, progress=False)

@@ -217,15 +217,32 @@ def test_a_fork_after_numba_used_gnu_openmp_is_reported(sampler):
         assert all(torch.equal(g["image"], w["image"]) for g, w in zip(got, want, strict=True))
 
 
-def test_monai_dataloader_gives_patchloader_batches(sampler):
-    monai_data = pytest.importorskip("monai.data")
+def test_monai_dataloader_gives_patchloader_batches_and_trains(sampler):
+    """The README's MONAI example: monai.data.DataLoader keeps its own worker_init_fn (the
+    dataset makes its workers single-threaded itself), a MONAI network and loss take the
+    batches as they come."""
+    monai = pytest.importorskip("monai")
     world, epoch = 2, 5
     ds = PatchDataset(sampler, length=BATCHES * B * world)
-    for rank in range(world):
+    for rank, workers in ((0, 0), (1, 2)):
         shards = ds.sampler(rank=rank, world_size=world)
         shards.set_epoch(epoch)
-        loader = monai_data.DataLoader(ds, batch_size=B, sampler=shards, num_workers=0)
-        assert_same_batches(list(loader), reference(sampler, epoch, rank, world), epoch)
+        options = (
+            {"multiprocessing_context": "spawn", "persistent_workers": True} if workers else {}
+        )
+        loader = monai.data.DataLoader(
+            ds, batch_size=B, sampler=shards, num_workers=workers, **options
+        )
+        got = list(loader)
+        assert_same_batches(got, reference(sampler, epoch, rank, world), epoch)
+    net = monai.networks.nets.UNet(
+        spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,)
+    )
+    loss = monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)(
+        net(got[0]["image"]), got[0]["label"]
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
 
 
 def run_python(code: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

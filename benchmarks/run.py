@@ -25,6 +25,7 @@ from benchmarks.common import Result, default_results_dir, machine_info, with_ra
 WORKLOADS = {
     "w1": "benchmarks.w1",
     "w2": "benchmarks.w2",
+    "w2-remote": "benchmarks.w2_remote",
     "w3": "benchmarks.w3",
     "w4": "benchmarks.w4",
     "w5": "benchmarks.w5",

@@ -95,13 +95,20 @@ def w2_compose(patch: tuple[int, int, int]) -> augment.Compose:
     )
 
 
-def phantom_cache(size: tuple[int, int, int]) -> Any:
-    """Two phantom cases of ``size`` in a cache under data/bench (built once)."""
-    from loaders import VolumeCache
+def phantom_cases(size: tuple[int, int, int]) -> Any:
+    """Two phantom cases of ``size`` under data/bench (generated once)."""
     from loaders.phantom import write_msd_dataset
 
     tag = "x".join(str(s) for s in size)
-    cases = write_msd_dataset(DATA / f"phantom-{tag}", n_train=2, seed=0, size=size, workers=2)
+    return write_msd_dataset(DATA / f"phantom-{tag}", n_train=2, seed=0, size=size, workers=2)
+
+
+def phantom_cache(size: tuple[int, int, int]) -> Any:
+    """Two phantom cases of ``size`` in a cache under data/bench (built once)."""
+    from loaders import VolumeCache
+
+    tag = "x".join(str(s) for s in size)
+    cases = phantom_cases(size)
     cache = VolumeCache(DATA / f"cache-{tag}.zarr")
     cache.build(cases, workers=2, progress=False)
     return cache

@@ -49,7 +49,7 @@ GOAL_BYTES = 1.5
 
 
 @contextmanager
-def _aws_env() -> Iterator[None]:
+def local_aws_env() -> Iterator[None]:
     """Dummy credentials for the local server, nothing of the machine's AWS set-up."""
     saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     for k in saved:
@@ -93,7 +93,7 @@ def run(quick: bool = False) -> list[Result]:
 
     with (
         tempfile.TemporaryDirectory(prefix="w5r-") as tmp_name,
-        _aws_env(),
+        local_aws_env(),
         LocalS3Server() as server,
         RecordingProxy(server.endpoint) as proxy,
     ):

@@ -8,12 +8,18 @@ direction are stored in the same order (see ``loaders.volume``).
     >>> cache = loaders.VolumeCache("data/phantom.zarr")
     >>> cache.build(cases, label_map=loaders.liver_label)
     >>> patch = cache.read_region(cases[0].id, ((0, 0, 0), (64, 128, 128)))
+
+``PatchDataset``, ``ShardSampler`` and ``worker_init_fn`` (``loaders.dataset``, the torch
+``Dataset`` face of the sampler) are imported on first use: ``import loaders`` does not
+import torch.
 """
 
 # ruff: noqa: E402 (the io extra is checked before the modules that need it are imported)
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from typing import TYPE_CHECKING
 
 _IO_MODULES = ("SimpleITK", "zarr", "numcodecs", "tqdm")
 """What ``loaders`` imports beyond the core, all from the ``io`` extra."""
@@ -83,6 +89,36 @@ from loaders.volume import (
     write_array,
     write_volume,
 )
+
+if TYPE_CHECKING:
+    from loaders.dataset import PatchDataset as PatchDataset
+    from loaders.dataset import ShardSampler as ShardSampler
+    from loaders.dataset import worker_init_fn as worker_init_fn
+
+_TORCH_FACE = ("PatchDataset", "ShardSampler", "worker_init_fn")
+"""Names of ``loaders.dataset``, which imports torch (the ``torch`` extra) when first used;
+left out of ``__all__``, so that ``from loaders import *`` does not import torch."""
+
+
+def __getattr__(name: str) -> object:
+    if name not in _TORCH_FACE:
+        raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+    if _absent(("torch",)):
+        raise ModuleNotFoundError(
+            f"loaders.{name} needs torch, not installed here: install the torch extra, "
+            "python -m pip install 'voxaug[torch]' (from a checkout: python -m pip install "
+            "-e '.[torch]')",
+            name="torch",
+        )
+    module = importlib.import_module("loaders.dataset")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_TORCH_FACE})
+
 
 __all__ = [
     "LoaderStats",

@@ -148,6 +148,16 @@ def storage_options_for(url: str, storage_options: dict[str, Any] | None) -> dic
         )
     if protocol in ("s3", "s3a"):
         given["config_kwargs"] = {**S3_CONFIG, **given.get("config_kwargs", {})}
+        # the endpoint botocore would take from the environment, made an option: fsspec's
+        # instance cache is keyed by the options alone, so a process whose AWS_ENDPOINT_URL
+        # changed was handed the filesystem of the earlier endpoint
+        env = os.environ
+        if "endpoint_url" not in given and env.get(
+            "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", ""
+        ).lower() not in ("true", "1"):
+            endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                given["endpoint_url"] = endpoint
     elif protocol in ("http", "https"):
         import aiohttp
 

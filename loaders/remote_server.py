@@ -68,6 +68,11 @@ class LocalS3Server:
     def endpoint(self) -> str:
         return f"http://{_HOST}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (benchmarks read its CPU time)."""
+        return None if self._proc is None else self._proc.pid
+
     def start(self) -> LocalS3Server:
         for _ in range(3):  # a port taken between free_port() and the bind: another one
             self.port = free_port()

@@ -385,3 +385,21 @@ def test_training_takes_the_cache_url_from_set(aws_env, s3_server, phantom_cases
     dataset = prepare_dataset(cfg.data, build=False)
     assert dataset.cache.root == url
     assert len(dataset.train) + len(dataset.val) == len(phantom_cases)
+
+
+def test_a_changed_endpoint_in_the_environment_is_used(
+    aws_env, s3_server, phantom_cases, monkeypatch
+):
+    # a cache read through AWS_ENDPOINT_URL, then another server's: not the first's client
+    first = new_bucket(s3_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    VolumeCache(f"s3://{first}/a.zarr").build(phantom_cases[:1], workers=1, progress=False)
+    with LocalS3Server() as other:
+        second = new_bucket(other.endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", other.endpoint)
+        cache = VolumeCache(f"s3://{second}/b.zarr")
+        cache.build(phantom_cases[1:2], workers=1, progress=False)
+        assert cache.cases == (phantom_cases[1].id,)
+        assert objects(other.endpoint, second)
+        assert all(k.startswith("b.zarr/") for k in objects(other.endpoint, second))
+    assert all(k.startswith("a.zarr/") for k in objects(s3_server.endpoint, first))

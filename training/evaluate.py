@@ -24,7 +24,7 @@ class) and ``evaluation.json`` (the settings, the rows, and the means per class)
 are printed.
 
 Exit status: 0 done; 2 bad input (no such folder, no masks, unmatched names, differing
-geometry, non-integer labels, bad options).
+geometry, non-integer labels, bad options); 130 interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -286,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvaluateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing written", file=sys.stderr)
+        return 130
     write_case_csv(rows, out / "evaluation.csv")
     means = {
         classes.names[k]: mean_metrics([r for r in rows if r["class"] == classes.names[k]])

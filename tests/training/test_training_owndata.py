@@ -128,6 +128,14 @@ def test_tumour_label_survives_into_training_and_validation(lits_run: Path, tmp_
         trainer.close()
 
 
+def test_resume_with_data_finds_the_run_it_named(lits_run: Path, capsys):
+    root = lits_run.parents[1] / "lits"
+    files = {p: p.read_bytes() for p in lits_run.rglob("*") if p.is_file()}
+    assert main([*cli(root, lits_run.parent), "--resume", "--no-progress"]) == 0
+    assert f"run {lits_run} is finished" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in lits_run.rglob("*") if p.is_file()} == files
+
+
 def test_native_metrics_equal_metrics_on_the_original_grid(lits_run: Path):
     cfg = load_config(lits_run / "config.toml")
     dataset = prepare_dataset(cfg.data, build=False)

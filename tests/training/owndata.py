@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 
 from training.checkpoint import checkpoint_path, make_checkpoint, save_checkpoint
 from training.config import Config, resolve_config, to_dict, to_toml
@@ -136,6 +137,20 @@ def smoke_data_overrides(root: Path, runs: Path, *extra: str) -> list[str]:
         "data.patch_size=[16, 16, 16]",
         *extra,
     ]
+
+
+def threshold_net() -> nn.Module:
+    """A pointwise 'segnet' on the CT window's [0, 1]: class 1 above 0.55 (47.5 HU), class 2
+    above 0.75 (137.5 HU), linear logits, so no voxel of an int16 image is a tie."""
+    conv = nn.Conv3d(1, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[1, 0] = 20.0
+        conv.bias[1] = -11.0
+        conv.weight[2, 0] = 40.0
+        conv.bias[2] = -26.0
+    return conv
 
 
 def make_run(

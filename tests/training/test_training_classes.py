@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,26 @@ def test_case_zscore_takes_the_sample_case_constants():
     a = CaseCompose(transforms).sample(np.random.default_rng(5), img.shape, case="a")
     b = augment.Compose(transforms).sample(np.random.default_rng(5), img.shape, case="a")
     assert a.as_dict() == b.as_dict()
+
+
+def test_case_zscore_on_a_torch_batch_and_through_pickle():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    img = rng.normal(300.0, 50.0, (6, 8, 10)).astype(np.float32)
+    stats = {"a": (300.0, 50.0), "b": (100.0, 25.0)}
+    compose = CaseCompose(
+        [augment.RandomCrop((4, 6, 8)), augment.RandomAffine(10), CaseZScore(stats)]
+    )
+    compose = pickle.loads(pickle.dumps(compose))  # as the loader's spawned workers get it
+    params = [
+        compose.sample(np.random.default_rng(i), img.shape, case=c) for i, c in enumerate("ab")
+    ]
+    # the batched torch path (the loader's GPU mode, here on the CPU) against numpy per sample
+    batch = compose(
+        image=[torch.from_numpy(img)[None], torch.from_numpy(img)[None]],
+        params=augment.stack_params(params),
+    )["image"]
+    for b, p in enumerate(params):
+        want = compose(image=img, params=p)["image"]
+        np.testing.assert_allclose(batch[b, 0].numpy(), want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(batch[0].numpy(), batch[1].numpy())

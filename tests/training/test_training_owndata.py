@@ -20,6 +20,7 @@ from owndata import (
     FLIP_XYZ,
     image,
     smoke_data_overrides,
+    threshold_net,
     write,
     write_lits,
     write_msd,
@@ -27,7 +28,6 @@ from owndata import (
     write_sliver,
 )
 from scipy import ndimage
-from torch import nn
 
 from loaders import DataWarning
 from training.checkpoint import latest_checkpoint, load_checkpoint
@@ -46,20 +46,6 @@ INFER = {
     "channels_last": False,
     "autocast": False,
 }
-
-
-def threshold_net() -> nn.Module:
-    """A pointwise 'segnet' on the CT window's [0, 1]: class 1 above 0.55 (47.5 HU), class 2
-    above 0.75 (137.5 HU), linear logits, so no voxel of an int16 image is a tie."""
-    conv = nn.Conv3d(1, 3, 1)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.bias.zero_()
-        conv.weight[1, 0] = 20.0
-        conv.bias[1] = -11.0
-        conv.weight[2, 0] = 40.0
-        conv.bias[2] = -26.0
-    return conv
 
 
 def cli(root: Path, runs: Path, *extra: str) -> list[str]:

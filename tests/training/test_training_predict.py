@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from owndata import FLIP_XYZ, image, liver_case, make_run, write, write_dicom
-from test_training_owndata import threshold_net
+from owndata import FLIP_XYZ, image, liver_case, make_run, threshold_net, write, write_dicom
 
 from loaders import read_volume
 from training.classes import Classes

@@ -229,3 +229,25 @@ def test_another_modality_draws_a_warning(run, tmp_path, capsys):
     err = error(capsys)
     assert f"warning: {src}: no voxel below -500" in err and "does not look like CT" in err
     assert (tmp_path / "o" / "mr.nii.gz").is_file()
+
+
+def test_checkpoint_device_and_input_options(run, tmp_path, capsys):
+    src = write(image(liver_case(1)[0]), tmp_path / "s.nii.gz")
+    ckpt = next((run / "checkpoints").glob("ckpt-*.pt"))
+    other = tmp_path / "elsewhere" / ckpt.name
+    other.parent.mkdir()
+    other.write_bytes(ckpt.read_bytes())
+    (other.parent / f"{ckpt.name}.digest").write_bytes(
+        (ckpt.parent / f"{ckpt.name}.digest").read_bytes()
+    )
+    out = tmp_path / "o"
+    assert predict("--run", str(run), "--checkpoint", str(other), "--input", str(src),
+                   "--output", str(out), "--device", "cpu") == 0  # fmt: skip
+    assert f"with {other}" in capsys.readouterr().out
+    missing = tmp_path / "absent.nii.gz"
+    assert predict("--run", str(run), "--input", str(missing), "--output", str(out)) == 2
+    assert f"--input {missing}: no such file or folder" in error(capsys)
+    if not torch.cuda.is_available():
+        assert predict("--run", str(run), "--input", str(src), "--output", str(out),
+                       "--device", "cuda") == 2  # fmt: skip
+        assert "no CUDA device is available" in error(capsys)

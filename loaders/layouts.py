@@ -1,8 +1,12 @@
-"""Dataset layouts: MSD / nnU-Net, LiTS, SLIVER07 and plain (image, label) pair lists.
+"""Dataset layouts: MSD / nnU-Net, LiTS, SLIVER07, ``images/`` + ``labels/`` folders and plain
+(image, label) pair lists, and the detection of a folder's layout.
 
 Every function returns a list of ``Case`` sorted by id, after checking that the files it
 names exist. Nothing is read here beyond file names and dataset.json; reading and the
 image/label consistency checks happen in ``read_case`` (and so in ``VolumeCache.build``).
+``detect_layout`` names the layout of a folder from its file names alone, and
+``dataset_folder`` reads a folder in its (detected or given) layout, with the label names and
+the modality the layout declares.
 """
 
 from __future__ import annotations
@@ -11,18 +15,28 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loaders.cases import Case
 from loaders.errors import DatasetError
-from loaders.volume import detached_data_names, volume_suffix
+from loaders.volume import SUPPORTED_SUFFIXES, detached_data_names, volume_suffix
 
 __all__ = [
+    "LAYOUTS",
     "LITS_LABELS",
+    "LITS_NAMES",
     "SLIVER_LABELS",
+    "SLIVER_NAMES",
+    "DatasetFolder",
     "case_id_from_path",
+    "dataset_folder",
+    "declared_label_names",
     "declared_labels",
+    "declared_modality",
+    "detect_layout",
+    "folder_pair_cases",
     "load_dataset_json",
     "lits_cases",
     "msd_cases",
@@ -36,6 +50,12 @@ LITS_LABELS = (0, 1, 2)
 """LiTS label values: background, liver, tumour."""
 SLIVER_LABELS = (0, 1)
 """SLIVER07 label values: background, liver."""
+LITS_NAMES = {0: "background", 1: "liver", 2: "tumour"}
+"""The names of the LiTS label values."""
+SLIVER_NAMES = {0: "background", 1: "liver"}
+"""The names of the SLIVER07 label values."""
+LAYOUTS = ("msd", "lits", "sliver07", "pairs")
+"""The folder layouts ``detect_layout`` knows, in the order it tries them."""
 
 
 def case_id_from_path(path: PathLike) -> str:
@@ -175,6 +195,55 @@ def declared_labels(meta: dict[str, Any], where: Path) -> tuple[int, ...] | None
                 raise bad
             values.add(item)
     return tuple(sorted(values))
+
+
+def declared_label_names(meta: dict[str, Any], where: Path) -> dict[int, str] | None:
+    """The names dataset.json gives its label values.
+
+    Args:
+        meta: the parsed dataset.json.
+        where: its path, for messages.
+
+    Returns:
+        ``{value: name}`` for every value of ``declared_labels``, or None where dataset.json
+        has no ``"labels"``. nnU-Net v2 regions (a name mapped to a list of values) name a
+        value only where no name maps to that value alone.
+
+    Raises:
+        DatasetError: as ``declared_labels``.
+    """
+    values = declared_labels(meta, where)
+    if values is None:
+        return None
+    labels = meta["labels"]
+    if all(re.fullmatch(r"\s*\d+\s*", k) for k in labels):
+        return {int(k): str(v) for k, v in sorted(labels.items(), key=lambda kv: int(kv[0]))}
+    names: dict[int, str] = {}
+    for name, v in labels.items():
+        if not isinstance(v, list):
+            names.setdefault(int(v), str(name))
+    for name, v in labels.items():
+        for item in v if isinstance(v, list) else []:
+            names.setdefault(int(item), str(name))
+    return {v: names[v] for v in values}
+
+
+def declared_modality(meta: dict[str, Any]) -> str | None:
+    """The imaging modality dataset.json names (MSD ``"modality"``, nnU-Net v2
+    ``"channel_names"``), e.g. ``"CT"`` or ``"MRI"``.
+
+    Args:
+        meta: the parsed dataset.json.
+
+    Returns:
+        The name of its single channel (several channels: the names joined with ``+``), or
+        None where dataset.json names none.
+    """
+    channels = meta.get("channel_names", meta.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        return None
+    names = [str(channels[k]).strip() for k in sorted(channels, key=str)]
+    return "+".join(n for n in names if n) or None
 
 
 def msd_cases(root: PathLike, *, split: str = "training") -> list[Case]:
@@ -391,3 +460,209 @@ def pair_cases(
                 raise DatasetError(p, "no such file (listed in the pair list)")
     _check_data_files(cases, None if root is None else Path(root))
     return cases
+
+
+def _volume_files(folder: Path) -> dict[str, Path]:
+    """The volume files directly in ``folder`` by case id (duplicates refused)."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or volume_suffix(p) not in SUPPORTED_SUFFIXES:
+            continue
+        cid = case_id_from_path(p)
+        if cid in found:
+            raise DatasetError(p, f"two files for case {cid!r}: {found[cid].name} and {p.name}")
+        found[cid] = p
+    return found
+
+
+def folder_pair_cases(root: PathLike, *, require_labels: bool = True) -> list[Case]:
+    """Cases of a plain ``images/`` + ``labels/`` folder: ``root/images/<name>`` with
+    ``root/labels/<name>``, matched by file name without its suffix (``a.nii.gz`` goes with
+    ``a.nii.gz`` or ``a.mha``; nnU-Net's ``_0000`` channel suffix on an image name is allowed).
+
+    Args:
+        root: the dataset folder holding ``images`` and ``labels``.
+        require_labels: an image without a label is an error (otherwise its case has
+            ``label=None``).
+
+    Returns:
+        The cases sorted by id; no label values are declared (``labels=None``): the values
+        present in the files decide.
+
+    Raises:
+        DatasetError: a missing folder, no images, an image without a label, a label without
+            an image (naming the file), two files for one case, a header's data file outside
+            root.
+    """
+    root = _root_dir(root)
+    folders = {name: root / name for name in ("images", "labels")}
+    for folder in folders.values():
+        if not folder.is_dir():
+            raise DatasetError(
+                folder,
+                "no such folder: the pairs layout is <root>/images/ and <root>/labels/ with "
+                "matching file names",
+            )
+    images = _volume_files(folders["images"])
+    labels = _volume_files(folders["labels"])
+    if not images:
+        raise DatasetError(
+            folders["images"], f"holds no volume files ({', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    for cid in list(images):
+        if cid not in labels and cid.endswith("_0000") and cid[:-5] in labels:
+            images[cid[:-5]] = images.pop(cid)
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise DatasetError(
+            labels[orphans[0]],
+            f"label without an image: images/ has no file named {orphans[0]}.* "
+            f"({len(orphans)} such label(s): {', '.join(orphans[:10])})",
+        )
+    unlabelled = sorted(set(images) - set(labels))
+    if unlabelled and require_labels:
+        raise DatasetError(
+            images[unlabelled[0]],
+            f"image without a label: labels/ has no file named {unlabelled[0]}.* "
+            f"({len(unlabelled)} such image(s): {', '.join(unlabelled[:10])})",
+        )
+    cases = [Case(cid, images[cid], labels.get(cid)) for cid in sorted(images)]
+    _check_data_files(cases, root)
+    return cases
+
+
+_LITS_IMAGE = re.compile(r"^volume-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
+_SLIVER_IMAGE = re.compile(r"^liver-orig(\d+)\.(mhd|mha)$", re.IGNORECASE)
+_LAYOUT_NEEDS = {
+    "msd": "a dataset.json (MSD / nnU-Net)",
+    "lits": "volume-N.nii[.gz] files with segmentation-N.nii[.gz]",
+    "sliver07": "liver-origNNN.mhd files with liver-segNNN.mhd",
+    "pairs": "images/ and labels/ folders with matching file names",
+}
+
+
+def _listing(root: Path, files: list[Path]) -> str:
+    """What a folder holds, in a few words, for the message of ``detect_layout``."""
+    top = sorted(root.iterdir(), key=lambda p: p.name)
+    if not top:
+        return "the folder is empty"
+    dirs = [p.name + "/" for p in top if p.is_dir()]
+    plain = [p.name for p in top if not p.is_dir()]
+    parts = []
+    for what, names in (("folder", dirs), ("file", plain)):
+        if names:
+            more = ", ..." if len(names) > 8 else ""
+            s = "s" if len(names) > 1 else ""
+            parts.append(f"{len(names)} {what}{s} ({', '.join(names[:8])}{more})")
+    counts: dict[str, int] = {}
+    for p in files:
+        suffix = volume_suffix(p)
+        if suffix in SUPPORTED_SUFFIXES:
+            counts[suffix] = counts.get(suffix, 0) + 1
+    volumes = sum(counts.values())
+    text = " and ".join(parts) + " at the top; "
+    if volumes:
+        by = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
+        text += f"{volumes} volume file(s) in all ({by})"
+    else:
+        text += f"no volume files ({', '.join(SUPPORTED_SUFFIXES)}) anywhere below"
+    if (root / "imagesTr").is_dir() and not (root / "dataset.json").exists():
+        text += "; imagesTr/ without a dataset.json (an MSD / nnU-Net folder needs one)"
+    return text
+
+
+def detect_layout(root: PathLike) -> str:
+    """The layout of a dataset folder, from its file names.
+
+    Tried in the order of ``LAYOUTS``: ``msd`` (a ``dataset.json``: MSD or nnU-Net v1/v2),
+    ``lits`` (``volume-N.nii[.gz]`` anywhere below), ``sliver07`` (``liver-origNNN.mhd``
+    anywhere below), ``pairs`` (``images/`` and ``labels/`` folders).
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        One of ``LAYOUTS``.
+
+    Raises:
+        DatasetError: no such folder, or no layout matches; the message lists what the
+            folder holds and the layouts that were tried.
+    """
+    root = _root_dir(root)
+    if (root / "dataset.json").is_file():
+        return "msd"
+    files = [p for p in root.rglob("*") if p.is_file()]
+    if any(_LITS_IMAGE.match(p.name) for p in files):
+        return "lits"
+    if any(_SLIVER_IMAGE.match(p.name) for p in files):
+        return "sliver07"
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return "pairs"
+    tried = "; ".join(f"{name} ({need})" for name, need in _LAYOUT_NEEDS.items())
+    raise DatasetError(
+        root, f"no known dataset layout: found {_listing(root, files)}. Layouts tried: {tried}"
+    )
+
+
+@dataclass(frozen=True)
+class DatasetFolder:
+    """A dataset folder read in its layout.
+
+    Attributes:
+        root: the folder.
+        layout: one of ``LAYOUTS``.
+        cases: the cases, sorted by id.
+        label_names: the declared label values and their names (dataset.json's ``labels``,
+            or the layout's: LiTS 0/1/2, SLIVER07 0/1); None where nothing is declared (the
+            values present in the label files decide).
+        modality: the modality the dataset declares (dataset.json's, or ``"CT"`` for LiTS
+            and SLIVER07); None where unknown.
+    """
+
+    root: Path
+    layout: str
+    cases: tuple[Case, ...]
+    label_names: dict[int, str] | None
+    modality: str | None
+
+
+def dataset_folder(
+    root: PathLike, *, layout: str = "auto", require_labels: bool = True
+) -> DatasetFolder:
+    """Read a dataset folder in its layout (``"auto"``: ``detect_layout``).
+
+    Args:
+        root: the folder.
+        layout: ``"auto"`` or one of ``LAYOUTS``.
+        require_labels: an image without a label is an error (MSD's training list and
+            nnU-Net's ``labelsTr`` always have labels).
+
+    Returns:
+        The ``DatasetFolder``.
+
+    Raises:
+        DatasetError: an unknown layout name, no layout detected, or what the layout's
+            reader raises.
+    """
+    if layout != "auto" and layout not in LAYOUTS:
+        raise DatasetError(
+            root, f"unknown layout {layout!r}: expected auto or one of {', '.join(LAYOUTS)}"
+        )
+    root = _root_dir(root)
+    found = detect_layout(root) if layout == "auto" else layout
+    names: dict[int, str] | None = None
+    modality: str | None = None
+    if found == "msd":
+        cases = msd_cases(root)
+        meta = load_dataset_json(root)
+        names = declared_label_names(meta, root / "dataset.json")
+        modality = declared_modality(meta)
+    elif found == "lits":
+        cases = lits_cases(root, require_labels=require_labels)
+        names, modality = dict(LITS_NAMES), "CT"
+    elif found == "sliver07":
+        cases = sliver_cases(root, require_labels=require_labels)
+        names, modality = dict(SLIVER_NAMES), "CT"
+    else:
+        cases = folder_pair_cases(root, require_labels=require_labels)
+    return DatasetFolder(root, found, tuple(cases), names, modality)

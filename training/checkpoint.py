@@ -76,6 +76,7 @@ __all__ = [
     "restore_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "state_dict_mismatch",
 ]
 
 FORMAT = 1
@@ -259,6 +260,39 @@ def make_checkpoint(
         "config": _plain(config, "config"),
         "extra": _plain(dict(extra or {}), "extra"),
     }
+
+
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str | None:
+    """How a saved state dict fails to fit a model, in words, or None when it fits.
+
+    Args:
+        model: the network (wrappers are unwrapped).
+        state: a state dict from a checkpoint's ``"models"``.
+
+    Returns:
+        The missing and unexpected keys and the tensors whose shapes differ (saved vs the
+        model's), or None.
+    """
+    own = _unwrap(model).state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (the model's {tuple(own[k].shape)})"
+        for k in own
+        if k in state
+        and isinstance(state[k], torch.Tensor)
+        and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:3])}" + (", ..." if len(missing) > 3 else ""))
+    if unexpected:
+        parts.append(
+            f"unexpected {', '.join(unexpected[:3])}" + (", ..." if len(unexpected) > 3 else "")
+        )
+    if shapes:
+        parts.append("shapes " + "; ".join(shapes[:3]) + ("; ..." if len(shapes) > 3 else ""))
+    return "; ".join(parts) or None
 
 
 def restore_checkpoint(

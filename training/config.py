@@ -54,12 +54,24 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or out of range."""
 
 
+# The accepted values of data.layout, data.normalize and data.classes, spelled out here to
+# keep this module free of loaders and numpy imports; tests check them against
+# loaders.layouts.LAYOUTS, training.normalize.NORMALIZE_MODES and training.classes.CLASS_MODES.
+LAYOUT_NAMES = ("auto", "msd", "lits", "sliver07", "pairs")
+NORMALIZE_NAMES = ("auto", "ct", "zscore")
+CLASS_NAMES = ("auto", "all", "liver")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where the volumes come from and how patches are drawn and augmented.
 
     Attributes:
-        root: an MSD-layout dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``).
+        root: the dataset folder (``python -m training.run --data PATH`` sets it, with
+            ``phantom = false``), in one of the layouts of ``layout``.
+        layout: ``"auto"`` (detected from the file names: ``loaders.layouts.detect_layout``)
+            or ``"msd"`` (MSD / nnU-Net ``dataset.json``), ``"lits"``, ``"sliver07"``,
+            ``"pairs"`` (``images/`` + ``labels/``).
         phantom: generate the synthetic phantom dataset at ``root`` when it is absent (and
             regenerate it when the phantom settings below change).
         phantom_cases: number of labelled phantom cases to generate (train + val).
@@ -73,7 +85,23 @@ class DataConfig:
         patch_size: training patch (z, y, x); multiples of the U-Net's divisor.
         batch_size: patches per step on each rank.
         foreground: fraction of patches centred on a foreground voxel.
-        window: HU window mapped to [0, 1] (images are CT).
+        window: HU window mapped to [0, 1] (``normalize = "ct"``).
+        normalize: ``"auto"`` (``"ct"`` for CT or an undeclared modality, ``"zscore"``
+            otherwise), ``"ct"`` (the HU window) or ``"zscore"`` (per case); a run stores
+            the resolved value (``training.normalize``).
+        modality: the modality the dataset declares (``"CT"``, ``"MRI"``, ...; ``""``
+            unknown), filled in when a run starts; ``training.predict`` warns about inputs
+            that do not look like it.
+        classes: ``"auto"``, ``"all"`` or ``"liver"``: which label values become output
+            classes when ``class_values`` is empty (``training.classes``).
+        class_values: the label value of each output class, 0 (background) first; empty:
+            from ``classes`` and the data, filled in when a run starts.
+        class_names: their names; empty: dataset.json's (or the layout's), filled in when a
+            run starts.
+        regions: ``"nested"`` (class k is label >= its value, as LiTS' liver includes its
+            tumours) or ``"separate"`` (label == its value); metrics use these regions.
+        gate_class: the class (index, 1 = the first foreground class) whose train VoE the
+            gates of stages 1 and 3 measure.
         degrees: rotation range, U(-degrees, degrees) about each axis.
         scale: isotropic magnification range.
         flip: per-axis flip probability (x only; 0 disables flips).
@@ -85,6 +113,7 @@ class DataConfig:
     """
 
     root: str = "data/phantom"
+    layout: str = "auto"
     phantom: bool = True
     phantom_cases: int = 20
     phantom_size: str = "default"
@@ -96,6 +125,13 @@ class DataConfig:
     batch_size: int = 2
     foreground: float = 0.0
     window: tuple[float, ...] = (-200.0, 250.0)
+    normalize: str = "auto"
+    modality: str = ""
+    classes: str = "auto"
+    class_values: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()
+    regions: str = "nested"
+    gate_class: int = 1
     degrees: float = 10.0
     scale: tuple[float, ...] = (0.9, 1.1)
     flip: float = 0.0
@@ -304,6 +340,42 @@ class Config:
             "three numbers > 0, or [] for each case's own spacing",
         )
         _check(len(d.window) == 2 and d.window[0] < d.window[1], "data.window", d.window, "lo < hi")
+        _check(d.layout in LAYOUT_NAMES, "data.layout", d.layout, "|".join(LAYOUT_NAMES))
+        _check(d.normalize in NORMALIZE_NAMES, "data.normalize", d.normalize, "auto|ct|zscore")
+        _check(d.classes in CLASS_NAMES, "data.classes", d.classes, "auto|all|liver")
+        _check(d.regions in ("nested", "separate"), "data.regions", d.regions, "nested|separate")
+        _check(
+            d.classes != "liver" or d.regions == "nested" or bool(d.class_values),
+            "data.regions",
+            d.regions,
+            'nested with data.classes = "liver" (label >= 1 is a nested region)',
+        )
+        values = d.class_values
+        _check(
+            not values
+            or (
+                len(values) >= 2
+                and values[0] == 0
+                and all(b > a for a, b in zip(values, values[1:], strict=False))
+                and values[-1] <= 255
+            ),
+            "data.class_values",
+            values,
+            "[] or increasing label values <= 255 starting with 0 (background), at least two",
+        )
+        _check(
+            not d.class_names or not values or len(d.class_names) == len(values),
+            "data.class_names",
+            d.class_names,
+            f"one name per class value ({len(values)})",
+        )
+        _check(
+            d.gate_class >= 1 and (not values or d.gate_class < len(values)),
+            "data.gate_class",
+            d.gate_class,
+            "a foreground class index, >= 1"
+            + (f" and < {len(values)} (the number of classes)" if values else ""),
+        )
         _check(
             len(d.scale) == 2 and 0 < d.scale[0] <= d.scale[1],
             "data.scale",

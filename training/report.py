@@ -240,6 +240,10 @@ def write_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     return Path(path)
 
 
+def _shown(key: str, value: Any) -> str:
+    return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+
+
 def summary_table(summary: Mapping[str, Any]) -> str:
     """The summary as a few lines of text for the terminal."""
     lines = [
@@ -252,14 +256,23 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         shown = f"{value:8.4f}" if isinstance(value, float) else f"{value!s:>8}"
         result = "reached" if s.get("reached") else "CAPPED"
         lines.append(f"{s['name']:<12} {s['gate']:<26} {shown}  {result:<8} {s['epochs']}")
-    val = summary.get("val") or {}
-    if val:
-        lines.append(
-            f"validation ({summary.get('val_cases', '?')} cases): "
-            + "  ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()
+    for key in ("val", "val_cache_grid"):
+        val = summary.get(key) or {}
+        if not val:
+            continue
+        if "classes" not in val:  # one flat block of means (summaries before per-class ones)
+            lines.append(
+                f"validation ({summary.get('val_cases', '?')} cases): "
+                + "  ".join(_shown(k, v) for k, v in val.items())
             )
+            continue
+        lines.append(
+            f"validation ({val.get('cases', summary.get('val_cases', '?'))} cases) at "
+            f"{val.get('resolution', '?')} resolution, on {val.get('grid', '?')}:"
         )
+        width = max([len(str(n)) for n in val["classes"]] + [6])
+        for name, means in val["classes"].items():
+            lines.append(f"  {name:<{width}} " + "  ".join(_shown(k, v) for k, v in means.items()))
     frac = summary.get("data_wait_fraction")
     if isinstance(frac, float):
         lines.append(f"data wait: {100 * frac:.1f}% of the training loop's time")

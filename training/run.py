@@ -5,15 +5,25 @@ phantom dataset is generated under ``data/phantom`` if absent, the zarr cache is
 three stages run with their gates, the validation cases are segmented whole, and
 ``runs/<name>/`` receives::
 
-    config.toml, config.json   the resolved configuration (``--config`` reads config.toml)
+    config.toml, config.json   the resolved configuration (``--config`` reads config.toml),
+                               with what the data decided: layout, classes, normalisation
     metrics.jsonl              one record per epoch / gate / stage / checkpoint / case
     checkpoints/               ckpt-<step>[-<tag>].pt, atomic, torch.load(weights_only=True)
-    val_cases.csv              per-case VoE, Dice, RVD, ASSD, MSD, RMSD
+    val_cases.csv              per case, resolution (native, cache) and class: VoE, Dice,
+                               RVD, ASSD, MSD, RMSD
     plots/stages.png           loss and gate metric per epoch, per stage
     plots/augmented.png        a montage of augmented training patches with their labels
     plots/validation.png       validation slices with ground truth and prediction outlines
-    summary.json               stages (gate, value, reached, epochs), val means, data wait,
-                               the final checkpoint
+    summary.json               stages (gate, value, reached, epochs), the classes, the
+                               validation means per class at native resolution ("val", the
+                               headline) and on the cache grid ("val_cache_grid"), data
+                               wait, the final checkpoint
+
+``--data PATH`` trains on a dataset folder instead of the phantom (``data.root = PATH``,
+``data.phantom = false``): its layout is detected (MSD / nnU-Net ``dataset.json``, LiTS,
+SLIVER07, ``images/`` + ``labels/``; ``--set data.layout=...`` forces one), the classes come
+from its labels and the normalisation from its modality, and the run is named
+``<folder name>-<preset>`` unless ``--name`` (or ``run.name``) says otherwise.
 
 Each checkpoint has its size and SHA-256 beside it (``<name>.digest``); ``--resume`` checks
 them and falls back to the newest intact checkpoint, with a warning naming each damaged one.
@@ -22,6 +32,7 @@ them and falls back to the newest intact checkpoint, with a warning naming each 
 Examples::
 
     python -m training.run --preset smoke
+    python -m training.run --data /data/Task03_Liver --set data.spacing=[2.0,1.5,1.5]
     python -m training.run --set stage1.max_epochs=20 --set data.patch_size=[64,64,64]
     python -m training.run --config my.toml --name try2
     python -m training.run --resume            # continue the run named by the preset/--name
@@ -30,12 +41,15 @@ Examples::
 Exit status: 0 done (or ``--resume`` of a finished run); 2 bad configuration, data or
 checkpoint (nothing is trained; settings are checked before any data work); 3 NaN loss or
 CUDA out of memory; 130 interrupted (a checkpoint was saved: rerun with ``--resume``).
+(argparse's own usage errors also exit 2.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 import warnings
@@ -48,9 +62,16 @@ import torch
 
 from training import distributed as D
 from training.checkpoint import CheckpointError, CheckpointWarning, latest_checkpoint
-from training.config import Config, ConfigError, apply_overrides, load_config, resolve_config
+from training.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    resolve_config,
+)
 from training.data import TrainingDataError, epoch_key, load_volumes
-from training.evaluation import mean_metrics, validate, write_case_csv
+from training.evaluation import validate, validation_summary, write_case_csv
 from training.report import (
     plot_montage,
     plot_overlays,
@@ -83,9 +104,14 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
         The summary dict (on every rank).
     """
     cfg = trainer.cfg
-    volumes = load_volumes(trainer.dataset, trainer.dataset.val, cfg.data.window)
+    classes, gate = trainer.classes, cfg.data.gate_class
+    volumes = load_volumes(trainer.dataset, trainer.dataset.val)
     rows, overlays = validate(
-        trainer.segnet, volumes, **trainer.inference_kwargs(cfg.run.val_overlap)
+        trainer.segnet,
+        volumes,
+        classes=classes,
+        gate_class=gate,
+        **trainer.inference_kwargs(cfg.run.val_overlap),
     )
     run_dir = trainer.run_dir
     timing = trainer.timing()
@@ -95,10 +121,12 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
             {k: r[k] for k in ("name", "gate", "value", "reached", "epochs")}
             for r in trainer.state.results
         ],
-        "val": mean_metrics(rows),
+        "classes": classes.as_dict(),
+        "gate_class": classes.describe(gate),
+        **validation_summary(rows, classes, cache_spacing=cfg.data.spacing or None),
         "data_wait_fraction": timing["data_wait_fraction"],
         "device": _device_name(trainer),
-        "val_cases": len(rows),
+        "val_cases": len(volumes),
         "train_cases": len(trainer.dataset.train),
         "steps": trainer.state.step,
         "timing": timing,
@@ -110,7 +138,9 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
         write_case_csv(rows, run_dir / "val_cases.csv")
         for r in rows:
             trainer.log.write("val_case", **r)
-        trainer.log.write("val", **summary["val"])
+        trainer.log.write(
+            "val", **{k: summary[k] for k in ("val", "val_cache_grid") if k in summary}
+        )
         if cfg.run.plots:
             plots = run_dir / "plots"
             plots.mkdir(exist_ok=True)
@@ -120,7 +150,10 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
                 s = trainer.sampler.sample(epoch_key(1, 0), i)
                 samples.append({**s, "title": s["case"]})
             plot_montage(samples, plots / "augmented.png")
-            plot_overlays(overlays, rows, plots / "validation.png")
+            drawn = [
+                r for r in rows if r["resolution"] == "cache" and r["class"] == classes.names[gate]
+            ]
+            plot_overlays(overlays, drawn, plots / "validation.png")
         summary["wall_s"] = time.perf_counter() - started
         write_summary(summary, run_dir / "summary.json")
     return summary
@@ -188,6 +221,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", "smoke", "cpu", "gpu"),
         help="base configuration (auto: gpu with CUDA, else cpu)",
     )
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="train on this dataset folder (MSD / nnU-Net, LiTS, SLIVER07 or images/ + "
+        "labels/; the layout is detected) instead of the phantom",
+    )
     p.add_argument("--config", type=Path, help="TOML file on top of the preset")
     p.add_argument(
         "--set",
@@ -212,6 +252,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _config(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
+    if args.data is not None:
+        # before the user's --set values, which win
+        overrides[:0] = [f"data.root={json.dumps(str(args.data))}", "data.phantom=false"]
     if args.name:
         overrides.append(f'run.name="{args.name}"')
     if args.device:
@@ -219,10 +262,23 @@ def _config(args: argparse.Namespace) -> Config:
     if args.no_progress:
         overrides.append("run.progress=false")
     cfg = resolve_config(preset=args.preset, path=args.config, overrides=overrides)
+    if args.data is not None and not args.name and cfg.run.name in _PRESET_NAMES:
+        # a dataset's run is named after it, so it does not replace the phantom's
+        name = f"{_folder_name(args.data)}-{cfg.run.name}"
+        cfg = apply_overrides(cfg, [f"run.name={json.dumps(name)}"]).validate()
     saved = cfg.run_dir / "config.toml"
     if args.resume and saved.exists():
         cfg = apply_overrides(load_config(saved), overrides).validate()
     return cfg
+
+
+_PRESET_NAMES = {p.get("run", {}).get("name", "cpu") for p in PRESETS.values()}
+
+
+def _folder_name(path: Path) -> str:
+    """A run-name-safe form of a dataset folder's name."""
+    name = Path(os.path.abspath(path)).name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._-") or "data"
 
 
 @contextmanager

@@ -19,6 +19,7 @@ start_batch=k)``), the same ones an uninterrupted run sees.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from training import distributed as D
 from training.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
@@ -46,6 +48,7 @@ from training.checkpoint import (
     restore_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    state_dict_mismatch,
 )
 from training.config import Config, check_device, check_folders, to_dict, to_toml
 from training.data import (
@@ -79,8 +82,6 @@ __all__ = [
     "TrainingInterrupted",
     "channels_last_weights",
 ]
-
-NUM_CLASSES = 2  # background and liver (the cache stores loaders.liver_label)
 
 SEGNET_GRAD_CLIP = 12.0
 """Largest global L2 norm of the segnet's gradients in a step (after AMP unscaling). It is
@@ -180,12 +181,18 @@ class Trainer:
         self.channels_last = r.channels_last == "on" or (r.channels_last == "auto" and cpu)
         self.progress = (r.progress if progress is None else progress) and self.main
 
-        # data: rank 0 generates and builds, the others open what it built
+        # data: rank 0 generates and builds, the others open what it built; what the data
+        # decides (layout, classes, normalisation) goes into the configuration the run saves
         if self.main:
             self.dataset: Dataset = prepare_dataset(cfg.data, progress=self.progress)
         D.barrier()
         if not self.main:
             self.dataset = prepare_dataset(cfg.data, build=False)
+        self.cfg = cfg = dataclasses.replace(cfg, data=self.dataset.resolved(cfg.data))
+        self.classes = self.dataset.classes
+        self.num_classes = self.classes.count
+        # label values -> class indices, applied to each batch on the device
+        self.label_lut = torch.as_tensor(self.classes.lut(), dtype=torch.long, device=self.device)
         self.stages = make_stages(cfg)
         self.sampler = make_sampler(self.dataset, cfg.data, seed=r.seed)
         self.heldout_batches = math.ceil(cfg.stage2.heldout_pairs / cfg.data.batch_size)
@@ -200,7 +207,7 @@ class Trainer:
             device=self.device,
         )
         gate_ids = self.dataset.train[: r.gate_cases] if r.gate_cases else self.dataset.train
-        self.gate_volumes = load_volumes(self.dataset, gate_ids, cfg.data.window)
+        self.gate_volumes = load_volumes(self.dataset, gate_ids)
 
         # the run folder, once the data was accepted: the resolved configuration, the log
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
@@ -216,7 +223,7 @@ class Trainer:
         m = cfg.model
         self.segnet = UNet3D(
             in_channels=1,
-            num_classes=NUM_CLASSES,
+            num_classes=self.num_classes,
             base_width=m.base_width,
             depth=m.depth,
             max_width=m.max_width,
@@ -226,7 +233,7 @@ class Trainer:
         ).to(self.device)
         self.adversary = Discriminator3D(
             image_channels=1,
-            mask_channels=NUM_CLASSES,
+            mask_channels=self.num_classes,
             base_width=m.adv_width,
             depth=m.adv_depth,
             output=m.adv_output,  # type: ignore[arg-type]
@@ -298,6 +305,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True).long()
+        y = self.label_lut[y]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return x, y
@@ -330,23 +338,29 @@ class Trainer:
             patches, and ``train_voe`` with ``stage2.monitor_voe``.
         """
         out: dict[str, float] = {}
+        gate: dict[str, Any] = {"classes": self.classes, "gate_class": self.cfg.data.gate_class}
         if stage.metric == "train_voe":
             out["value"] = train_voe(
-                self.segnet, self.gate_volumes, **self.inference_kwargs(self.cfg.run.gate_overlap)
+                self.segnet,
+                self.gate_volumes,
+                **gate,
+                **self.inference_kwargs(self.cfg.run.gate_overlap),
             )
         else:
             scores = heldout_scores(
                 self.segnet,
                 self.adversary,
                 self.heldout(),
-                num_classes=NUM_CLASSES,
+                num_classes=self.num_classes,
                 autocast=self.autocast,
+                **gate,
             )
             out = {"value": scores["accuracy"], "segnet_voe": scores["segnet_voe"]}
             if self.cfg.stage2.monitor_voe:
                 out["train_voe"] = train_voe(
                     self.segnet,
                     self.gate_volumes,
+                    **gate,
                     **self.inference_kwargs(self.cfg.run.gate_overlap),
                 )
         return out
@@ -471,7 +485,8 @@ class Trainer:
                                 opt = self.adversary_optimizer
                                 _set_lr(opt, stage.adversary_lr)  # from the config, also on resume
                                 with self.autocast():  # real and fake pairs in one forward pass
-                                    pairs = torch.cat([one_hot(y, NUM_CLASSES), fake]).to(x.dtype)
+                                    real = one_hot(y, self.num_classes)
+                                    pairs = torch.cat([real, fake]).to(x.dtype)
                                     logits = adv(torch.cat([x, x]), pairs).float()
                                     real_logits, fake_logits = logits.chunk(2)
                                     loss_d = discriminator_loss(real_logits, fake_logits)
@@ -682,6 +697,15 @@ class Trainer:
         self._restore(Path(path), load_checkpoint(path))
 
     def _restore(self, path: Path, ckpt: dict[str, Any]) -> None:
+        for name, model in (("segnet", self.segnet), ("adversary", self.adversary)):
+            mismatch = state_dict_mismatch(model, ckpt["models"].get(name, {}))
+            if mismatch:
+                raise CheckpointError(
+                    path,
+                    f"its {name} does not fit this run's configuration ({self.num_classes} "
+                    f"classes {list(self.classes.names)}, model settings of config.toml): "
+                    f"{mismatch}",
+                )
         meta = restore_checkpoint(
             ckpt,
             models={"segnet": self.segnet, "adversary": self.adversary},

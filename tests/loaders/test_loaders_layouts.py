@@ -22,6 +22,14 @@ from loaders import (
     read_case,
     sliver_cases,
 )
+from loaders.layouts import (
+    LAYOUTS,
+    dataset_folder,
+    declared_label_names,
+    declared_modality,
+    detect_layout,
+    folder_pair_cases,
+)
 
 IMG = (np.arange(4 * 5 * 6) % 50).reshape(4, 5, 6).astype(np.int16)
 LAB = np.zeros((4, 5, 6), np.uint8)
@@ -393,3 +401,135 @@ def test_apply_label_map():
         apply_label_map(lab, lambda a: a.astype(np.int32) * 100)
     with pytest.raises(ValueError, match="changed the shape"):
         apply_label_map(lab, lambda a: a[0])
+
+
+# ------------------------------------------------------------------ layout detection
+def test_each_layout_is_detected_and_read(msd_root, tmp_path, make_volume_file):
+    # MSD (v1): dataset.json with a training list
+    found = dataset_folder(msd_root)
+    assert detect_layout(msd_root) == found.layout == "msd"
+    assert [c.id for c in found.cases] == ["liver_0", "liver_1"]
+    assert found.label_names == {0: "background", 1: "liver", 2: "cancer"}
+    assert found.modality == "CT"
+    # nnU-Net v2: dataset.json with file_ending, names mapped to values
+    v2 = tmp_path / "Dataset007_X"
+    make_volume_file("Dataset007_X/imagesTr/a_0000.nii.gz", IMG)
+    make_volume_file("Dataset007_X/labelsTr/a.nii.gz", LAB)
+    write_json(
+        v2,
+        {
+            "channel_names": {"0": "T2"},
+            "labels": {"background": 0, "organ": 1, "lesion": 2},
+            "file_ending": ".nii.gz",
+        },
+    )
+    found = dataset_folder(v2)
+    assert (found.layout, [c.id for c in found.cases]) == ("msd", ["a"])
+    assert found.label_names == {0: "background", 1: "organ", 2: "lesion"}
+    assert found.modality == "T2"
+    # LiTS: volume-N / segmentation-N anywhere below
+    make_volume_file("lits/Training Batch 1/volume-4.nii", IMG)
+    make_volume_file("lits/Training Batch 1/segmentation-4.nii", LAB)
+    found = dataset_folder(tmp_path / "lits")
+    assert (found.layout, [c.id for c in found.cases]) == ("lits", ["lits_004"])
+    assert found.label_names == {0: "background", 1: "liver", 2: "tumour"}
+    assert found.modality == "CT" and found.cases[0].labels == (0, 1, 2)
+    # SLIVER07: liver-origNNN.mhd / liver-segNNN.mhd
+    make_volume_file("sliver/scans/liver-orig005.mhd", IMG)
+    make_volume_file("sliver/scans/liver-seg005.mhd", (LAB > 0).astype(np.uint8))
+    found = dataset_folder(tmp_path / "sliver")
+    assert (found.layout, [c.id for c in found.cases]) == ("sliver07", ["sliver_005"])
+    assert found.label_names == {0: "background", 1: "liver"} and found.modality == "CT"
+    # images/ + labels/ with matching names (any readable format, nnU-Net's _0000 allowed)
+    make_volume_file("pairs/images/case_b.nii.gz", IMG)
+    make_volume_file("pairs/labels/case_b.mha", LAB)
+    make_volume_file("pairs/images/case_a_0000.nrrd", IMG)
+    make_volume_file("pairs/labels/case_a.nii", LAB)
+    found = dataset_folder(tmp_path / "pairs")
+    assert found.layout == "pairs"
+    assert [(c.id, c.image.name, c.label.name) for c in found.cases] == [
+        ("case_a", "case_a_0000.nrrd", "case_a.nii"),
+        ("case_b", "case_b.nii.gz", "case_b.mha"),
+    ]
+    assert found.label_names is None and found.modality is None
+    assert found.cases[0].labels is None  # the values present decide
+    image, label = read_case(found.cases[1])
+    np.testing.assert_array_equal(label.array, LAB)
+    assert LAYOUTS == ("msd", "lits", "sliver07", "pairs")
+
+
+def test_a_layout_can_be_forced(tmp_path, make_volume_file):
+    # a LiTS-named pair inside a pairs folder: detection says lits, forcing says pairs
+    make_volume_file("ds/images/volume-1.nii.gz", IMG)
+    make_volume_file("ds/labels/volume-1.nii.gz", LAB)
+    assert detect_layout(tmp_path / "ds") == "lits"
+    with pytest.raises(DatasetError, match="two files for number 1"):
+        dataset_folder(tmp_path / "ds")
+    found = dataset_folder(tmp_path / "ds", layout="pairs")
+    assert [c.id for c in found.cases] == ["volume-1"]
+    with pytest.raises(DatasetError, match="no dataset.json"):
+        dataset_folder(tmp_path / "ds", layout="msd")
+    with pytest.raises(DatasetError, match="unknown layout 'nifti'.*msd, lits, sliver07, pairs"):
+        dataset_folder(tmp_path / "ds", layout="nifti")
+
+
+def test_no_known_layout_lists_what_was_found_and_what_was_tried(tmp_path, make_volume_file):
+    make_volume_file("odd/scans/ct_1.nii.gz", IMG)
+    make_volume_file("odd/scans/ct_2.nii.gz", IMG)
+    make_volume_file("odd/masks/ct_1.mha", LAB)
+    (tmp_path / "odd" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError) as err:
+        detect_layout(tmp_path / "odd")
+    msg = str(err.value)
+    assert str(tmp_path / "odd") in msg and "no known dataset layout" in msg
+    assert "2 folders (masks/, scans/)" in msg and "1 file (notes.txt)" in msg
+    assert "3 volume file(s) in all (.mha: 1, .nii.gz: 2)" in msg
+    for name in LAYOUTS:
+        assert f"{name} (" in msg
+    assert "dataset.json" in msg and "volume-N.nii" in msg and "liver-origNNN.mhd" in msg
+    assert "images/ and labels/" in msg
+    # an nnU-Net folder that lost its dataset.json says so
+    make_volume_file("nn/imagesTr/a_0000.nii.gz", IMG)
+    make_volume_file("nn/labelsTr/a.nii.gz", LAB)
+    with pytest.raises(DatasetError, match="imagesTr/ without a dataset.json"):
+        detect_layout(tmp_path / "nn")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="the folder is empty"):
+        detect_layout(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="no such dataset folder"):
+        detect_layout(tmp_path / "absent")
+
+
+def test_pairs_folder_errors_name_the_file(tmp_path, make_volume_file):
+    make_volume_file("p/images/a.nii.gz", IMG)
+    make_volume_file("p/labels/a.nii.gz", LAB)
+    lonely = make_volume_file("p/images/b.nii.gz", IMG)
+    with pytest.raises(
+        DatasetError, match="image without a label: labels/ has no file named b"
+    ) as e:
+        folder_pair_cases(tmp_path / "p")
+    assert str(lonely) in str(e.value)
+    cases = folder_pair_cases(tmp_path / "p", require_labels=False)
+    assert [(c.id, c.label is None) for c in cases] == [("a", False), ("b", True)]
+    orphan = make_volume_file("p/labels/c.nii.gz", LAB)
+    with pytest.raises(DatasetError, match="label without an image") as e:
+        folder_pair_cases(tmp_path / "p")
+    assert str(orphan) in str(e.value)
+    orphan.unlink()
+    make_volume_file("p/images/a.mha", IMG)
+    with pytest.raises(DatasetError, match="two files for case 'a'"):
+        folder_pair_cases(tmp_path / "p", require_labels=False)
+    with pytest.raises(DatasetError, match="no such folder: the pairs layout"):
+        folder_pair_cases(tmp_path / "p" / "images")
+
+
+def test_declared_label_names_and_modality(tmp_path):
+    where = tmp_path / "dataset.json"
+    v1 = {"labels": {"0": "background", "2": "cancer", "1": "liver"}, "modality": {"0": "CT"}}
+    assert declared_label_names(v1, where) == {0: "background", 1: "liver", 2: "cancer"}
+    assert declared_modality(v1) == "CT"
+    regions = {"labels": {"background": 0, "liver": [1, 2], "tumour": 2}}
+    assert declared_label_names(regions, where) == {0: "background", 1: "liver", 2: "tumour"}
+    assert declared_label_names({}, where) is None and declared_modality({}) is None
+    two = {"channel_names": {"0": "T1", "1": "T2"}}
+    assert declared_modality(two) == "T1+T2"

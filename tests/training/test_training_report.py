@@ -58,3 +58,21 @@ def test_summary_is_strict_json_and_the_table_says_capped(tmp_path):
     assert loaded["val"]["msd_mm"] == "inf" and loaded["extra"] is None
     table = summary_table(summary)
     assert "reached" in table and "CAPPED" in table and "data wait: 2.0%" in table
+
+
+def test_summary_table_names_the_classes_and_resolutions():
+    means = {"voe": 0.1, "dice": 0.95, "rvd": 0.0, "assd_mm": 1.0, "msd_mm": 9.0, "rmsd_mm": 2.0}
+    block = {"cases": 4, "classes": {"liver": means, "tumour": {**means, "voe": 0.5}}}
+    summary = {
+        "stages": [],
+        "val": {"resolution": "native", "grid": "each case's own file grid", **block},
+        "val_cache_grid": {"resolution": "cache", "grid": "the cache grid, 4 x 4 x 4 mm", **block},
+    }
+    lines = summary_table(summary).splitlines()
+    native = lines.index("validation (4 cases) at native resolution, on each case's own file grid:")
+    assert lines[native + 1].split()[:3] == ["liver", "voe", "0.1"]
+    assert lines[native + 2].split()[:3] == ["tumour", "voe", "0.5"]
+    cache = lines.index(
+        "validation (4 cases) at cache resolution, on the cache grid, 4 x 4 x 4 mm:"
+    )
+    assert cache > native and lines[cache + 1].split()[0] == "liver"

@@ -29,9 +29,17 @@ from training.run import main
 from training.schedule import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-SUMMARY_KEYS = {"stages", "val", "data_wait_fraction", "device"}
+SUMMARY_KEYS = {"stages", "classes", "gate_class", "val", "val_cache_grid", "data_wait_fraction"}
 STAGE_KEYS = {"name", "gate", "value", "reached", "epochs"}
-VAL_KEYS = {"voe", "dice", "rvd", "assd_mm", "msd_mm"}
+VAL_KEYS = {"voe", "dice", "rvd", "assd_mm", "msd_mm", "rmsd_mm"}
+# what the phantom decides when a run starts (the run saves it in config.toml)
+RESOLVED = {
+    "layout": "msd",
+    "class_values": [0, 1],
+    "class_names": ["background", "liver"],
+    "normalize": "ct",
+    "modality": "CT",
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +87,35 @@ def test_smoke_preset_writes_the_whole_report(smoke_run: Path, smoke_data: Path,
         assert s["reached"] == (
             s["value"] < float(threshold) if op == "<" else s["value"] >= float(threshold)
         )
-    assert set(summary["val"]) == VAL_KEYS
-    assert 0.0 <= summary["val"]["voe"] <= 1.0
-    assert math.isclose(
-        summary["val"]["dice"],
-        2 * (1 - summary["val"]["voe"]) / (2 - summary["val"]["voe"]),
-        rel_tol=1e-9,
-    )  # one validation case
+    # the phantom trains the seed's binary liver task; validation at native resolution is
+    # the headline, the cache grid's figures beside it
+    assert summary["classes"] == {"1": "liver"}
+    assert summary["gate_class"] == "liver (label >= 1)"
+    for key, resolution in (("val", "native"), ("val_cache_grid", "cache")):
+        block = summary[key]
+        assert block["resolution"] == resolution and block["cases"] == 1
+        assert list(block["classes"]) == ["liver"]
+        liver = block["classes"]["liver"]
+        assert set(liver) == VAL_KEYS
+        assert 0.0 <= liver["voe"] <= 1.0
+        assert math.isclose(
+            liver["dice"], 2 * (1 - liver["voe"]) / (2 - liver["voe"]), rel_tol=1e-9
+        )  # one validation case
+    assert "6 x 6 x 6 mm" in summary["val_cache_grid"]["grid"]
     assert 0.0 <= summary["data_wait_fraction"] < 1.0
     assert summary["device"].startswith("cpu")
 
-    # the resolved configuration, reloadable
-    assert to_dict(load_config(smoke_run / "config.toml")) == to_dict(cfg)
-    assert json.loads((smoke_run / "config.json").read_text()) == to_dict(cfg)
+    # the resolved configuration, with what the data decided, reloadable
+    want = to_dict(cfg)
+    want["data"].update(RESOLVED)
+    assert to_dict(load_config(smoke_run / "config.toml")) == want
+    assert json.loads((smoke_run / "config.json").read_text()) == want
 
     # metrics.jsonl: every stage starts, is gated and ends; the stage-end values match
     log = events(smoke_run)
     kinds = [e["event"] for e in log]
     assert kinds.count("stage_start") == 3 and kinds.count("stage_end") == 3
-    assert "checkpoint" in kinds and "val" in kinds and kinds.count("val_case") == 1
+    assert "checkpoint" in kinds and "val" in kinds and kinds.count("val_case") == 2
     ends = [e for e in log if e["event"] == "stage_end"]
     assert [(e["name"], e["value"], e["reached"]) for e in ends] == [
         (s["name"], s["value"], s["reached"]) for s in summary["stages"]
@@ -122,7 +140,11 @@ def test_smoke_preset_writes_the_whole_report(smoke_run: Path, smoke_data: Path,
     # per-case CSV and plots
     with open(smoke_run / "val_cases.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and VAL_KEYS <= set(rows[0]) and rows[0]["case"]
+    assert [(r["resolution"], r["class"]) for r in rows] == [
+        ("native", "liver"),
+        ("cache", "liver"),
+    ]
+    assert all(VAL_KEYS <= set(r) and r["case"] for r in rows)
     for png in ("stages.png", "augmented.png", "validation.png"):
         data = (smoke_run / "plots" / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000

@@ -5,8 +5,9 @@ Read from /proc and /dev/shm (Linux); on another system the tests that use them 
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,3 +140,21 @@ def segments() -> ShmFiles:
     if not SHM.is_dir():
         pytest.skip("needs /dev/shm to see shared-memory segments")
     return ShmFiles("psm_")
+
+
+@pytest.fixture
+def watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging: SIGALRM after the module's ``WATCHDOG_S``
+    seconds (120 by default). Modules that start processes use it through
+    ``pytestmark = pytest.mark.usefixtures("watchdog")``."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("test exceeded its watchdog limit (a hang?)")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(int(getattr(request.module, "WATCHDOG_S", 120)))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -20,18 +20,8 @@ SRC = (13, 40, 36)
 OUT = (11, 42, 38)
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    def expire(signum, frame):
-        raise TimeoutError("test exceeded its watchdog limit (a hang?)")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(120)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+# Every test runs under the shared watchdog (tests/conftest.py): a hang fails the test.
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 @pytest.fixture(scope="module")

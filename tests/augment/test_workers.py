@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    def expire(signum, frame):
-        raise TimeoutError("test exceeded its watchdog limit (a hang?)")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(120)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+# Every test runs under the shared watchdog (tests/conftest.py): a hang fails the test.
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 def replies(pool: WorkerPool, n: int) -> dict[int, object]:

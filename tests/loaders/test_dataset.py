@@ -11,11 +11,9 @@ watchdog alarm.
 from __future__ import annotations
 
 import pickle
-import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +34,9 @@ B = 2
 BATCHES = 3
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """Fail (TimeoutError in the test) instead of hanging."""
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError("test exceeded its watchdog limit (a hang?)")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(240)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+# Every test runs under the shared watchdog (tests/conftest.py): a hang fails the test.
+pytestmark = pytest.mark.usefixtures("watchdog")
+WATCHDOG_S = 240
 
 
 @pytest.fixture(scope="module")

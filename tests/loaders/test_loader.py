@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,20 +55,8 @@ def leaked(before: set[str]) -> set[str]:
     return {n for n in shm_names() - before if not mapped_elsewhere(n)}
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """Fail (TimeoutError in the test) instead of hanging."""
-
-    def expire(signum, frame):
-        raise TimeoutError("test exceeded its watchdog limit (a hang?)")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(120)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+# Every test runs under the shared watchdog (tests/conftest.py): a hang fails the test.
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 SPAWNED = "multiprocessing.spawn"  # in a spawned process's command line
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    def expire(signum, frame):
-        raise TimeoutError("test exceeded its watchdog limit (a hang?)")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(150)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+# Every test runs under the shared watchdog (tests/conftest.py): a hang fails the test.
+pytestmark = pytest.mark.usefixtures("watchdog")
+WATCHDOG_S = 150
 
 
 def start(script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

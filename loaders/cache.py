@@ -603,6 +603,12 @@ class VolumeCache:
         return tuple(sorted(self._entries()))
 
     @property
+    def dataset(self) -> dict[str, Any] | None:
+        """What the last build was told the dataset declares (``build(dataset=...)``), or
+        None."""
+        return None if self._manifest is None else self._manifest.get("dataset")
+
+    @property
     def complete(self) -> bool:
         """False while a build runs or after one was interrupted or failed."""
         return bool(self._manifest and self._manifest.get("complete"))
@@ -795,6 +801,7 @@ class VolumeCache:
         seed: int = 0,
         progress: bool = True,
         force: bool = False,
+        dataset: dict[str, Any] | None = None,
     ) -> BuildReport:
         """Convert cases into the cache (incrementally and atomically, see the module doc).
 
@@ -818,6 +825,10 @@ class VolumeCache:
             seed: seed of that sampling (per case: ``SeedSequence([seed, crc32(id)])``).
             progress: show a tqdm progress bar.
             force: rebuild every case even if unchanged.
+            dataset: what the dataset declares beyond its files (JSON-able, e.g. the label
+                names and the modality of dataset.json), kept in the manifest as
+                :attr:`dataset`, so that a process without the dataset folder (another
+                node) can read it from the cache.
 
         Returns:
             A ``BuildReport``.
@@ -843,6 +854,7 @@ class VolumeCache:
                     seed=seed,
                     progress=progress,
                     force=force,
+                    dataset=dataset,
                 ),
             )
             self.refresh()
@@ -915,6 +927,7 @@ class VolumeCache:
                 "format": CACHE_FORMAT,
                 "complete": False,
                 "options": options,
+                "dataset": dataset,
                 "cases": old,
             }
             _write_manifest(root, manifest)

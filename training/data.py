@@ -32,7 +32,7 @@ import augment
 import loaders
 from loaders.cases import Case
 from loaders.errors import DataWarning, LoaderError
-from loaders.layouts import LAYOUTS, dataset_folder, detect_layout
+from loaders.layouts import LAYOUTS, DatasetFolder, dataset_folder, detect_layout
 from loaders.orientation import Geometry, Reorientation
 from training.classes import Classes, ClassesError, resolve_classes
 from training.normalize import CaseCompose, Normalization, resolve_normalize, zscore_stats
@@ -173,17 +173,25 @@ def prepare_dataset(cfg: Any, *, build: bool = True, progress: bool = True) -> D
                 workers=cfg.build_workers,
                 overwrite=True,
             )
-        folder = dataset_folder(root, layout=_layout(cfg, root))
-        missing = [c.id for c in folder.cases if c.label is None]
-        if missing:
-            raise TrainingDataError(f"{root}: cases without a label: {missing[:5]}")
         cache = loaders.VolumeCache(cfg.cache_root)
+        if build or root.is_dir():
+            folder = dataset_folder(root, layout=_layout(cfg, root))
+            missing = [c.id for c in folder.cases if c.label is None]
+            if missing:
+                raise TrainingDataError(f"{root}: cases without a label: {missing[:5]}")
+        else:
+            folder = _declared_by_cache(root, cache)
         if build:
             cache.build(
                 folder.cases,
                 workers=cfg.build_workers,
                 spacing=tuple(cfg.spacing) if cfg.spacing else None,
                 progress=progress,
+                dataset={
+                    "layout": folder.layout,
+                    "label_names": folder.label_names,
+                    "modality": folder.modality,
+                },
             )
     except LoaderError as exc:
         raise TrainingDataError(f"cannot train on the dataset at {root}: {exc}") from exc
@@ -249,6 +257,29 @@ def prepare_dataset(cfg: Any, *, build: bool = True, progress: bool = True) -> D
         normalization=normalization,
         modality=modality,
         stats=stats,
+    )
+
+
+def _declared_by_cache(root: Path, cache: loaders.VolumeCache) -> DatasetFolder:
+    """What the dataset declares, as the cache's build recorded it, for a process that opens
+    a built cache without the dataset folder (another node of a multi-node run): the label
+    names and modality decide the classes and the normalisation exactly as on the builder.
+    Without source files its cases are not listed, so native-resolution validation is left
+    to a process that has them."""
+    meta = cache.dataset
+    if meta is None:
+        raise TrainingDataError(
+            f"{root}: no such dataset folder, and the cache at {cache.root} does not record "
+            "what the dataset declares (built by an older version?): make data.root readable "
+            "here or rebuild the cache"
+        )
+    names = meta.get("label_names")
+    return DatasetFolder(
+        root,
+        str(meta.get("layout") or "msd"),
+        (),
+        None if names is None else {int(k): str(v) for k, v in names.items()},
+        meta.get("modality"),
     )
 
 

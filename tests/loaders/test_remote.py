@@ -28,7 +28,7 @@ from loaders.remote import RemoteRoot
 from loaders.remote_build import _Publisher, build_remote
 from loaders.remote_server import LocalS3Server, RecordingProxy
 from training.config import Config, apply_overrides
-from training.data import prepare_dataset
+from training.data import TrainingDataError, prepare_dataset
 
 
 def new_bucket(endpoint: str) -> str:
@@ -379,11 +379,20 @@ def test_training_takes_the_cache_url_from_set(aws_env, s3_server, phantom_cases
     url = f"s3://{bucket}/liver.zarr"
     # the endpoint as a user of a real S3-compatible store would give it to a CLI run
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    VolumeCache(url).build(phantom_cases, workers=1, progress=False)
     cfg = apply_overrides(Config(), [f"data.cache={url}", "data.val_cases=1"])
     assert cfg.data.cache_root == url
+    # a process without the dataset folder (another node) cannot open a cache that does not
+    # record what the dataset declares, and says so
+    VolumeCache(url).build(phantom_cases, workers=1, progress=False)
+    with pytest.raises(TrainingDataError, match="does not record what the dataset declares"):
+        prepare_dataset(cfg.data, build=False)
+    # built as a training run builds it, it carries the label names and the modality
+    declared = {"layout": "msd", "label_names": {"0": "background", "1": "liver"}}
+    VolumeCache(url).build(
+        phantom_cases, workers=1, progress=False, dataset={**declared, "modality": "CT"}
+    )
     dataset = prepare_dataset(cfg.data, build=False)
-    assert dataset.cache.root == url
+    assert dataset.cache.root == url and dataset.modality == "CT"
     assert len(dataset.train) + len(dataset.val) == len(phantom_cases)
 
 

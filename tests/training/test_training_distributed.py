@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_helpers import free_port, set_rank_env
@@ -63,8 +64,14 @@ def worker(rank: int, port: int, out: str) -> None:
         D.cleanup()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_ddp_gradients_equal_single_process(tmp_path, capfd):
+    try:
+        mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+        # The ranks write to the captured file descriptors: put what they said in the
+        # failure itself, so a short report still shows why a rank died.
+        err = capfd.readouterr().err
+        pytest.fail(f"{exc}\n--- the ranks' stderr (last 4000 characters) ---\n{err[-4000:]}")
 
     net = make_net()
     x, y = make_batch()

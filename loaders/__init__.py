@@ -18,33 +18,15 @@ import torch.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import TYPE_CHECKING
+
+from augment.extras import require_extra
 
 _IO_MODULES = ("SimpleITK", "zarr", "numcodecs", "tqdm")
 """What ``loaders`` imports beyond the core, all from the ``io`` extra."""
 
 
-def _absent(names: tuple[str, ...]) -> list[str]:
-    """The ones of ``names`` that cannot be imported, found without importing them."""
-    absent = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # refused by an import hook, or a broken entry
-            found = False
-        if not found:
-            absent.append(name)
-    return absent
-
-
-if _missing := _absent(_IO_MODULES):
-    raise ModuleNotFoundError(
-        f"loaders needs {', '.join(_missing)}, not installed here: install the io extra, "
-        f"python -m pip install 'voxaug[io]' (from a checkout: python -m pip install -e "
-        f"'.[io]'; 'voxaug[train]' includes it)",
-        name=_missing[0],
-    )
+require_extra("loaders", _IO_MODULES, "io", note="; 'voxaug[train]' includes it")
 
 from loaders import phantom
 from loaders.cache import BuildReport, CaseInfo, VolumeCache, default_cache_root
@@ -103,13 +85,7 @@ left out of ``__all__``, so that ``from loaders import *`` does not import torch
 def __getattr__(name: str) -> object:
     if name not in _TORCH_FACE:
         raise AttributeError(f"module 'loaders' has no attribute {name!r}")
-    if _absent(("torch",)):
-        raise ModuleNotFoundError(
-            f"loaders.{name} needs torch, not installed here: install the torch extra, "
-            "python -m pip install 'voxaug[torch]' (from a checkout: python -m pip install "
-            "-e '.[torch]')",
-            name="torch",
-        )
+    require_extra(f"loaders.{name}", ("torch",), "torch")
     module = importlib.import_module("loaders.dataset")
     value = getattr(module, name)
     globals()[name] = value

@@ -7,9 +7,10 @@ numpy and scipy) does not import torch; it only checks that the ``train`` extra 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
+
+from augment.extras import require_extra
 
 _TRAIN_MODULES = ("torch", "tqdm", "matplotlib", "SimpleITK", "zarr", "numcodecs") + (
     ("tomli",) if sys.version_info < (3, 11) else ()
@@ -18,26 +19,7 @@ _TRAIN_MODULES = ("torch", "tqdm", "matplotlib", "SimpleITK", "zarr", "numcodecs
 ``train`` extra."""
 
 
-def _absent(names: tuple[str, ...]) -> list[str]:
-    """The ones of ``names`` that cannot be imported, found without importing them."""
-    absent = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # refused by an import hook, or a broken entry
-            found = False
-        if not found:
-            absent.append(name)
-    return absent
-
-
-if _missing := _absent(_TRAIN_MODULES):
-    raise ModuleNotFoundError(
-        f"training needs {', '.join(_missing)}, not installed here: install the train extra, "
-        f"python -m pip install 'voxaug[train]' (from a checkout: python -m pip install -e "
-        f"'.[train]')",
-        name=_missing[0],
-    )
+require_extra("training", _TRAIN_MODULES, "train")
 
 _EXPORTS = {
     "voe": "training.metrics",

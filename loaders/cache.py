@@ -765,6 +765,23 @@ class VolumeCache:
             reader.read_into(lo, hi, out[sub], pool=self._executor(), threads=self.threads)
         return out
 
+    def prefetch_region(self, case: str, region: Region, *, array: str = "image") -> None:
+        """Start fetching the chunks ``read_region(case, region, array=array)`` will need
+        and return without waiting (a remote cache; a local one does nothing). Image and
+        label regions prefetched one after the other travel in one batch of requests.
+
+        Args:
+            case, region, array: as for ``read_region``.
+        """
+        if self._remote is None:
+            return
+        reader = self._reader(case, array)
+        start, stop = parse_region(region, reader.shape)
+        lo = [max(a, 0) for a in start]
+        hi = [min(b, n) for b, n in zip(stop, reader.shape, strict=True)]
+        if all(h > a for a, h in zip(lo, hi, strict=True)):
+            reader.prefetch(lo, hi)
+
     def read(self, case: str, *, array: str = "image") -> np.ndarray:
         """A whole array of a case."""
         return self.read_region(case, (slice(None),) * 3, array=array)

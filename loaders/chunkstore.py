@@ -250,6 +250,11 @@ class ByteSource(Protocol):
         end); None where the key does not exist."""
         ...
 
+    def prefetch(self, requests: Sequence[tuple[str, int, int | None]]) -> None:
+        """Start fetching these ranges for a ``read_ranges`` soon after (unmapped sources; a
+        mapped one does nothing). Returns at once, raises nothing."""
+        ...
+
     def open_zarr(self) -> Any:
         """The array opened read-only with zarr-python (layouts read without the fast path)."""
         ...
@@ -311,6 +316,9 @@ class LocalSource:
             except FileNotFoundError:
                 out.append(None)
         return out
+
+    def prefetch(self, requests: Sequence[tuple[str, int, int | None]]) -> None:
+        """Nothing: chunks are sliced from the memory map."""
 
     def open_zarr(self) -> Any:
         import zarr
@@ -502,13 +510,12 @@ class ArrayReader:
             raise self._gone()
         return buf
 
-    def _fetch(self, tasks) -> dict[tuple[int, int, int], Any]:
-        """The bytes of every chunk ``tasks`` need (LRU hits left out), from an unmapped
-        source in one batch of requests; None for absent chunks."""
+    def _requests(self, tasks, got: dict[tuple[int, int, int], Any]):
+        """The byte ranges of the chunks ``tasks`` need (LRU hits left out) and their chunk
+        indices; absent chunks go to ``got`` as None instead."""
         layout = self._layout
         assert layout is not None
         lru = self._lru
-        got: dict[tuple[int, int, int], Any] = {}
         requests: list[tuple[str, int, int | None]] = []
         order = []
         for cidx, _, _ in tasks:
@@ -525,6 +532,15 @@ class ArrayReader:
                 sidx, _, offset, nbytes = found
                 requests.append(("c/" + "/".join(map(str, sidx)), offset, offset + nbytes))
                 order.append(cidx)
+        return requests, order
+
+    def _fetch(self, tasks) -> dict[tuple[int, int, int], Any]:
+        """The bytes of every chunk ``tasks`` need (LRU hits left out), from an unmapped
+        source in one batch of requests; None for absent chunks."""
+        layout = self._layout
+        assert layout is not None
+        got: dict[tuple[int, int, int], Any] = {}
+        requests, order = self._requests(tasks, got)
         missing = False
         for cidx, buf in zip(order, self.source.read_ranges(requests), strict=True):
             got[cidx] = buf
@@ -582,7 +598,36 @@ class ArrayReader:
                 lru.put(key, arr)
             out[dst] = arr[src]
 
+    def _tasks(self, start: Sequence[int], stop: Sequence[int]):
+        """``(chunk index, slice of the chunk, slice of the region)`` of each chunk the
+        region ``[start, stop)`` intersects."""
+        assert self._layout is not None
+        per_axis = []
+        for a, b, c in zip(start, stop, self._layout.chunk_shape, strict=True):
+            parts = []
+            for n in range(a // c, (b - 1) // c + 1):
+                lo, hi = max(a, n * c), min(b, (n + 1) * c)
+                parts.append((n, slice(lo - n * c, hi - n * c), slice(lo - a, hi - a)))
+            per_axis.append(parts)
+        return [
+            ((pz[0], py[0], px[0]), (pz[1], py[1], px[1]), (pz[2], py[2], px[2]))
+            for pz, py, px in itertools.product(*per_axis)
+        ]
+
     # -- public -------------------------------------------------------------------------
+    def prefetch(self, start: Sequence[int], stop: Sequence[int]) -> None:
+        """Start fetching the chunks of voxels ``[start, stop)`` (inside the array) that a
+        ``read_into`` of the same box will need, and return: from an unmapped source
+        (object storage) their byte ranges are requested in the background; for a local
+        array, or a layout read through zarr-python, nothing happens. The shard index is
+        fetched first where it is not known yet (a request this call waits for).
+        """
+        if self.source.mapped or self._layout is None:
+            return
+        requests, _ = self._requests(self._tasks(start, stop), {})
+        if requests:
+            self.source.prefetch(requests)
+
     def read_into(
         self,
         start: Sequence[int],
@@ -609,17 +654,7 @@ class ArrayReader:
                 tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
             ]
             return
-        per_axis = []
-        for a, b, c in zip(start, stop, self._layout.chunk_shape, strict=True):
-            parts = []
-            for n in range(a // c, (b - 1) // c + 1):
-                lo, hi = max(a, n * c), min(b, (n + 1) * c)
-                parts.append((n, slice(lo - n * c, hi - n * c), slice(lo - a, hi - a)))
-            per_axis.append(parts)
-        tasks = [
-            ((pz[0], py[0], px[0]), (pz[1], py[1], px[1]), (pz[2], py[2], px[2]))
-            for pz, py, px in itertools.product(*per_axis)
-        ]
+        tasks = self._tasks(start, stop)
         fetched = None if self.source.mapped else self._fetch(tasks)
         filled = False
         if self._lru is None:

@@ -52,6 +52,7 @@ import numpy as np
 
 import augment
 from augment.workers import Segment, WorkerDied, WorkerFailed, WorkerPool
+from loaders.remote import is_url
 from loaders.sampler import PatchSampler
 
 __all__ = ["LoaderStats", "PatchLoader", "WorkerError"]
@@ -190,9 +191,13 @@ def _serve(
     views: list[tuple[np.ndarray, np.ndarray]],
 ) -> None:
     """The task loop. Before each task the pipe is drained, so that a stop (None) or a
-    ``("cancel", generation)`` is seen after at most one sample, not behind queued tasks."""
+    ``("cancel", generation)`` is seen after at most one sample, not behind queued tasks.
+    From a remote cache, the regions of the next queued task are prefetched before this
+    one is computed, so that they travel while it is augmented."""
     queue: deque[Any] = deque()
     cancelled = -1
+    remote = is_url(sampler.cache.root)
+    ahead: tuple[int, int, int] | None = None  # the task whose regions were prefetched
     while True:
         try:
             if not queue:
@@ -214,6 +219,12 @@ def _serve(
         else:
             try:
                 t0, c0 = time.perf_counter(), time.process_time()
+                if remote:
+                    if ahead != (gen, epoch, index):
+                        _prefetch(sampler, epoch, index)
+                    ahead = queue[0][:3] if queue and queue[0][0] > cancelled else None
+                    if ahead is not None:
+                        _prefetch(sampler, ahead[1], ahead[2])
                 meta = _fill_slot(sampler, layout, views[slot], epoch, index)
                 c1 = time.process_time()
                 meta.update(busy=time.perf_counter() - t0, cpu=c1 - c0, cpu_total=c1)
@@ -231,6 +242,20 @@ def _serve(
             conn.send(reply)
         except (BrokenPipeError, OSError):
             return
+
+
+def _prefetch(sampler: PatchSampler, epoch: int, index: int) -> None:
+    """Start fetching the image and label regions of sample ``index`` from a remote cache,
+    in one batch of concurrent requests that the sample's reads then claim. Costs one more
+    parameter draw per sample. Errors are left to those reads: they fetch again and raise."""
+    try:
+        d = sampler.draw(epoch, index)
+        box = sampler.region(d.case, d.plan)
+        sampler.cache.prefetch_region(d.case, box)
+        if sampler.cache.has_label(d.case):
+            sampler.cache.prefetch_region(d.case, box, array="label")
+    except Exception:  # the sample's own read reports it, with its index
+        pass
 
 
 def _fill_slot(

@@ -14,6 +14,7 @@
    that lost the race to another reads the winner's manifest, reuses its cases of equal
    fingerprint, uploads what is still missing and tries again. A reader thus only ever sees a
    manifest whose every folder was uploaded before it.
+   A manifest byte-identical to the remote one (nothing changed) is not written again.
 4. Folders referenced only by the manifest that was replaced, and own uploads that went
    unused, are deleted. A build that failed or was killed publishes nothing (the remote cache
    stays as it was); a killed one can leave unreferenced folders behind, which readers never
@@ -43,7 +44,7 @@ from loaders.remote import RemoteRoot
 if TYPE_CHECKING:
     from loaders.cache import BuildReport
 
-__all__ = ["MAX_UPLOADS", "PUBLISH_TRIES", "build_remote", "default_staging"]
+__all__ = ["MAX_UPLOADS", "PUBLISH_TRIES", "build_remote", "default_staging", "manifest_bytes"]
 
 MAX_UPLOADS = 8
 """Files uploaded concurrently."""
@@ -88,6 +89,11 @@ def _s3_code(exc: BaseException) -> str | None:
     return None
 
 
+def manifest_bytes(doc: dict[str, Any]) -> bytes:
+    """The root document as it is published."""
+    return json.dumps(doc, indent=1).encode()
+
+
 def _cache_of(doc: Any) -> dict[str, Any] | None:
     got = doc.get("attributes", {}).get("voxaug_cache") if isinstance(doc, dict) else None
     return got if isinstance(got, dict) else None
@@ -107,12 +113,13 @@ class _Publisher:
     def run(self, coro: Any) -> Any:
         return self.remote.run(coro)
 
-    async def read_manifest(self) -> tuple[dict[str, Any] | None, str | None]:
-        """The remote root document and its ETag, from one GET; (None, None) if absent."""
+    async def read_manifest(self) -> tuple[dict[str, Any] | None, str | None, bytes | None]:
+        """The remote root document, its ETag and its bytes, from one GET; (None, None,
+        None) if absent."""
         try:
             resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.manifest_key)
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         try:
             body = await resp["Body"].read()
         finally:
@@ -126,7 +133,7 @@ class _Publisher:
             raise CacheError(
                 where, "a zarr group but not a volume cache (no 'voxaug_cache' attribute)"
             )
-        return doc, resp["ETag"]
+        return doc, resp["ETag"], body
 
     async def check_foreign(self) -> None:
         """Refuse a prefix that holds something other than case folders."""
@@ -168,7 +175,7 @@ class _Publisher:
         """Write the root document if the remote one is still ``etag`` (absent for None):
         True when written, False when another builder got there first, None when the server
         takes no conditional writes (then written unconditionally)."""
-        body = json.dumps(doc, indent=1).encode()
+        body = manifest_bytes(doc)
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         kw = {"Bucket": self.bucket, "Key": self.manifest_key, "Body": body}
         try:
@@ -215,7 +222,7 @@ def build_remote(
     folder = Path(staging) if staging is not None else default_staging(remote.url)
     folder.mkdir(parents=True, exist_ok=True)
     pub = _Publisher(remote, folder)
-    first, _ = pub.run(pub.read_manifest())  # fail early: credentials, bucket, foreign data
+    first, _, _ = pub.run(pub.read_manifest())  # fail early: credentials, bucket, foreign data
     if first is None:
         if not remote.bucket_exists():
             raise CacheError(remote.url, f"bucket {pub.bucket!r} does not exist: create it first")
@@ -232,7 +239,7 @@ def _publish(pub: _Publisher, local_doc: dict[str, Any]) -> None:
     assert local is not None and local.get("complete"), "the staging build raises on failure"
     uploaded: set[str] = set()
     for _ in range(PUBLISH_TRIES):
-        doc, etag = pub.run(pub.read_manifest())
+        doc, etag, body = pub.run(pub.read_manifest())
         theirs = _cache_of(doc) or {}
         if theirs.get("format") != local["format"]:
             theirs = {}  # another format: replaced whole
@@ -248,7 +255,9 @@ def _publish(pub: _Publisher, local_doc: dict[str, Any]) -> None:
         uploaded |= missing
         new_doc = copy.deepcopy(local_doc)
         new_doc["attributes"]["voxaug_cache"]["cases"] = cases
-        written = pub.run(pub.put_manifest(new_doc, etag))
+        written: bool | None = True  # already published as it is: no write
+        if manifest_bytes(new_doc) != body:
+            written = pub.run(pub.put_manifest(new_doc, etag))
         if written is False:
             continue
         referenced = {e["dir"] for e in cases.values()}

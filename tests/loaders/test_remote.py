@@ -106,6 +106,48 @@ def test_build_to_s3_and_read_every_case_bit_identical(
     assert [r for r in proxy.records if r.method == "PUT" and "@" in r.path] == []
 
 
+def test_a_rebuild_writes_the_manifest_only_when_it_changed(
+    aws_env, loopback_only, s3_server, proxy, phantom_cases, tmp_path
+):
+    bucket = new_bucket(s3_server.endpoint)
+    url = f"s3://{bucket}/phantom.zarr"
+    options = {"endpoint_url": proxy.endpoint}
+
+    def build(staging: str, seed: int = 0) -> list[str]:
+        """Build from the staging folder; the writes and deletes sent, as ``METHOD key?query``
+        (a bulk delete is a POST to the bucket itself: an empty key)."""
+        proxy.clear()
+        build_remote(
+            RemoteRoot(url, options),
+            lambda folder: VolumeCache(folder).build(
+                phantom_cases, workers=1, progress=False, seed=seed
+            ),
+            staging=tmp_path / staging,
+        )
+        return [
+            f"{r.method} {r.path.removeprefix(f'/{bucket}').lstrip('/')}"
+            + (f"?{r.query}" if r.query else "")
+            for r in proxy.records
+            if r.method in ("PUT", "POST", "DELETE")
+        ]
+
+    first = build("a")
+    assert "PUT phantom.zarr/zarr.json" in first and len(first) > len(phantom_cases)
+    manifest = published_folders(s3_server.endpoint, bucket)
+    # nothing changed, from the same staging folder or a fresh one (another machine): the
+    # manifest would be written byte for byte as it is, so nothing is written
+    assert build("a") == []
+    assert build("b") == []
+    assert published_folders(s3_server.endpoint, bucket) == manifest
+    # changed cases (another sampling seed): uploaded, the manifest written once
+    changed = build("a", seed=1)
+    assert changed.count("PUT phantom.zarr/zarr.json") == 1
+    now = published_folders(s3_server.endpoint, bucket)
+    assert len(now) == len(phantom_cases) and now.isdisjoint(manifest)
+    assert any(w.startswith(("DELETE", "POST ?delete")) for w in changed)
+    assert case_folders(s3_server.endpoint, bucket) == now  # the replaced folders deleted
+
+
 # hypothesis draws regions over a cache built once for the module
 boxes = st.tuples(*[st.tuples(st.integers(-20, 110), st.integers(1, 60)) for _ in range(3)])
 

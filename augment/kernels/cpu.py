@@ -1191,6 +1191,49 @@ def _tile_inside_by(m, za, zb, ya, yb, xa, xb, fz, fy, fx, dmax):
     return True
 
 
+@njit(inline="always", **_JIT)
+def _row_taps_displaced(m, z, y, x0, n, e, sz, sy, lz, ly, lx, inside, q, r, w, ok):
+    """:func:`_row_taps` for output row (z, y, x0:x0 + n) displaced by ``e`` (3, n):
+    ``ok[i]`` whether voxel i's eight taps are inside (``inside``: the whole tile is), its
+    ``q``, ``r`` (0 when not) and weights. Returns the count of voxels not ``ok``."""
+    bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+    by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+    bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
+    ez = e[0]
+    ey = e[1]
+    ex = e[2]
+    wz = w[0]
+    wy = w[1]
+    wx = w[2]
+    bad = 0
+    for i in range(n):
+        x = x0 + i
+        cz = bz + dz * x + ez[i]
+        cy = by + dy * x + ey[i]
+        cx = bx + dx * x + ex[i]
+        good = inside or (cz >= 0.0 and cz < lz and cy >= 0.0 and cy < ly and cx >= 0.0 and cx < lx)
+        if not good:
+            cz = 0.0
+            cy = 0.0
+            cx = 0.0
+            bad += 1
+        iz = int(cz)
+        iy = int(cy)
+        ix = int(cx)
+        tz = cz - iz
+        ty = cy - iy
+        tx = cx - ix
+        p = iz * sz + iy * sy + ix
+        q[i] = p
+        r[i] = p + (sz if tz >= 0.5 else 0) + (sy if ty >= 0.5 else 0) + (1 if tx >= 0.5 else 0)
+        wz[i] = np.float32(tz)
+        wy[i] = np.float32(ty)
+        wx[i] = np.float32(tx)
+        ok[i] = good
+    return bad
+
+
 @njit(**_JIT)
 def _block_elastic(
     img,
@@ -1236,7 +1279,6 @@ def _block_elastic(
     sz = ny * nx
     usy = np.uint64(sy)
     usz = np.uint64(sz)
-    u0 = np.uint64(0)
     u1 = np.uint64(1)
     fz, fy, fx = float(nz), float(ny), float(nx)
     lz, ly, lx = fz - 1.0, fy - 1.0, fx - 1.0
@@ -1251,15 +1293,129 @@ def _block_elastic(
     acc = np.empty(coef.shape[2])
     plane = np.empty((coef.shape[1], coef.shape[2]))
     inside = fast and _tile_inside_by(m, z0, z1 - 1, y0, y1 - 1, x0, x1 - 1, fz, fy, fx, dmax)
-    for z in range(z0, z1):
-        r0 = _field_plane(coef, jz, wz, jy, z, y0, y1, plane)
-        for y in range(y0, y1):
-            _field_row(plane, r0, jy, wy, xseg, wx, y, x0, x1, acc, ez, ey, ex)
-            bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
-            by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
-            bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    if fast:
+        # as ``_block``: two passes per row, the next row's field and taps worked out first
+        # so that its cache lines are prefetched while this row is interpolated
+        e = np.empty((2, 3, n))
+        q = np.empty((2, n), np.int64)
+        r = np.empty((2, n), np.int64)
+        w = np.empty((2, 3, n), np.float32)
+        ok = np.empty((2, n), np.bool_)
+        ky = y1 - y0
+        rows = (z1 - z0) * ky
+        r0 = 0
+        bad_n = 0
+        for k in range(rows + 1):
+            if k < rows:  # the taps of row k, into buffer k & 1
+                z = z0 + k // ky
+                y = y0 + k % ky
+                if y == y0:
+                    r0 = _field_plane(coef, jz, wz, jy, z, y0, y1, plane)
+                nxt = k & 1
+                en = e[nxt]
+                _field_row(plane, r0, jy, wy, xseg, wx, y, x0, x1, acc, en[0], en[1], en[2])
+                bad_n = _row_taps_displaced(
+                    m, z, y, x0, n, en, sz, sy, lz, ly, lx, inside, q[nxt], r[nxt], w[nxt], ok[nxt]
+                )
+            if k == 0:
+                bad = bad_n
+                continue
+            # interpolate row k - 1 while prefetching row k
+            cur = (k - 1) & 1
+            z = z0 + (k - 1) // ky
+            y = y0 + (k - 1) % ky
             row = (z * oh + y) * ow
-            if not fast:
+            nn = n if k < rows else 0
+            if bad == 0:
+                _row_interp(
+                    img,
+                    lab,
+                    out_img[row + x0 : row + x1],
+                    out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
+                    n,
+                    q[cur],
+                    r[cur],
+                    w[cur],
+                    q[1 - cur],
+                    r[1 - cur],
+                    nn,
+                    usy,
+                    usz,
+                    nl,
+                    0,
+                    np.float32(0.0),
+                    np.float32(0.0),
+                    np.float32(1.0),
+                    np.float32(0.0),
+                )
+            else:
+                ec = e[cur]
+                bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+                by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+                bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+                _row_interp(
+                    img,
+                    lab,
+                    out_img[row + x0 : row + x1],
+                    out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
+                    0,
+                    q[cur],
+                    r[cur],
+                    w[cur],
+                    q[1 - cur],
+                    r[1 - cur],
+                    nn,
+                    usy,
+                    usz,
+                    nl,
+                    0,
+                    np.float32(0.0),
+                    np.float32(0.0),
+                    np.float32(1.0),
+                    np.float32(0.0),
+                )
+                okc = ok[cur]
+                qc = q[cur]
+                rc = r[cur]
+                wc = w[cur]
+                for i in range(n):
+                    x = x0 + i
+                    o = np.uint64(row + x)
+                    if okc[i]:
+                        if nl == 1:
+                            out_lab[o] = lab[np.uint64(rc[i])]
+                        out_img[o] = _trilinear(
+                            img, np.uint64(qc[i]), usy, usz, wc[0, i], wc[1, i], wc[2, i], u1
+                        )
+                    else:
+                        _voxel(
+                            img,
+                            lab,
+                            out_img,
+                            out_lab,
+                            nc,
+                            nl,
+                            src_shape,
+                            ovol,
+                            cval,
+                            lcval,
+                            voxel_prog,
+                            img_linear,
+                            row + x,
+                            bz + dz * x + ec[0, i],
+                            by + dy * x + ec[1, i],
+                            bx + dx * x + ec[2, i],
+                        )
+            bad = bad_n
+    else:
+        for z in range(z0, z1):
+            r0 = _field_plane(coef, jz, wz, jy, z, y0, y1, plane)
+            for y in range(y0, y1):
+                _field_row(plane, r0, jy, wy, xseg, wx, y, x0, x1, acc, ez, ey, ex)
+                bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+                by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+                bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+                row = (z * oh + y) * ow
                 for i in range(n):
                     x = x0 + i
                     _voxel(
@@ -1279,53 +1435,6 @@ def _block_elastic(
                         bz + dz * x + ez[i],
                         by + dy * x + ey[i],
                         bx + dx * x + ex[i],
-                    )
-                continue
-            for i in range(n):
-                x = x0 + i
-                cz = bz + dz * x + ez[i]
-                cy = by + dy * x + ey[i]
-                cx = bx + dx * x + ex[i]
-                if inside or (
-                    cz >= 0.0 and cz < lz and cy >= 0.0 and cy < ly and cx >= 0.0 and cx < lx
-                ):
-                    iz = int(cz)
-                    iy = int(cy)
-                    ix = int(cx)
-                    wtz = cz - iz
-                    wty = cy - iy
-                    wtx = cx - ix
-                    q = np.uint64(iz * sz + iy * sy + ix)
-                    o = np.uint64(row + x)
-                    if nl == 1:
-                        r = (
-                            q
-                            + (usz if wtz >= 0.5 else u0)
-                            + (usy if wty >= 0.5 else u0)
-                            + (u1 if wtx >= 0.5 else u0)
-                        )
-                        out_lab[o] = lab[r]
-                    out_img[o] = _trilinear(
-                        img, q, usy, usz, np.float32(wtz), np.float32(wty), np.float32(wtx), u1
-                    )
-                else:
-                    _voxel(
-                        img,
-                        lab,
-                        out_img,
-                        out_lab,
-                        nc,
-                        nl,
-                        src_shape,
-                        ovol,
-                        cval,
-                        lcval,
-                        voxel_prog,
-                        img_linear,
-                        row + x,
-                        cz,
-                        cy,
-                        cx,
                     )
     if fast and prog.shape[0] > 0:
         # as ``_block``: the program over the finished tile, full-width rows as one span

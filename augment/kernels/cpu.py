@@ -150,6 +150,67 @@ def _trilinear(img, q, sy, sz, wz, wy, wx, one=1):
     return c0 + (c1 - c0) * wz
 
 
+@intrinsic
+def _trilinear_pairs(typingctx, img, q, sy, sz, wz, wy, wx):
+    """:func:`_trilinear` for a flat C-contiguous ``img``, read as four x-neighbour pairs
+    (one load each) with the x and y steps on vectors: the same float32 operations per
+    value, so the same bits, in fewer loads and instructions."""
+    if not (
+        isinstance(img, types.Array)
+        and img.layout == "C"
+        and isinstance(img.dtype, (types.Float, types.Integer))
+    ):
+        return None
+    dt = img.dtype
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        el = context.get_value_type(dt)
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+
+        def mask(*ix):
+            return ir.Constant(ir.VectorType(i32, len(ix)), list(ix))
+
+        def load_pair(index):
+            ptr = builder.bitcast(builder.gep(ary.data, [index]), ir.VectorType(el, 2).as_pointer())
+            return builder.load(ptr, align=dt.bitwidth // 8)
+
+        def splat(x, n):
+            v = builder.insert_element(ir.Constant(ir.VectorType(f32, n), None), x, i32(0))
+            return builder.shuffle_vector(v, v, mask(*([0] * n)))
+
+        def lerp(a, b, w):
+            return builder.fadd(a, builder.fmul(builder.fsub(b, a), w))
+
+        q, sy, sz = args[1], args[2], args[3]
+        qz = builder.add(q, sz)
+        lo = builder.shuffle_vector(load_pair(q), load_pair(builder.add(q, sy)), mask(0, 1, 2, 3))
+        hi = builder.shuffle_vector(load_pair(qz), load_pair(builder.add(qz, sy)), mask(0, 1, 2, 3))
+        v = builder.shuffle_vector(lo, hi, mask(0, 1, 2, 3, 4, 5, 6, 7))  # a0 .. a7
+        v8 = ir.VectorType(f32, 8)
+        if isinstance(dt, types.Float):
+            if dt.bitwidth > 32:
+                v = builder.fptrunc(v, v8)
+        elif dt.signed:
+            v = builder.sitofp(v, v8)
+        else:
+            v = builder.uitofp(v, v8)
+        even = builder.shuffle_vector(v, v, mask(0, 2, 4, 6))
+        odd = builder.shuffle_vector(v, v, mask(1, 3, 5, 7))
+        b = lerp(even, odd, splat(args[6], 4))  # b0 .. b3
+        c = lerp(
+            builder.shuffle_vector(b, b, mask(0, 2)),
+            builder.shuffle_vector(b, b, mask(1, 3)),
+            splat(args[5], 2),
+        )  # c0, c1
+        c0 = builder.extract_element(c, i32(0))
+        return lerp(c0, builder.extract_element(c, i32(1)), args[4])
+
+    f = types.float32
+    return f(img, types.uint64, types.uint64, types.uint64, f, f, f), codegen
+
+
 @njit(inline="always", **_JIT)
 def _tap(src, base, z, y, x, nz, ny, nx, fill):
     if z < 0 or y < 0 or x < 0 or z >= nz or y >= ny or x >= nx:
@@ -657,7 +718,6 @@ def _interp_run(img, lab, oimg, olab, start, stop, q, r, w, qn, rn, usy, usz, la
     ``ahead``, the cache lines the next row's taps (``qn``, ``rn``) will read are prefetched
     on the way. Every index is non-negative here: unsigned indices spare numba's
     negative-index wraparound on the loads and stores (1.2x on W1)."""
-    u1 = np.uint64(1)
     wz = w[0]
     wy = w[1]
     wx = w[2]
@@ -673,7 +733,7 @@ def _interp_run(img, lab, oimg, olab, start, stop, q, r, w, qn, rn, usy, usz, la
                 _prefetch(lab, np.uint64(rn[i]))
         if label:
             olab[i] = lab[np.uint64(r[i])]
-        oimg[i] = _trilinear(img, np.uint64(q[i]), usy, usz, wz[i], wy[i], wx[i], u1)
+        oimg[i] = _trilinear_pairs(img, np.uint64(q[i]), usy, usz, wz[i], wy[i], wx[i])
 
 
 @njit(**_JIT)

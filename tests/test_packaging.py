@@ -31,8 +31,9 @@ PROJECT = "voxaug"
 PACKAGE_EXTRAS = {"augment": "torch", "loaders": "io", "training": "train", "benchmarks": "peers"}
 # Distributions that come with another one rather than by name: the CUDA builds of torch
 # bring Triton (the CPU build, which CI installs, does not; the Triton kernel is imported
-# only on CUDA).
-COMES_WITH = {"triton": "torch"}
+# only on CUDA); numba requires llvmlite (pinned to its own version), whose IR builder the
+# CPU kernels' intrinsics use.
+COMES_WITH = {"triton": "torch", "llvmlite": "numba"}
 OPTIONAL = ("torch", "triton", "SimpleITK", "zarr", "numcodecs", "matplotlib", "tqdm", "skimage")
 
 BLOCKER = """

@@ -34,8 +34,9 @@ PACKAGE_EXTRAS = {"augment": "torch", "loaders": "io", "training": "train", "ben
 MODULE_EXTRAS = {"loaders/dataset.py": "torch"}
 # Distributions that come with another one rather than by name: the CUDA builds of torch
 # bring Triton (the CPU build, which CI installs, does not; the Triton kernel is imported
-# only on CUDA).
-COMES_WITH = {"triton": "torch"}
+# only on CUDA); numba requires llvmlite (pinned to its own version), whose IR builder the
+# CPU kernels' intrinsics use.
+COMES_WITH = {"triton": "torch", "llvmlite": "numba"}
 OPTIONAL = ("torch", "triton", "SimpleITK", "zarr", "numcodecs", "matplotlib", "tqdm", "skimage")
 
 BLOCKER = """

@@ -17,7 +17,10 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from augment.kernels.program import AFFINE, CLIP, GAMMA, HASH_M1, HASH_M2, MASK32, NOISE, TWO_PI
 
@@ -42,6 +45,35 @@ def _mix32(x):
     x = (x * HASH_M2) & MASK32
     x ^= x >> 16
     return x
+
+
+@intrinsic
+def _hash32(typingctx, c, key):
+    """``_mix32(_mix32(c) ^ key)`` on the low 32 bits of the integers ``c`` and ``key``,
+    in 32-bit operations (numba widens uint32 arithmetic to 64 bits, which halves the
+    vector lanes and needs 64-bit multiplies)."""
+    if not (isinstance(c, types.Integer) and isinstance(key, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+
+        def low(v, t):
+            if t.bitwidth > 32:
+                return builder.trunc(v, i32)
+            return v if t.bitwidth == 32 else builder.zext(v, i32)
+
+        def mix(x):
+            x = builder.xor(x, builder.lshr(x, i32(16)))
+            x = builder.mul(x, i32(HASH_M1))
+            x = builder.xor(x, builder.lshr(x, i32(15)))
+            x = builder.mul(x, i32(HASH_M2))
+            return builder.xor(x, builder.lshr(x, i32(16)))
+
+        x = mix(low(args[0], sig.args[0]))
+        return mix(builder.xor(x, low(args[1], sig.args[1])))
+
+    return types.uint32(c, key), codegen
 
 
 @njit(**_JIT)
@@ -125,6 +157,67 @@ def _trilinear(img, q, sy, sz, wz, wy, wx, one=1):
     c0 = b0 + (b1 - b0) * wy
     c1 = b2 + (b3 - b2) * wy
     return c0 + (c1 - c0) * wz
+
+
+@intrinsic
+def _trilinear_pairs(typingctx, img, q, sy, sz, wz, wy, wx):
+    """:func:`_trilinear` for a flat C-contiguous ``img``, read as four x-neighbour pairs
+    (one load each) with the x and y steps on vectors: the same float32 operations per
+    value, so the same bits, in fewer loads and instructions."""
+    if not (
+        isinstance(img, types.Array)
+        and img.layout == "C"
+        and isinstance(img.dtype, (types.Float, types.Integer))
+    ):
+        return None
+    dt = img.dtype
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        el = context.get_value_type(dt)
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+
+        def mask(*ix):
+            return ir.Constant(ir.VectorType(i32, len(ix)), list(ix))
+
+        def load_pair(index):
+            ptr = builder.bitcast(builder.gep(ary.data, [index]), ir.VectorType(el, 2).as_pointer())
+            return builder.load(ptr, align=dt.bitwidth // 8)
+
+        def splat(x, n):
+            v = builder.insert_element(ir.Constant(ir.VectorType(f32, n), None), x, i32(0))
+            return builder.shuffle_vector(v, v, mask(*([0] * n)))
+
+        def lerp(a, b, w):
+            return builder.fadd(a, builder.fmul(builder.fsub(b, a), w))
+
+        q, sy, sz = args[1], args[2], args[3]
+        qz = builder.add(q, sz)
+        lo = builder.shuffle_vector(load_pair(q), load_pair(builder.add(q, sy)), mask(0, 1, 2, 3))
+        hi = builder.shuffle_vector(load_pair(qz), load_pair(builder.add(qz, sy)), mask(0, 1, 2, 3))
+        v = builder.shuffle_vector(lo, hi, mask(0, 1, 2, 3, 4, 5, 6, 7))  # a0 .. a7
+        v8 = ir.VectorType(f32, 8)
+        if isinstance(dt, types.Float):
+            if dt.bitwidth > 32:
+                v = builder.fptrunc(v, v8)
+        elif dt.signed:
+            v = builder.sitofp(v, v8)
+        else:
+            v = builder.uitofp(v, v8)
+        even = builder.shuffle_vector(v, v, mask(0, 2, 4, 6))
+        odd = builder.shuffle_vector(v, v, mask(1, 3, 5, 7))
+        b = lerp(even, odd, splat(args[6], 4))  # b0 .. b3
+        c = lerp(
+            builder.shuffle_vector(b, b, mask(0, 2)),
+            builder.shuffle_vector(b, b, mask(1, 3)),
+            splat(args[5], 2),
+        )  # c0, c1
+        c0 = builder.extract_element(c, i32(0))
+        return lerp(c0, builder.extract_element(c, i32(1)), args[4])
+
+    f = types.float32
+    return f(img, types.uint64, types.uint64, types.uint64, f, f, f), codegen
 
 
 @njit(**_JIT)
@@ -286,9 +379,10 @@ def _row(
 
 
 # Output tiles (z, y, x): a tile's source footprint stays in cache while the walk crosses
-# rotated planes (about 10% faster than whole rows on W1; 8x8x32 and 16^3 tie, but full
-# rows give the fused intensity loops long spans).
-TILE = (4, 4, 128)
+# rotated planes. With the two-pass rows and the prefetch of the next row (``_block``), long
+# rows win: on W1 (CPU time, one thread) 8x8x128 took 0.96x the time of 4x4x128, 8x8x32
+# 1.3x, 16^3 2.0x (each row pays its first pass and prefetch set-up once).
+TILE = (8, 8, 128)
 
 # Polynomials (float32 Horner, fitted on Chebyshev nodes): log2 on [1, 2) in u = 2m - 3,
 # 1.2e-7 absolute; exp2 on [0, 1) in u = 2f - 1, 1.3e-7 relative; cos(2 pi w) on
@@ -340,24 +434,55 @@ def _log2_mantissa(m):
     return r * u + np.float32(_L0)
 
 
-@njit(**_JIT)
-def _split_log2(xb, e, n):
-    """Split float32 bits ``xb[:n]`` into exponent ``e[:n]`` (float) and a mantissa in
-    [1, 2); zero and denormals get a huge negative exponent."""
-    for i in range(n):
-        b = xb[i]
-        k = (b >> 23) & 0xFF
-        e[i] = np.float32(k - 127) if k > 0 else np.float32(-1.0e4)
-        xb[i] = (b & 0x007FFFFF) | 0x3F800000
+@intrinsic
+def _bits(typingctx, x):
+    """The int32 bit pattern of a float32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
 
 
-@njit(**_JIT)
-def _pow01(x, xb, g, n, e, k):
-    """``x[:n] **= g`` for x in [0, 1] and g > 0 (``xb`` is x's int32 view)."""
-    _split_log2(xb, e, n)
+@intrinsic
+def _from_bits(typingctx, b):
+    """The float32 with the bit pattern of an int32."""
+    if b != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", **_JIT)
+def _log2_split(x):
+    """``(e, m)``: float32 ``x = m * 2**e`` with m in [1, 2); zero and denormals get a
+    huge negative ``e``."""
+    b = _bits(x)
+    k = np.int32((b >> 23) & 0xFF)  # int32 keeps 16 lanes a vector (numba widens to int64)
+    e = np.float32(k) - np.float32(127.0) if k > 0 else np.float32(-1.0e4)
+    return e, _from_bits(np.int32((b & 0x007FFFFF) | 0x3F800000))
+
+
+# Gamma and noise contract multiply-adds into FMAs: 0.69 instead of 1.04 ns a voxel for
+# gamma, 1.21 instead of 1.51 for noise (in L1, one thread); results move by about one
+# float32 ulp, well inside the program's tolerance against ``program.run_reference``.
+_JIT_FMA: dict[str, Any] = {**_JIT, "fastmath": {"contract"}}
+
+
+@njit(**_JIT_FMA)
+def _gamma_span(x, g, lo, inv, span, n):
+    """``x[:n] = lo + span * clip((x - lo) * inv, 0, 1) ** g`` (g > 0), one vectorised
+    loop: bit casts instead of int32 views and scratch arrays."""
     gf = np.float32(g)
     for i in range(n):
-        y = gf * (e[i] + _log2_mantissa(x[i]))
+        t = min(max((x[i] - lo) * inv, np.float32(0.0)), np.float32(1.0))
+        e, mant = _log2_split(t)
+        y = gf * (e + _log2_mantissa(mant))
         y = max(y, np.float32(-200.0))
         ti = np.float32(np.int32(y))  # floor without a libm call (keeps the loop vector)
         fl = ti - np.float32(1.0) if ti > y else ti
@@ -369,29 +494,28 @@ def _pow01(x, xb, g, n, e, k):
         r = r * u + np.float32(_E3)
         r = r * u + np.float32(_E2)
         r = r * u + np.float32(_E1)
-        x[i] = r * u + np.float32(_E0)
-        k[i] = np.int32(fl)
-    for i in range(n):
-        kk = k[i]
-        xb[i] = xb[i] + (kk << 23) if kk >= -126 else 0
+        r = r * u + np.float32(_E0)
+        kk = np.int32(fl)
+        t = _from_bits(np.int32(_bits(r) + (kk << 23))) if kk >= -126 else np.float32(0.0)
+        x[i] = lo + span * t
 
 
-@njit(**_JIT)
-def _normals(out, ob, seed, first, n, e, k):
-    """``out[:n]`` = the program's normals for flat indices ``first + i`` (``ob`` = int32
-    view of ``out``); the same numbers as ``_normal`` within float32 rounding."""
+@njit(**_JIT_FMA)
+def _noise_span(x, a, seed, first, n):
+    """``x[:n] += a * normal(first + i)``: the program's normals for flat indices
+    ``first + i``, the same numbers as ``_normal`` within float32 rounding; one vectorised
+    loop (the hash in 32-bit lanes: 1.5 instead of 2.0 ns a voxel)."""
+    fa = np.float32(a)
     key = np.uint64(seed) & MASK32
     for i in range(n):
-        i2 = np.uint64(2) * np.uint64(first + i)
-        b1 = _mix32(_mix32(i2) ^ key)
-        b2 = _mix32(_mix32(i2 + np.uint64(1)) ^ key)
-        out[i] = np.float32((b1 >> 8) + np.uint64(1))  # u1 * 2^24, exact in float32
-        k[i] = np.int32(b2 >> 8)  # u2 * 2^24
-    _split_log2(ob, e, n)
-    for i in range(n):
-        lnu1 = np.float32(_LN2) * (e[i] - np.float32(24.0) + _log2_mantissa(out[i]))
+        ctr = np.uint32(2 * (first + i))  # _mix32 reads the low 32 bits only
+        b1 = _hash32(ctr, key)
+        b2 = _hash32(ctr + np.uint32(1), key)
+        u1 = np.float32(np.int32(b1 >> np.uint32(8)) + np.int32(1))  # u1 * 2^24, exact
+        e, mant = _log2_split(u1)
+        lnu1 = np.float32(_LN2) * (e - np.float32(24.0) + _log2_mantissa(mant))
         radius = math.sqrt(max(np.float32(-2.0) * lnu1, np.float32(0.0)))
-        w = np.float32(k[i]) * np.float32(1.0 / 16777216.0)  # u2 in [0, 1)
+        w = np.float32(np.int32(b2 >> np.uint32(8))) * np.float32(1.0 / 16777216.0)  # u2
         # cos(2 pi w) by symmetry from [0, 1/4]
         v = abs(w - np.float32(0.5))  # cos(2 pi w) = -cos(2 pi v), v in [0, 1/2]
         flip = v > np.float32(0.25)
@@ -404,20 +528,18 @@ def _normals(out, ob, seed, first, n, e, k):
         c = c * s2 + np.float32(_C2)
         c = c * s2 + np.float32(_C1)
         c = c * s2 + np.float32(_C0)
-        out[i] = radius * (c if flip else -c)
+        x[i] = x[i] + fa * (radius * (c if flip else -c))
 
 
 @njit(**_JIT)
-def _program_span(out, prog, start, stop, base, sf, se, si):
+def _program_span(out, prog, start, stop, base):
     """Run ``prog`` over ``out[start:stop]`` op by op; flat output index = base + i.
 
-    ``sf``, ``se`` (float32) and ``si`` (int32) are scratch of at least stop - start.
     Loops run over a fresh slice from 0: with ``out[start + i]`` numba keeps a negative-index
     branch that stops vectorisation (about 10x slower).
     """
     n = stop - start
     seg = out[start:stop]
-    bits = seg.view(np.int32)
     for k in range(prog.shape[0]):
         code = int(prog[k, 0])
         a = prog[k, 1]
@@ -434,19 +556,9 @@ def _program_span(out, prog, start, stop, base, sf, se, si):
                 seg[i] = min(max(seg[i], fa), fb)
         elif code == GAMMA:
             c = prog[k, 3]
-            lo = np.float32(b)
-            span = np.float32(c - b)
-            inv = np.float32(1.0 / (c - b))
-            for i in range(n):
-                seg[i] = min(max((seg[i] - lo) * inv, np.float32(0.0)), np.float32(1.0))
-            _pow01(seg, bits, a, n, se, si)
-            for i in range(n):
-                seg[i] = lo + span * seg[i]
+            _gamma_span(seg, a, np.float32(b), np.float32(1.0 / (c - b)), np.float32(c - b), n)
         elif code == NOISE:
-            _normals(sf, sf.view(np.int32), int(b), base + start, n, se, si)
-            fa = np.float32(a)
-            for i in range(n):
-                seg[i] = seg[i] + fa * sf[i]
+            _noise_span(seg, a, int(b), base + start, n)
 
 
 @njit(**_JIT)
@@ -473,6 +585,193 @@ def _tile_inside(m, za, zb, ya, yb, xa, xb, fz, fy, fx):
     return True
 
 
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Ask for the cache line of ``arr[index]`` (x86 ``prefetcht0``); no effect on results."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
+
+
+@njit(inline="always", **_JIT)
+def _tile_origin(b, out_shape, tile):
+    """Output tile ``b``'s first z, first y and x range ``[x0, x1)`` (tiles in C order)."""
+    od, oh, ow = out_shape
+    tz, ty, tx = tile
+    ny_ = (oh + ty - 1) // ty
+    nx_ = (ow + tx - 1) // tx
+    x0 = (b % nx_) * tx
+    return (b // (ny_ * nx_)) * tz, ((b // nx_) % ny_) * ty, x0, min(x0 + tx, ow)
+
+
+@njit(inline="always", **_JIT)
+def _fold_prefix(prog):
+    """The leading element-wise ops the interpolation applies as it stores: ``CLIP``,
+    ``AFFINE``, ``CLIP`` then ``AFFINE`` (a window) or ``AFFINE`` then ``CLIP``.
+
+    Returns:
+        ``(n_ops, mode, lo, hi, a, b)``: mode bit 1 clips first, bit 2 scales, bit 4 clips
+        last; the bounds and coefficients in float32, as the program pass rounds them.
+    """
+    n = 0
+    mode = 0
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    a = np.float32(1.0)
+    b = np.float32(0.0)
+    if prog.shape[0] > 0 and int(prog[0, 0]) == CLIP:
+        mode = 1
+        lo = np.float32(prog[0, 1])
+        hi = np.float32(prog[0, 2])
+        n = 1
+        if prog.shape[0] > 1 and int(prog[1, 0]) == AFFINE:
+            mode = 3
+            a = np.float32(prog[1, 1])
+            b = np.float32(prog[1, 2])
+            n = 2
+    elif prog.shape[0] > 0 and int(prog[0, 0]) == AFFINE:
+        mode = 2
+        a = np.float32(prog[0, 1])
+        b = np.float32(prog[0, 2])
+        n = 1
+        if prog.shape[0] > 1 and int(prog[1, 0]) == CLIP:
+            mode = 6
+            lo = np.float32(prog[1, 1])
+            hi = np.float32(prog[1, 2])
+            n = 2
+    return n, mode, lo, hi, a, b
+
+
+@njit(inline="always", **_JIT)
+def _fold(v, mode, lo, hi, a, b):
+    """The ops of :func:`_fold_prefix` on one float32 value, as ``_program_span`` runs them."""
+    if mode & 1:
+        v = min(max(v, lo), hi)
+    if mode & 2:
+        v = v * a + b
+    if mode & 4:
+        v = min(max(v, lo), hi)
+    return v
+
+
+@njit(**_JIT)
+def _fold_span(out, start, stop, mode, lo, hi, a, b):
+    """:func:`_fold` over ``out[start:stop]`` (the border voxels of a tile)."""
+    if mode == 0:
+        return
+    seg = out[start:stop]
+    for i in range(stop - start):
+        seg[i] = _fold(seg[i], mode, lo, hi, a, b)
+
+
+@njit(inline="always", **_JIT)
+def _row_span(m, z, y, x0, x1, fz, fy, fx, inside):
+    """The interior span ``[lo, hi]`` of output row (z, y, x0:x1): all eight taps inside."""
+    if inside:
+        return x0, x1 - 1
+    bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+    by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+    bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    lo0, hi0 = _interior_span(bz, m[0, 2], fz, x0, x1)
+    lo1, hi1 = _interior_span(by, m[1, 2], fy, x0, x1)
+    lo2, hi2 = _interior_span(bx, m[2, 2], fx, x0, x1)
+    return max(lo0, max(lo1, lo2)), min(hi0, min(hi1, hi2))
+
+
+@njit(inline="always", **_JIT)
+def _row_taps(m, z, y, lo, n, sz, sy, q, r, w):
+    """First pass over the interior voxels (z, y, lo:lo + n): base index ``q``, nearest
+    index ``r`` and float32 weights ``w`` (3, n). No loads from the source: it vectorises."""
+    bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+    by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+    bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
+    wz = w[0]
+    wy = w[1]
+    wx = w[2]
+    for i in range(n):
+        x = lo + i
+        cz = bz + dz * x
+        cy = by + dy * x
+        cx = bx + dx * x
+        iz = int(cz)
+        iy = int(cy)
+        ix = int(cx)
+        tz = cz - iz
+        ty = cy - iy
+        tx = cx - ix
+        p = iz * sz + iy * sy + ix
+        q[i] = p
+        # nearest from the same base: floor(c + 0.5) == floor(c) + (frac >= 0.5)
+        r[i] = p + (sz if tz >= 0.5 else 0) + (sy if ty >= 0.5 else 0) + (1 if tx >= 0.5 else 0)
+        wz[i] = np.float32(tz)
+        wy[i] = np.float32(ty)
+        wx[i] = np.float32(tx)
+
+
+@njit(inline="always", **_JIT)
+def _interp_run(img, lab, oimg, olab, start, stop, q, r, w, qn, rn, usy, usz, label, ahead):
+    """Voxels ``start:stop`` of a row: the eight taps at ``q`` interpolated with the
+    weights ``w`` into ``oimg``, the label at ``r`` copied into ``olab`` (if ``label``); if
+    ``ahead``, the cache lines the next row's taps (``qn``, ``rn``) will read are prefetched
+    on the way. Every index is non-negative here: unsigned indices spare numba's
+    negative-index wraparound on the loads and stores (1.2x on W1)."""
+    wz = w[0]
+    wy = w[1]
+    wx = w[2]
+    for j in range(start, stop):
+        i = np.uint64(j)
+        if ahead:
+            pn = np.uint64(qn[i])
+            _prefetch(img, pn)
+            _prefetch(img, pn + usy)
+            _prefetch(img, pn + usz)
+            _prefetch(img, pn + usz + usy)
+            if label:
+                _prefetch(lab, np.uint64(rn[i]))
+        if label:
+            olab[i] = lab[np.uint64(r[i])]
+        oimg[i] = _trilinear_pairs(img, np.uint64(q[i]), usy, usz, wz[i], wy[i], wx[i])
+
+
+@njit(**_JIT)
+def _row_interp(img, lab, oimg, olab, n, q, r, w, qn, rn, nn, usy, usz, nl, mode, lo, hi, a, b):
+    """Second pass over an interior row (``n`` voxels, ``oimg``/``olab`` start at its first
+    voxel), prefetching the next row's ``nn`` voxels, then the folded ops over the row
+    while it is in L1."""
+    k = min(n, nn)
+    if nl == 1:
+        _interp_run(img, lab, oimg, olab, 0, k, q, r, w, qn, rn, usy, usz, True, True)
+        _interp_run(img, lab, oimg, olab, k, n, q, r, w, qn, rn, usy, usz, True, False)
+    else:
+        _interp_run(img, lab, oimg, olab, 0, k, q, r, w, qn, rn, usy, usz, False, True)
+        _interp_run(img, lab, oimg, olab, k, n, q, r, w, qn, rn, usy, usz, False, False)
+    for j in range(k, nn):
+        i = np.uint64(j)
+        pn = np.uint64(qn[i])
+        _prefetch(img, pn)
+        _prefetch(img, pn + usy)
+        _prefetch(img, pn + usz)
+        _prefetch(img, pn + usz + usy)
+        if nl == 1:
+            _prefetch(lab, np.uint64(rn[i]))
+    if mode != 0:
+        seg = oimg[:n]
+        for i in range(n):
+            seg[i] = _fold(seg[i], mode, lo, hi, a, b)
+
+
 @njit(**_JIT)
 def _block(
     img,
@@ -491,16 +790,20 @@ def _block(
     b,
     tile,
 ):
-    """Resample output tile ``b``. Single-channel trilinear image (+ nearest label) rows run
-    an inline loop: as a call per row the same loop ran about 1.5x slower."""
+    """Resample output tile ``b``.
+
+    Single-channel trilinear images (+ one nearest label) take the fast path: each row's
+    interior in two passes, ``_row_taps`` (indices and weights, vectorised) then
+    ``_row_interp`` (the eight loads and the lerps), with the next row's taps worked out
+    first so that its cache lines are prefetched while this row is interpolated. W1 reads
+    a 128^3 patch's source footprint from DRAM once; without the prefetch each of its
+    cache lines was a stall: on W1 (CPU time, one thread) the prefetch took the kernel from
+    13.8 to 6.6 ns a voxel, the two passes from 14.9 to 13.8. The program's leading
+    clip/affine ops (a window) are applied to each finished row (``_fold_prefix``); the
+    rest runs over the finished tile."""
     od, oh, ow = out_shape
     tz, ty, tx = tile
-    ny_ = (oh + ty - 1) // ty
-    nx_ = (ow + tx - 1) // tx
-    z0 = (b // (ny_ * nx_)) * tz
-    y0 = ((b // nx_) % ny_) * ty
-    x0 = (b % nx_) * tx
-    x1 = min(x0 + tx, ow)
+    z0, y0, x0, x1 = _tile_origin(b, out_shape, tile)
     if not (nc == 1 and nl <= 1 and img_linear):
         for z in range(z0, min(z0 + tz, od)):
             for y in range(y0, min(y0 + ty, oh)):
@@ -529,151 +832,117 @@ def _block(
     sz = ny * nx
     usy = np.uint64(sy)
     usz = np.uint64(sz)
-    u0 = np.uint64(0)
-    u1 = np.uint64(1)
     fz, fy, fx = float(nz), float(ny), float(nx)
-    dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
     z1 = min(z0 + tz, od)
     y1 = min(y0 + ty, oh)
-    # The intensity program runs once over the finished tile (below), not per row: the
-    # border rows get an empty program here.
-    has_prog = prog.shape[0] > 0
-    row_prog = prog[:0]
+    nfold, mode, f_lo, f_hi, f_a, f_b = _fold_prefix(prog)
+    rest = prog[nfold:]
     inside = _tile_inside(m, z0, z1 - 1, y0, y1 - 1, x0, x1 - 1, fz, fy, fx)
-    for z in range(z0, z1):
-        for y in range(y0, y1):
-            bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
-            by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
-            bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
-            if inside:
-                lo = x0
-                hi = x1 - 1
+    nb = n_blocks(out_shape, tile)
+    # Two row buffers: while row k is interpolated, the taps of the next row (this tile's,
+    # or the first row of tile b + 1) are in the other one and their cache lines are
+    # prefetched.
+    q = np.empty((2, tx), np.int64)
+    r = np.empty((2, tx), np.int64)
+    w = np.empty((2, 3, tx), np.float32)
+    ky = y1 - y0
+    rows = (z1 - z0) * ky
+    lo_n, hi_n = _row_span(m, z0, y0, x0, x1, fz, fy, fx, inside)
+    _row_taps(m, z0, y0, lo_n, hi_n - lo_n + 1, sz, sy, q[0], r[0], w[0])
+    for k in range(rows):
+        z = z0 + k // ky
+        y = y0 + k % ky
+        cur = k & 1
+        lo = lo_n
+        hi = hi_n
+        n_next = 0
+        if k + 1 < rows or b + 1 < nb:
+            if k + 1 < rows:
+                zn = z0 + (k + 1) // ky
+                yn = y0 + (k + 1) % ky
+                lo_n, hi_n = _row_span(m, zn, yn, x0, x1, fz, fy, fx, inside)
             else:
-                lo0, hi0 = _interior_span(bz, dz, fz, x0, x1)
-                lo1, hi1 = _interior_span(by, dy, fy, x0, x1)
-                lo2, hi2 = _interior_span(bx, dx, fx, x0, x1)
-                lo = max(lo0, max(lo1, lo2))
-                hi = min(hi0, min(hi1, hi2))
-            if hi < lo:
-                _row(
-                    img,
-                    lab,
-                    m,
-                    out_img,
-                    out_lab,
-                    nc,
-                    nl,
-                    src_shape,
-                    out_shape,
-                    cval,
-                    lcval,
-                    row_prog,
-                    img_linear,
-                    z,
-                    y,
-                    x0,
-                    x1,
-                )
-                continue
-            if lo > x0:
-                _row(
-                    img,
-                    lab,
-                    m,
-                    out_img,
-                    out_lab,
-                    nc,
-                    nl,
-                    src_shape,
-                    out_shape,
-                    cval,
-                    lcval,
-                    row_prog,
-                    img_linear,
-                    z,
-                    y,
-                    x0,
-                    lo,
-                )
-            if hi + 1 < x1:
-                _row(
-                    img,
-                    lab,
-                    m,
-                    out_img,
-                    out_lab,
-                    nc,
-                    nl,
-                    src_shape,
-                    out_shape,
-                    cval,
-                    lcval,
-                    row_prog,
-                    img_linear,
-                    z,
-                    y,
-                    hi + 1,
-                    x1,
-                )
-            row = (z * oh + y) * ow
-            # Inside the interior span every index is non-negative: unsigned indices spare
-            # numba's negative-index wraparound on the 9 loads and 2 stores (1.2x on W1).
-            if nl == 1:
-                for x in range(lo, hi + 1):
-                    cz = bz + dz * x
-                    cy = by + dy * x
-                    cx = bx + dx * x
-                    iz = int(cz)
-                    iy = int(cy)
-                    ix = int(cx)
-                    tz = cz - iz
-                    ty = cy - iy
-                    tx = cx - ix
-                    q = np.uint64(iz * sz + iy * sy + ix)
-                    # nearest from the same base: floor(c + 0.5) == floor(c) + (frac >= 0.5)
-                    r = (
-                        q
-                        + (usz if tz >= 0.5 else u0)
-                        + (usy if ty >= 0.5 else u0)
-                        + (u1 if tx >= 0.5 else u0)
-                    )
-                    o = np.uint64(row + x)
-                    out_lab[o] = lab[r]
-                    out_img[o] = _trilinear(
-                        img, q, usy, usz, np.float32(tz), np.float32(ty), np.float32(tx), u1
-                    )
-            else:
-                for x in range(lo, hi + 1):
-                    cz = bz + dz * x
-                    cy = by + dy * x
-                    cx = bx + dx * x
-                    iz = int(cz)
-                    iy = int(cy)
-                    ix = int(cx)
-                    out_img[np.uint64(row + x)] = _trilinear(
-                        img,
-                        np.uint64(iz * sz + iy * sy + ix),
-                        usy,
-                        usz,
-                        np.float32(cz - iz),
-                        np.float32(cy - iy),
-                        np.float32(cx - ix),
-                        u1,
-                    )
-    if has_prog:
+                zn, yn, xa, xb = _tile_origin(b + 1, out_shape, tile)
+                lo_n, hi_n = _row_span(m, zn, yn, xa, xb, fz, fy, fx, False)
+            n_next = max(hi_n - lo_n + 1, 0)
+            _row_taps(m, zn, yn, lo_n, n_next, sz, sy, q[1 - cur], r[1 - cur], w[1 - cur])
+        row = (z * oh + y) * ow
+        if hi < lo:  # no interior voxel
+            lo = x1
+            hi = x1 - 1
+        if lo > x0:
+            _row(
+                img,
+                lab,
+                m,
+                out_img,
+                out_lab,
+                nc,
+                nl,
+                src_shape,
+                out_shape,
+                cval,
+                lcval,
+                prog[:0],
+                img_linear,
+                z,
+                y,
+                x0,
+                lo,
+            )
+            _fold_span(out_img, row + x0, row + lo, mode, f_lo, f_hi, f_a, f_b)
+        if hi + 1 < x1:
+            _row(
+                img,
+                lab,
+                m,
+                out_img,
+                out_lab,
+                nc,
+                nl,
+                src_shape,
+                out_shape,
+                cval,
+                lcval,
+                prog[:0],
+                img_linear,
+                z,
+                y,
+                hi + 1,
+                x1,
+            )
+            _fold_span(out_img, row + hi + 1, row + x1, mode, f_lo, f_hi, f_a, f_b)
+        _row_interp(
+            img,
+            lab,
+            out_img[row + lo : row + hi + 1],
+            out_lab[row + lo : row + hi + 1] if nl == 1 else out_lab[:0],
+            hi - lo + 1,
+            q[cur],
+            r[cur],
+            w[cur],
+            q[1 - cur],
+            r[1 - cur],
+            n_next,
+            usy,
+            usz,
+            nl,
+            mode,
+            f_lo,
+            f_hi,
+            f_a,
+            f_b,
+        )
+    if rest.shape[0] > 0:
         # rows (z, y0..y1) of a full-width tile are one contiguous span
         full = x0 == 0 and x1 == ow
-        n = (y1 - y0) * ow if full else x1 - x0
-        sf = np.empty(n, np.float32)
-        se = np.empty(n, np.float32)
-        si = np.empty(n, np.int32)
         for z in range(z0, z1):
             if full:
-                _program_span(out_img, prog, (z * oh + y0) * ow, (z * oh + y1) * ow, 0, sf, se, si)
+                _program_span(out_img, rest, (z * oh + y0) * ow, (z * oh + y1) * ow, 0)
             else:
                 for y in range(y0, y1):
                     row = (z * oh + y) * ow
-                    _program_span(out_img, prog, row + x0, row + x1, 0, sf, se, si)
+                    _program_span(out_img, rest, row + x0, row + x1, 0)
 
 
 @njit(**_JIT)
@@ -777,10 +1046,7 @@ _CHUNK = 4096
 def _program_chunk(x, prog, c):
     start = c * _CHUNK
     stop = min(start + _CHUNK, x.shape[0])
-    sf = np.empty(_CHUNK, np.float32)
-    se = np.empty(_CHUNK, np.float32)
-    si = np.empty(_CHUNK, np.int32)
-    _program_span(x, prog, start, stop, 0, sf, se, si)
+    _program_span(x, prog, start, stop, 0)
 
 
 @njit(parallel=True, **_JIT)
@@ -796,20 +1062,37 @@ def program_inplace_serial(x, prog):
         _program_chunk(x, prog, c)
 
 
+@njit(**{**_JIT, "fastmath": {"reassoc"}})
+def _sum_min_max(x):
+    """``(sum, min, max)`` of a flat float32 array in one vectorised pass: the sum may be
+    reassociated, min and max are taken on order-preserving integer keys of the float
+    bits, NaNs left out (as the float comparisons left them out); 0.2 instead of 1.7 ms
+    for 128^3 voxels."""
+    bits = x.view(np.int32)
+    total = 0.0
+    klo = np.int32(0x7FFFFFFF)
+    khi = np.int32(-0x80000000)
+    for i in range(x.shape[0]):
+        total += x[i]
+        bi = bits[i]
+        key = np.int32(bi ^ ((bi >> 31) & 0x7FFFFFFF))
+        nan = (bi & 0x7FFFFFFF) > 0x7F800000
+        klo = min(klo, np.int32(0x7FFFFFFF) if nan else key)
+        khi = max(khi, np.int32(-0x80000000) if nan else key)
+    if klo > khi:
+        return total, np.inf, -np.inf
+    lo = _from_bits(np.int32(klo ^ ((klo >> 31) & 0x7FFFFFFF)))
+    hi = _from_bits(np.int32(khi ^ ((khi >> 31) & 0x7FFFFFFF)))
+    return total, float(lo), float(hi)
+
+
 @njit(**_JIT)
 def contrast_inplace(x, factor, centre, use_mean, preserve_range):
     """``x = (x - c) * factor + c`` over a flat float32 array, ``c`` the mean of ``x`` when
     ``use_mean``; clipped to the range before the change when ``preserve_range``. Two passes
     instead of numpy's six (mean, min, max, subtract, scale, clip)."""
     n = x.shape[0]
-    total = 0.0
-    lo = np.inf
-    hi = -np.inf
-    for i in range(n):
-        v = x[i]
-        total += v
-        lo = min(lo, v)
-        hi = max(hi, v)
+    total, lo, hi = _sum_min_max(x)
     c = total / max(n, 1) if use_mean else centre
     f = np.float32(factor)
     off = np.float32(c - c * factor)
@@ -1034,6 +1317,49 @@ def _tile_inside_by(m, za, zb, ya, yb, xa, xb, fz, fy, fx, dmax):
     return True
 
 
+@njit(inline="always", **_JIT)
+def _row_taps_displaced(m, z, y, x0, n, e, sz, sy, lz, ly, lx, inside, q, r, w, ok):
+    """:func:`_row_taps` for output row (z, y, x0:x0 + n) displaced by ``e`` (3, n):
+    ``ok[i]`` whether voxel i's eight taps are inside (``inside``: the whole tile is), its
+    ``q``, ``r`` (0 when not) and weights. Returns the count of voxels not ``ok``."""
+    bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+    by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+    bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    dz, dy, dx = m[0, 2], m[1, 2], m[2, 2]
+    ez = e[0]
+    ey = e[1]
+    ex = e[2]
+    wz = w[0]
+    wy = w[1]
+    wx = w[2]
+    bad = 0
+    for i in range(n):
+        x = x0 + i
+        cz = bz + dz * x + ez[i]
+        cy = by + dy * x + ey[i]
+        cx = bx + dx * x + ex[i]
+        good = inside or (cz >= 0.0 and cz < lz and cy >= 0.0 and cy < ly and cx >= 0.0 and cx < lx)
+        if not good:
+            cz = 0.0
+            cy = 0.0
+            cx = 0.0
+            bad += 1
+        iz = int(cz)
+        iy = int(cy)
+        ix = int(cx)
+        tz = cz - iz
+        ty = cy - iy
+        tx = cx - ix
+        p = iz * sz + iy * sy + ix
+        q[i] = p
+        r[i] = p + (sz if tz >= 0.5 else 0) + (sy if ty >= 0.5 else 0) + (1 if tx >= 0.5 else 0)
+        wz[i] = np.float32(tz)
+        wy[i] = np.float32(ty)
+        wx[i] = np.float32(tx)
+        ok[i] = good
+    return bad
+
+
 @njit(**_JIT)
 def _block_elastic(
     img,
@@ -1079,7 +1405,6 @@ def _block_elastic(
     sz = ny * nx
     usy = np.uint64(sy)
     usz = np.uint64(sz)
-    u0 = np.uint64(0)
     u1 = np.uint64(1)
     fz, fy, fx = float(nz), float(ny), float(nx)
     lz, ly, lx = fz - 1.0, fy - 1.0, fx - 1.0
@@ -1094,15 +1419,129 @@ def _block_elastic(
     acc = np.empty(coef.shape[2])
     plane = np.empty((coef.shape[1], coef.shape[2]))
     inside = fast and _tile_inside_by(m, z0, z1 - 1, y0, y1 - 1, x0, x1 - 1, fz, fy, fx, dmax)
-    for z in range(z0, z1):
-        r0 = _field_plane(coef, jz, wz, jy, z, y0, y1, plane)
-        for y in range(y0, y1):
-            _field_row(plane, r0, jy, wy, xseg, wx, y, x0, x1, acc, ez, ey, ex)
-            bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
-            by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
-            bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+    if fast:
+        # as ``_block``: two passes per row, the next row's field and taps worked out first
+        # so that its cache lines are prefetched while this row is interpolated
+        e = np.empty((2, 3, n))
+        q = np.empty((2, n), np.int64)
+        r = np.empty((2, n), np.int64)
+        w = np.empty((2, 3, n), np.float32)
+        ok = np.empty((2, n), np.bool_)
+        ky = y1 - y0
+        rows = (z1 - z0) * ky
+        r0 = 0
+        bad_n = 0
+        for k in range(rows + 1):
+            if k < rows:  # the taps of row k, into buffer k & 1
+                z = z0 + k // ky
+                y = y0 + k % ky
+                if y == y0:
+                    r0 = _field_plane(coef, jz, wz, jy, z, y0, y1, plane)
+                nxt = k & 1
+                en = e[nxt]
+                _field_row(plane, r0, jy, wy, xseg, wx, y, x0, x1, acc, en[0], en[1], en[2])
+                bad_n = _row_taps_displaced(
+                    m, z, y, x0, n, en, sz, sy, lz, ly, lx, inside, q[nxt], r[nxt], w[nxt], ok[nxt]
+                )
+            if k == 0:
+                bad = bad_n
+                continue
+            # interpolate row k - 1 while prefetching row k
+            cur = (k - 1) & 1
+            z = z0 + (k - 1) // ky
+            y = y0 + (k - 1) % ky
             row = (z * oh + y) * ow
-            if not fast:
+            nn = n if k < rows else 0
+            if bad == 0:
+                _row_interp(
+                    img,
+                    lab,
+                    out_img[row + x0 : row + x1],
+                    out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
+                    n,
+                    q[cur],
+                    r[cur],
+                    w[cur],
+                    q[1 - cur],
+                    r[1 - cur],
+                    nn,
+                    usy,
+                    usz,
+                    nl,
+                    0,
+                    np.float32(0.0),
+                    np.float32(0.0),
+                    np.float32(1.0),
+                    np.float32(0.0),
+                )
+            else:
+                ec = e[cur]
+                bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+                by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+                bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+                _row_interp(
+                    img,
+                    lab,
+                    out_img[row + x0 : row + x1],
+                    out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
+                    0,
+                    q[cur],
+                    r[cur],
+                    w[cur],
+                    q[1 - cur],
+                    r[1 - cur],
+                    nn,
+                    usy,
+                    usz,
+                    nl,
+                    0,
+                    np.float32(0.0),
+                    np.float32(0.0),
+                    np.float32(1.0),
+                    np.float32(0.0),
+                )
+                okc = ok[cur]
+                qc = q[cur]
+                rc = r[cur]
+                wc = w[cur]
+                for i in range(n):
+                    x = x0 + i
+                    o = np.uint64(row + x)
+                    if okc[i]:
+                        if nl == 1:
+                            out_lab[o] = lab[np.uint64(rc[i])]
+                        out_img[o] = _trilinear(
+                            img, np.uint64(qc[i]), usy, usz, wc[0, i], wc[1, i], wc[2, i], u1
+                        )
+                    else:
+                        _voxel(
+                            img,
+                            lab,
+                            out_img,
+                            out_lab,
+                            nc,
+                            nl,
+                            src_shape,
+                            ovol,
+                            cval,
+                            lcval,
+                            voxel_prog,
+                            img_linear,
+                            row + x,
+                            bz + dz * x + ec[0, i],
+                            by + dy * x + ec[1, i],
+                            bx + dx * x + ec[2, i],
+                        )
+            bad = bad_n
+    else:
+        for z in range(z0, z1):
+            r0 = _field_plane(coef, jz, wz, jy, z, y0, y1, plane)
+            for y in range(y0, y1):
+                _field_row(plane, r0, jy, wy, xseg, wx, y, x0, x1, acc, ez, ey, ex)
+                bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
+                by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
+                bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
+                row = (z * oh + y) * ow
                 for i in range(n):
                     x = x0 + i
                     _voxel(
@@ -1123,67 +1562,16 @@ def _block_elastic(
                         by + dy * x + ey[i],
                         bx + dx * x + ex[i],
                     )
-                continue
-            for i in range(n):
-                x = x0 + i
-                cz = bz + dz * x + ez[i]
-                cy = by + dy * x + ey[i]
-                cx = bx + dx * x + ex[i]
-                if inside or (
-                    cz >= 0.0 and cz < lz and cy >= 0.0 and cy < ly and cx >= 0.0 and cx < lx
-                ):
-                    iz = int(cz)
-                    iy = int(cy)
-                    ix = int(cx)
-                    wtz = cz - iz
-                    wty = cy - iy
-                    wtx = cx - ix
-                    q = np.uint64(iz * sz + iy * sy + ix)
-                    o = np.uint64(row + x)
-                    if nl == 1:
-                        r = (
-                            q
-                            + (usz if wtz >= 0.5 else u0)
-                            + (usy if wty >= 0.5 else u0)
-                            + (u1 if wtx >= 0.5 else u0)
-                        )
-                        out_lab[o] = lab[r]
-                    out_img[o] = _trilinear(
-                        img, q, usy, usz, np.float32(wtz), np.float32(wty), np.float32(wtx), u1
-                    )
-                else:
-                    _voxel(
-                        img,
-                        lab,
-                        out_img,
-                        out_lab,
-                        nc,
-                        nl,
-                        src_shape,
-                        ovol,
-                        cval,
-                        lcval,
-                        voxel_prog,
-                        img_linear,
-                        row + x,
-                        cz,
-                        cy,
-                        cx,
-                    )
     if fast and prog.shape[0] > 0:
         # as ``_block``: the program over the finished tile, full-width rows as one span
         full = x0 == 0 and x1 == ow
-        span = (y1 - y0) * ow if full else x1 - x0
-        sf = np.empty(span, np.float32)
-        se = np.empty(span, np.float32)
-        si = np.empty(span, np.int32)
         for z in range(z0, z1):
             if full:
-                _program_span(out_img, prog, (z * oh + y0) * ow, (z * oh + y1) * ow, 0, sf, se, si)
+                _program_span(out_img, prog, (z * oh + y0) * ow, (z * oh + y1) * ow, 0)
             else:
                 for y in range(y0, y1):
                     row = (z * oh + y) * ow
-                    _program_span(out_img, prog, row + x0, row + x1, 0, sf, se, si)
+                    _program_span(out_img, prog, row + x0, row + x1, 0)
 
 
 @njit(parallel=True, **_JIT)

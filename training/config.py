@@ -234,6 +234,8 @@ class Stage3Config:
         lr: the segnet's new learning rate (a fresh AdamW), decayed over the stage's cap
             (nnU-Net's poly schedule).
         weight_decay: its weight decay.
+        warmup_steps: linear warm-up of the fresh optimizer's rate, in batches of the stage
+            (adversary batches count).
         adv_weight: lambda, the weight of the non-saturating adversarial loss.
         k_d: adversary updates per cycle.
         k_g: segnet updates per cycle (a cycle is ``k_d + k_g`` batches, adversary first).
@@ -244,6 +246,7 @@ class Stage3Config:
 
     lr: float = 2e-3
     weight_decay: float = 1e-5
+    warmup_steps: int = 20
     adv_weight: float = 0.02
     k_d: int = 1
     k_g: int = 3
@@ -539,7 +542,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"base_width": 4, "depth": 3, "adv_width": 4, "adv_depth": 2},
         "stage1": {"steps_per_epoch": 4, "max_epochs": 2, "warmup_steps": 2},
         "stage2": {"steps_per_epoch": 3, "max_epochs": 2, "heldout_pairs": 4, "monitor_voe": True},
-        "stage3": {"steps_per_epoch": 3, "max_epochs": 2},
+        "stage3": {"steps_per_epoch": 3, "max_epochs": 2, "warmup_steps": 2},
         "run": {"name": "smoke", "checkpoint_every": 4, "val_overlap": 0.25, "plots": True},
     },
     "gpu": {

@@ -36,7 +36,7 @@ def test_stages_follow_the_config():
     assert (s2.adversary_lr, s3.adversary_lr) == (1e-4, 1e-4)
     assert (s1.adv_weight, s2.adv_weight, s3.adv_weight) == (0.0, 0.0, 0.1)
     assert (s1.lr, s3.lr) == (cfg.stage1.lr, cfg.stage3.lr)
-    assert (s1.warmup_steps, s3.warmup_steps) == (cfg.stage1.warmup_steps, 0)
+    assert (s1.warmup_steps, s3.warmup_steps) == (cfg.stage1.warmup_steps, cfg.stage3.warmup_steps)
 
 
 def test_gates_and_their_schedule():
@@ -75,6 +75,7 @@ def test_segnet_learning_rate_is_nnunet_poly_after_a_linear_warmup():
             "stage1.max_epochs=2",
             "stage1.steps_per_epoch=5",
             "stage3.lr=0.002",
+            "stage3.warmup_steps=2",
             "stage3.max_epochs=1",
             "stage3.steps_per_epoch=8",
         ],
@@ -87,9 +88,14 @@ def test_segnet_learning_rate_is_nnunet_poly_after_a_linear_warmup():
     assert s1.segnet_lr(3) == pytest.approx(0.01 * 0.7**0.9)
     assert s1.segnet_lr(6) == pytest.approx(0.01 * 0.4**0.9)
     assert s1.segnet_lr(10) == 0.0 and s1.segnet_lr(12) == 0.0
-    # stage 3: a new rate, no warm-up
-    assert s3.segnet_lr(0) == 0.002
+    # stage 3: a new rate with its own warm-up (the fresh optimizer), poly over its 8 batches
+    assert s3.segnet_lr(0) == pytest.approx(0.002 * 0.5)
+    assert s3.segnet_lr(1) == pytest.approx(0.002 * (1 - 1 / 8) ** 0.9)
     assert s3.segnet_lr(4) == pytest.approx(0.002 * 0.5**0.9)
+    no_warmup = make_stages(
+        resolve_config(preset="cpu", overrides=["stage3.warmup_steps=0", "stage3.lr=0.002"])
+    )[2]
+    assert no_warmup.segnet_lr(0) == 0.002
 
 
 def test_state_round_trip_and_stage_start():

@@ -199,8 +199,8 @@ class Stage1Config:
     lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 10
-    steps_per_epoch: int = 30
-    max_epochs: int = 6
+    steps_per_epoch: int = 60
+    max_epochs: int = 5
     gate: float = 0.2
 
 
@@ -250,8 +250,8 @@ class Stage3Config:
     adv_weight: float = 0.02
     k_d: int = 1
     k_g: int = 3
-    steps_per_epoch: int = 30
-    max_epochs: int = 10
+    steps_per_epoch: int = 60
+    max_epochs: int = 6
     gate: float = 0.15
 
 
@@ -299,7 +299,7 @@ class RunConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     gate_every: int = 1
-    gate_cases: int = 4
+    gate_cases: int = 0
     gate_overlap: float = 0.25
     val_overlap: float = 0.5
     infer_batch: int = 4
@@ -526,7 +526,11 @@ def check_folders(cfg: Config) -> None:
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The defaults are tuned for the bare `python -m training.run` on a 2-core CPU.
+    # The defaults are tuned for the bare `python -m training.run` on a 2-core CPU. Train VoE
+    # is measured on all 16 training phantoms (run.gate_cases = 0): on the first 4 alone, seed
+    # 0's stage 3 ended capped at 0.151 while the 4 validation cases scored 0.139, so which
+    # cases were drawn decided the gate. The 16-case gate costs 4x the inference, paid for with
+    # 60-batch epochs in stages 1 and 3 (half as many gate measurements per batch).
     "cpu": {"run": {"name": "cpu"}},
     "smoke": {
         "data": {

@@ -36,15 +36,15 @@ def test_stages_follow_the_config():
     assert (s2.adversary_lr, s3.adversary_lr) == (1e-4, 1e-4)
     assert (s1.adv_weight, s2.adv_weight, s3.adv_weight) == (0.0, 0.0, 0.1)
     assert (s1.lr, s3.lr) == (cfg.stage1.lr, cfg.stage3.lr)
-    assert (s1.warmup_steps, s3.warmup_steps) == (cfg.stage1.warmup_steps, 0)
+    assert (s1.warmup_steps, s3.warmup_steps) == (cfg.stage1.warmup_steps, cfg.stage3.warmup_steps)
 
 
 def test_gates_and_their_schedule():
     s1, s2, _ = make_stages(resolve_config(preset="cpu", overrides=["run.gate_every=2"]))
     assert s1.reached(0.19) and not s1.reached(0.2) and not s1.reached(math.nan)
     assert s2.reached(0.9) and not s2.reached(0.89) and not s2.reached(math.nan)
-    cap = s1.max_epochs  # 6: measured after epochs 2, 4 and 6, and at the cap
-    assert [e for e in range(1, cap + 1) if s1.gate_due(e)] == [2, 4, 6]
+    cap = s1.max_epochs  # 5: measured after epochs 2 and 4, and at the cap 5
+    assert [e for e in range(1, cap + 1) if s1.gate_due(e)] == [2, 4, 5]
     s2_cap = s2.max_epochs  # 5: after 2, 4 and at the cap 5
     assert [e for e in range(1, s2_cap + 1) if s2.gate_due(e)] == [2, 4, 5]
 
@@ -75,6 +75,7 @@ def test_segnet_learning_rate_is_nnunet_poly_after_a_linear_warmup():
             "stage1.max_epochs=2",
             "stage1.steps_per_epoch=5",
             "stage3.lr=0.002",
+            "stage3.warmup_steps=2",
             "stage3.max_epochs=1",
             "stage3.steps_per_epoch=8",
         ],
@@ -87,9 +88,14 @@ def test_segnet_learning_rate_is_nnunet_poly_after_a_linear_warmup():
     assert s1.segnet_lr(3) == pytest.approx(0.01 * 0.7**0.9)
     assert s1.segnet_lr(6) == pytest.approx(0.01 * 0.4**0.9)
     assert s1.segnet_lr(10) == 0.0 and s1.segnet_lr(12) == 0.0
-    # stage 3: a new rate, no warm-up
-    assert s3.segnet_lr(0) == 0.002
+    # stage 3: a new rate with its own warm-up (the fresh optimizer), poly over its 8 batches
+    assert s3.segnet_lr(0) == pytest.approx(0.002 * 0.5)
+    assert s3.segnet_lr(1) == pytest.approx(0.002 * (1 - 1 / 8) ** 0.9)
     assert s3.segnet_lr(4) == pytest.approx(0.002 * 0.5**0.9)
+    no_warmup = make_stages(
+        resolve_config(preset="cpu", overrides=["stage3.warmup_steps=0", "stage3.lr=0.002"])
+    )[2]
+    assert no_warmup.segnet_lr(0) == 0.002
 
 
 def test_state_round_trip_and_stage_start():

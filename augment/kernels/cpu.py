@@ -1452,54 +1452,32 @@ def _block_elastic(
             y = y0 + (k - 1) % ky
             row = (z * oh + y) * ow
             nn = n if k < rows else 0
-            if bad == 0:
-                _row_interp(
-                    img,
-                    lab,
-                    out_img[row + x0 : row + x1],
-                    out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
-                    n,
-                    q[cur],
-                    r[cur],
-                    w[cur],
-                    q[1 - cur],
-                    r[1 - cur],
-                    nn,
-                    usy,
-                    usz,
-                    nl,
-                    0,
-                    np.float32(0.0),
-                    np.float32(0.0),
-                    np.float32(1.0),
-                    np.float32(0.0),
-                )
-            else:
+            _row_interp(
+                img,
+                lab,
+                out_img[row + x0 : row + x1],
+                out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
+                n if bad == 0 else 0,
+                q[cur],
+                r[cur],
+                w[cur],
+                q[1 - cur],
+                r[1 - cur],
+                nn,
+                usy,
+                usz,
+                nl,
+                0,
+                np.float32(0.0),
+                np.float32(0.0),
+                np.float32(1.0),
+                np.float32(0.0),
+            )
+            if bad != 0:
                 ec = e[cur]
                 bz = m[0, 0] * z + m[0, 1] * y + m[0, 3]
                 by = m[1, 0] * z + m[1, 1] * y + m[1, 3]
                 bx = m[2, 0] * z + m[2, 1] * y + m[2, 3]
-                _row_interp(
-                    img,
-                    lab,
-                    out_img[row + x0 : row + x1],
-                    out_lab[row + x0 : row + x1] if nl == 1 else out_lab[:0],
-                    0,
-                    q[cur],
-                    r[cur],
-                    w[cur],
-                    q[1 - cur],
-                    r[1 - cur],
-                    nn,
-                    usy,
-                    usz,
-                    nl,
-                    0,
-                    np.float32(0.0),
-                    np.float32(0.0),
-                    np.float32(1.0),
-                    np.float32(0.0),
-                )
                 okc = ok[cur]
                 qc = q[cur]
                 rc = r[cur]

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "DUMMY_AWS_ENV",
@@ -112,20 +112,29 @@ def _stop_child(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
-class LocalS3Server:
-    """moto's S3 server in a child process on 127.0.0.1.
+_Server = TypeVar("_Server", bound="_ChildServer")
 
-    Args:
-        env: extra environment of the server (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT`` to make
-            it check credentials).
-        start_timeout: seconds to wait for it to answer.
-    """
 
-    def __init__(self, *, env: dict[str, str] | None = None, start_timeout: float = 60.0):
-        self.env = dict(env or {})
+class _ChildServer:
+    """A server in a child process on 127.0.0.1: the start, stop and context manager that
+    ``LocalS3Server`` and ``LocalHTTPServer`` share; each says what to run."""
+
+    _probe = "/"
+    """The path whose answer (any HTTP status) says the server is up."""
+
+    def __init__(self, *, start_timeout: float) -> None:
         self.start_timeout = start_timeout
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def _command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return {}
+
+    def _not_started(self) -> str:
+        raise NotImplementedError
 
     @property
     def endpoint(self) -> str:
@@ -136,17 +145,10 @@ class LocalS3Server:
         """The server process's id while it runs (benchmarks read its CPU time)."""
         return None if self._proc is None else self._proc.pid
 
-    def start(self) -> LocalS3Server:
-        started = _start_child(
-            lambda port: [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(port)],
-            "/moto-api/data.json",
-            self.env,
-            self.start_timeout,
-        )
+    def start(self: _Server) -> _Server:
+        started = _start_child(self._command, self._probe, self._env(), self.start_timeout)
         if started is None:
-            raise RuntimeError(
-                f"moto's S3 server did not start on {_HOST} (is moto[server] installed?)"
-            )
+            raise RuntimeError(self._not_started())
         self._proc, self.port = started
         return self
 
@@ -154,11 +156,36 @@ class LocalS3Server:
         proc, self._proc = self._proc, None
         _stop_child(proc)
 
-    def __enter__(self) -> LocalS3Server:
+    def __enter__(self: _Server) -> _Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalS3Server(_ChildServer):
+    """moto's S3 server in a child process on 127.0.0.1.
+
+    Args:
+        env: extra environment of the server (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT`` to make
+            it check credentials).
+        start_timeout: seconds to wait for it to answer.
+    """
+
+    _probe = "/moto-api/data.json"
+
+    def __init__(self, *, env: dict[str, str] | None = None, start_timeout: float = 60.0):
+        super().__init__(start_timeout=start_timeout)
+        self.env = dict(env or {})
+
+    def _command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(port)]
+
+    def _env(self) -> dict[str, str]:
+        return self.env
+
+    def _not_started(self) -> str:
+        return f"moto's S3 server did not start on {_HOST} (is moto[server] installed?)"
 
 
 @dataclass(frozen=True)
@@ -506,7 +533,7 @@ class RangeServer:
         self.stop()
 
 
-class LocalHTTPServer:
+class LocalHTTPServer(_ChildServer):
     """A ``RangeServer`` of ``folder`` in a child process on 127.0.0.1 (its CPU time is its
     own; count its requests with a ``RecordingProxy`` in front).
 
@@ -519,51 +546,24 @@ class LocalHTTPServer:
         self.folder = Path(folder).resolve()
         if not self.folder.is_dir():
             raise FileNotFoundError(f"LocalHTTPServer: {self.folder} is not a folder")
-        self.start_timeout = start_timeout
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{_HOST}:{self.port}"
+        super().__init__(start_timeout=start_timeout)
 
     def url(self, relative: str | os.PathLike[str] = "") -> str:
         """The URL of ``folder / relative``."""
         return _url(self.endpoint, relative)
 
-    @property
-    def pid(self) -> int | None:
-        """The server process's id while it runs (benchmarks read its CPU time)."""
-        return None if self._proc is None else self._proc.pid
+    def _command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "loaders.remote_server",
+            str(self.folder),
+            "--port",
+            str(port),
+        ]
 
-    def start(self) -> LocalHTTPServer:
-        started = _start_child(
-            lambda port: [
-                sys.executable,
-                "-m",
-                "loaders.remote_server",
-                str(self.folder),
-                "--port",
-                str(port),
-            ],
-            "/",
-            {},
-            self.start_timeout,
-        )
-        if started is None:
-            raise RuntimeError(f"the range server of {self.folder} did not start on {_HOST}")
-        self._proc, self.port = started
-        return self
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        _stop_child(proc)
-
-    def __enter__(self) -> LocalHTTPServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _not_started(self) -> str:
+        return f"the range server of {self.folder} did not start on {_HOST}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -714,6 +714,7 @@ class VolumeCache:
         array: str = "image",
         pad_value: float | None = None,
         out: np.ndarray | None = None,
+        taps: tuple[np.ndarray, Sequence[int], float] | None = None,
     ) -> np.ndarray:
         """Read a box of voxels, padding where it extends past the volume.
 
@@ -728,20 +729,24 @@ class VolumeCache:
             pad_value: value outside the volume; default the image minimum
                 (``info(case).pad_value``) for images and 0 for labels.
             out: optional destination of the region's shape and the array's dtype.
+            taps: ``(matrix, out_shape, margin)`` of the patch the region is read for (pull
+                map from patch index to volume index, (3, 4)); voxels that no tap of that
+                patch reads may then be left at the array's fill value instead of decoded
+                (``ArrayReader.read_into``). None: every voxel is read.
 
         Returns:
             An array of exactly the region's shape (``out`` if given).
         """
         for attempt in (0, 1):
             try:
-                return self._read_region(case, region, array, pad_value, out)
+                return self._read_region(case, region, array, pad_value, out, taps)
             except CacheError as exc:
                 if attempt or "removed while open" not in exc.problem:
                     raise
                 self.refresh()  # the case was rebuilt since we opened it: follow it
         raise AssertionError("unreachable")
 
-    def _read_region(self, case, region, array, pad_value, out) -> np.ndarray:
+    def _read_region(self, case, region, array, pad_value, out, taps) -> np.ndarray:
         reader = self._reader(case, array)
         start, stop = parse_region(region, reader.shape)
         shape = tuple(b - a for a, b in zip(start, stop, strict=True))
@@ -762,7 +767,9 @@ class VolumeCache:
             out.fill(pad_value)
         if inside:
             sub = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-            reader.read_into(lo, hi, out[sub], pool=self._executor(), threads=self.threads)
+            reader.read_into(
+                lo, hi, out[sub], pool=self._executor(), threads=self.threads, taps=taps
+            )
         return out
 
     def prefetch_region(self, case: str, region: Region, *, array: str = "image") -> None:

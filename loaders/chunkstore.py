@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from numcodecs import blosc
 
+from loaders import region_decode
 from loaders.errors import CacheError
 
 __all__ = ["ArrayReader", "ByteSource", "ChunkLRU", "LocalSource", "Region", "parse_region"]
@@ -334,6 +335,8 @@ class ArrayReader:
             (``loaders.remote`` gives one for arrays on object storage).
         lru: a shared ``ChunkLRU`` for decoded chunks, or None.
         key: a hashable naming this array in the LRU (default: its location).
+        compiled: decode local sharded regions read without an LRU in one compiled loop
+            (``loaders.region_decode``); False decodes chunk by chunk through numcodecs.
     """
 
     def __init__(
@@ -342,6 +345,7 @@ class ArrayReader:
         *,
         lru: ChunkLRU | None = None,
         key: Hashable | None = None,
+        compiled: bool = True,
     ):
         self.source: ByteSource = (
             LocalSource(path) if isinstance(path, (str, os.PathLike)) else path
@@ -385,8 +389,11 @@ class ArrayReader:
         self.dtype = self.dtype.newbyteorder("=")
         self._lru = lru if lru is not None and lru.budget > 0 else None
         self._key = key if key is not None else self.location
+        self.compiled = compiled and region_decode.AVAILABLE
         # per shard: (the whole shard when the source maps it, else None; its index)
         self._shards: dict[tuple[int, ...], tuple[Any, list[list[int]] | None]] = {}
+        # per mapped shard: (its bytes as a uint8 array or None when absent, its index array)
+        self._shard_arrays: dict[tuple[int, ...], tuple[np.ndarray | None, np.ndarray]] = {}
         self._shard_lock = threading.Lock()
         self._zarr = None
 
@@ -410,6 +417,7 @@ class ArrayReader:
     def close(self) -> None:
         """Unmap the shard files and forget the shard indexes (read again when needed)."""
         with self._shard_lock:
+            self._shard_arrays.clear()  # drop the arrays that export the maps first
             for whole, _ in self._shards.values():
                 if isinstance(whole, mmap.mmap):
                     try:
@@ -510,6 +518,115 @@ class ArrayReader:
             raise self._gone()
         return buf
 
+    def _mapped_shard(self, sidx: tuple[int, ...]) -> tuple[np.ndarray | None, np.ndarray]:
+        """A mapped shard as arrays: its bytes (None where absent) and its index, uint64
+        ``(chunks per shard, 2)``."""
+        got = self._shard_arrays.get(sidx)
+        if got is None:
+            whole, index = self._shard(sidx)
+            n = int(np.prod(self._per_shard))
+            if index is None:
+                got = (None, np.full((n, 2), region_decode.EMPTY, np.uint64))
+            else:
+                got = (np.frombuffer(whole, np.uint8), np.array(index, np.uint64))
+            self._shard_arrays[sidx] = got
+        return got
+
+    def _needed(
+        self,
+        start: Sequence[int] | np.ndarray,
+        stop: Sequence[int] | np.ndarray,
+        taps: tuple[np.ndarray, Sequence[int], float] | None,
+    ) -> np.ndarray:
+        """uint8, one per chunk the region touches: 0 where no tap of ``taps`` reads it."""
+        assert self._layout is not None
+        chunk = np.array(self._layout.chunk_shape, np.int64)
+        st, sp = np.array(start, np.int64), np.array(stop, np.int64)
+        if taps is None:
+            n = (sp - 1) // chunk - st // chunk + 1
+            return np.ones((int(n[0]), int(n[1]), int(n[2])), np.uint8)
+        matrix, out_shape, margin = taps
+        return region_decode.chunks_needed(
+            np.ascontiguousarray(np.asarray(matrix, np.float64)[:3]),
+            np.asarray(out_shape, np.int64),
+            float(margin),
+            st,
+            sp,
+            chunk,
+        )
+
+    def _read_compiled(
+        self,
+        start: Sequence[int],
+        stop: Sequence[int],
+        out: np.ndarray,
+        pool: Executor | None,
+        threads: int,
+        taps: tuple[np.ndarray, Sequence[int], float] | None,
+    ) -> bool:
+        """``read_into`` through ``region_decode`` (a local sharded array, no LRU, rows of
+        ``out`` contiguous); False where that path does not apply and nothing was done."""
+        layout = self._layout
+        if (
+            not self.compiled
+            or layout is None
+            or layout.shard_shape is None
+            or not self.source.mapped
+            or self._lru is not None
+            or out.dtype != self._disk_dtype
+            or out.ndim != 3
+            or out.size == 0
+            or out.strides[2] != out.itemsize
+            or min(out.strides) < 0
+        ):
+            return False
+        chunk = np.array(layout.chunk_shape, np.int64)
+        per = np.array(self._per_shard, np.int64)
+        st, sp = np.array(start, np.int64), np.array(stop, np.int64)
+        s0, s1 = st // chunk // per, (sp - 1) // chunk // per
+        grid = s1 - s0 + 1
+        k_all = int(np.prod(grid))
+        views: list[np.ndarray] = []  # keep the maps' arrays alive through the call
+        bases = np.zeros(k_all, np.uint64)
+        lengths = np.zeros(k_all, np.uint64)
+        index = np.empty((k_all, int(np.prod(per)), 2), np.uint64)
+        ranges = (range(int(a), int(b) + 1) for a, b in zip(s0, s1, strict=True))
+        for k, sidx in enumerate(itertools.product(*ranges)):
+            view, index[k] = self._mapped_shard(sidx)
+            if view is not None and view.size:
+                views.append(view)
+                bases[k], lengths[k] = view.ctypes.data, view.size
+        needed = self._needed(st, sp, taps)
+        fill = self.fill_value
+        args = (chunk, per, s0, grid, bases, lengths, index, needed)
+        absent, total = region_decode.count_absent(
+            st, sp, chunk, per, s0, grid, lengths, index, needed
+        )
+        filled = bool(absent) and 4 * absent >= total  # as in read_into
+        if filled:
+            out.fill(fill)
+        parts = threads if pool is not None and threads > 1 and total >= 2 * threads else 1
+        errs = np.zeros((parts, 4), np.int64)
+
+        def work(part: int) -> int:
+            scratch = np.empty(layout.chunk_shape, self._disk_dtype)
+            return int(
+                region_decode.decode_region(
+                    out, st, *args, scratch, fill, filled, part, parts, errs[part]
+                )
+            )
+
+        if parts == 1:
+            codes = [work(0)]
+        else:
+            assert pool is not None
+            codes = [f.result() for f in [pool.submit(work, p) for p in range(parts)]]
+        del views
+        for p, code in enumerate(codes):
+            if code:
+                raise CacheError(self.location, region_decode.describe_error(errs[p]))
+        return True
+
     def _requests(self, tasks, got: dict[tuple[int, int, int], Any]):
         """The byte ranges of the chunks ``tasks`` need (LRU hits left out) and their chunk
         indices; absent chunks go to ``got`` as None instead."""
@@ -551,9 +668,14 @@ class ArrayReader:
 
     def _decode(self, buf, cidx: tuple[int, int, int], scratch: np.ndarray | None) -> np.ndarray:
         dest = scratch if scratch is not None else np.empty(self.chunk_shape, self._disk_dtype)
-        # blosc1 header: bytes 4-8 hold the decoded size; a short one would leave stale data
+        # blosc1 header: bytes 4-8 hold the decoded size (a short one would leave stale
+        # data), 12-16 the compressed size (a larger one would read past the chunk)
         if len(buf) < 16 or int.from_bytes(buf[4:8], "little") != dest.nbytes:
             raise CacheError(self.location, f"chunk {cidx} is corrupt (bad blosc header)")
+        if int.from_bytes(buf[12:16], "little") > len(buf):
+            raise CacheError(
+                self.location, f"chunk {cidx} is truncated (shorter than its header says)"
+            )
         try:
             blosc.decompress(buf, dest)
         except (RuntimeError, ValueError) as exc:
@@ -636,6 +758,7 @@ class ArrayReader:
         *,
         pool: Executor | None = None,
         threads: int = 1,
+        taps: tuple[np.ndarray, Sequence[int], float] | None = None,
     ) -> None:
         """Write voxels ``[start, stop)`` (inside the array) into ``out`` (that shape).
 
@@ -648,21 +771,41 @@ class ArrayReader:
             out: destination array of shape ``stop - start``.
             pool: an executor to decode chunks on (with ``threads`` > 1).
             threads: how many groups of chunks to decode concurrently on ``pool``.
+            taps: ``(matrix, out_shape, margin)``: the region is read for a patch of
+                ``out_shape`` pulled through ``matrix`` (output index -> array index, (3, 4))
+                with ``margin`` voxels of extra reach; chunks no tap of it reaches may then
+                be left at the fill value instead of decoded (``region_decode
+                .chunks_needed``). None: every voxel is read.
         """
         if self._layout is None:
             out[...] = self._zarr_array()[
                 tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
             ]
             return
+        if self._read_compiled(start, stop, out, pool, threads, taps):
+            return
         tasks = self._tasks(start, stop)
-        fetched = None if self.source.mapped else self._fetch(tasks)
         filled = False
+        if taps is not None:  # chunks no tap reads: filled, never fetched or decoded
+            needed = self._needed(start, stop, taps)
+            c0 = [a // c for a, c in zip(start, self._layout.chunk_shape, strict=True)]
+            keep = [needed[z - c0[0], y - c0[1], x - c0[2]] for (z, y, x), _, _ in tasks]
+            if not all(keep):
+                if 4 * (len(keep) - sum(keep)) >= len(keep):
+                    out.fill(self.fill_value)
+                    filled = True
+                else:
+                    for (_, _, dst), k in zip(tasks, keep, strict=True):
+                        if not k:
+                            out[dst] = self.fill_value
+                tasks = [t for t, k in zip(tasks, keep, strict=True) if k]
+        fetched = None if self.source.mapped else self._fetch(tasks)
         if self._lru is None:
             absent = sum(self._absent(cidx) for cidx, _, _ in tasks)
             # Label regions are mostly background, whose chunks are absent: one fill of the
             # whole region, then only the chunks present, took 0.70-0.72x the CPU of a strided
             # fill per absent chunk (W2's label regions, 27 of 64 chunks present).
-            if absent and 4 * absent >= len(tasks):
+            if absent and 4 * absent >= len(tasks) and not filled:
                 out.fill(self.fill_value)
                 filled = True
         if pool is None or threads <= 1 or len(tasks) < 2 * threads:

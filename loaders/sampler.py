@@ -238,6 +238,9 @@ class PatchSampler:
         the flat buffers when they are given and large enough), and the region's start."""
         start, stop = self.region(d.case, d.plan)
         shape = tuple(b - a for a, b in zip(start, stop, strict=True))
+        # chunks of the box that no tap of the patch reaches (its corners) are not decoded
+        reach = float(np.ceil(d.plan.reach[0].max()))
+        taps = (d.plan.matrices[0], self.patch_shape, self.margin + reach)
         n = int(np.prod(shape))
         fits = out_image is not None and out_label is not None
         fits = fits and min(out_image.size, out_label.size) >= n  # type: ignore[union-attr]
@@ -246,10 +249,11 @@ class PatchSampler:
             d.case,
             (start, stop),
             out=out_image[:n].reshape(shape) if fits else None,  # type: ignore[index]
+            taps=taps,
         )
         label = out_label[:n].reshape(shape) if fits else np.empty(shape, np.uint8)  # type: ignore[index]
         if self.cache.has_label(d.case):
-            self.cache.read_region(d.case, (start, stop), array="label", out=label)
+            self.cache.read_region(d.case, (start, stop), array="label", out=label, taps=taps)
         else:
             label[...] = 0
         return image, label, start

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from loaders import CacheError, chunkstore
+from loaders import CacheError, chunkstore, region_decode
 from loaders.chunkstore import ArrayReader, ChunkLRU, parse_region
 
 SHAPE = (13, 17, 19)
@@ -65,18 +65,44 @@ boxes = st.tuples(*[st.tuples(st.integers(0, n - 1), st.integers(1, n)) for n in
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(box=boxes, threads=st.sampled_from([1, 2]), budget=st.sampled_from([0, 1 << 20]))
-def test_read_into_matches_numpy(stores, layout, dtype, box, threads, budget):
+@given(
+    box=boxes,
+    threads=st.sampled_from([1, 2]),
+    budget=st.sampled_from([0, 1 << 20]),
+    compiled=st.booleans(),
+    margin=st.sampled_from([0, 2]),
+)
+def test_read_into_matches_numpy(stores, layout, dtype, box, threads, budget, compiled, margin):
+    """Every layout, with and without the LRU and the compiled decoder, into a contiguous
+    array or (``margin``) a strided view of a larger one, as a padded region reads."""
     path, arr = stores[layout, dtype]
-    reader = ArrayReader(path, lru=ChunkLRU(budget))
+    reader = ArrayReader(path, lru=ChunkLRU(budget), compiled=compiled)
     assert reader.uses_zarr is not FAST[layout]
     assert reader.shape == SHAPE and reader.dtype == arr.dtype
     start, stop = box
-    out = np.full([b - a for a, b in zip(start, stop, strict=True)], 77, arr.dtype)
+    shape = [b - a for a, b in zip(start, stop, strict=True)]
+    big = np.full([n + 2 * margin for n in shape], 77, arr.dtype)
+    out = big[tuple(slice(margin, margin + n) for n in shape)]
     with ThreadPoolExecutor(2) as pool:
         reader.read_into(start, stop, out, pool=pool, threads=threads)
     expected = arr[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
     np.testing.assert_array_equal(out, expected)
+    if margin:  # nothing written outside the view
+        big[tuple(slice(margin, margin + n) for n in shape)] = 77
+        assert (big == 77).all()
+
+
+def test_compiled_decoder_is_used_for_local_sharded_arrays(stores, monkeypatch):
+    """numcodecs' extension exports c-blosc's decoder here, so local sharded reads without an
+    LRU never go through numcodecs' Python decode."""
+    assert region_decode.AVAILABLE
+    path, arr = stores["sharded-blosc", "int16"]
+    monkeypatch.setattr(chunkstore.blosc, "decompress", None)  # the per-chunk path would fail
+    out = np.empty(SHAPE, np.int16)
+    ArrayReader(path).read_into((0, 0, 0), SHAPE, out)
+    np.testing.assert_array_equal(out, arr)
+    with pytest.raises(TypeError):
+        ArrayReader(path, compiled=False).read_into((0, 0, 0), SHAPE, out)
 
 
 def test_fast_path_reads_what_zarr_reads(stores):
@@ -100,7 +126,10 @@ def test_mostly_absent_regions_read_the_fill_value_and_the_chunks_present(
         str(path), shape=arr.shape, dtype=np.uint8, fill_value=7, **LAYOUTS["sharded-blosc"]
     )
     z[...] = arr
-    reader = ArrayReader(path)
+    reader = ArrayReader(path, compiled=False)
+    out = np.zeros((9, 9, 9), np.uint8)
+    ArrayReader(path).read_into((2, 1, 3), (11, 10, 12), out)  # the compiled decoder
+    np.testing.assert_array_equal(out, arr[2:11, 1:10, 3:12])
     decoded = []
     real = chunkstore.blosc.decompress
     monkeypatch.setattr(
@@ -199,8 +228,34 @@ def test_corrupt_chunk_bytes_are_reported(stores, tmp_path):
     assert str(copy) in str(err.value)
     data[4] ^= 0x01
     chunk.write_bytes(bytes(data[:40]))  # header intact, payload cut short
-    with pytest.raises(CacheError, match="cannot decode chunk"):
+    with pytest.raises(CacheError, match=r"chunk \(1, 1, 1\) is truncated"):
         ArrayReader(copy).read_into((4, 5, 6), (6, 7, 8), out)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("field", [4, 12])
+def test_corrupt_chunk_in_a_shard_is_reported(stores, tmp_path, compiled, field):
+    """A chunk whose blosc header gives the wrong decoded size (bytes 4-8) or more compressed
+    bytes than the shard index holds for it (12-16) is reported, never decoded."""
+    path, _ = stores["sharded-blosc", "int16"]
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    shard = copy / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    n = 2 * 2 * 2  # chunks per shard
+    index = np.frombuffer(bytes(data[-(16 * n + 4) : -4]), "<u8").reshape(n, 2)
+    j = next(i for i in range(n) if index[i, 0] != (1 << 64) - 1)  # a chunk present
+    offset = int(index[j, 0])
+    data[offset + field + 1] ^= 0x40
+    shard.write_bytes(bytes(data))
+    cidx = np.unravel_index(j, (2, 2, 2))
+    box_start = [int(c) * s for c, s in zip(cidx, (4, 5, 6), strict=True)]
+    box_stop = [a + 2 for a in box_start]
+    out = np.empty((2, 2, 2), np.int16)
+    reader = ArrayReader(copy, compiled=compiled)
+    with pytest.raises(CacheError, match=r"chunk \(\d, \d, \d\)") as err:
+        reader.read_into(box_start, box_stop, out)
+    assert str(copy) in str(err.value)
 
 
 def test_array_removed_under_a_reader(stores, tmp_path):
@@ -219,3 +274,55 @@ def test_rejects_non_3d_arrays(tmp_path):
     zarr.create_array(str(tmp_path / "a2"), shape=(4, 4), dtype="int16")
     with pytest.raises(CacheError, match="3D numeric array"):
         ArrayReader(tmp_path / "a2")
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+@pytest.mark.parametrize(("compiled", "budget"), [(True, 0), (False, 0), (False, 1 << 20)])
+@pytest.mark.parametrize("margin", [0, 2])
+def test_taps_leave_out_only_chunks_no_tap_reads(tmp_path, margin, compiled, budget):
+    """With ``taps``, every voxel a trilinear or nearest tap of the patch reads (and every
+    voxel within ``margin`` of one) holds the array's value, and chunks in the box's
+    corners are left out for rotated patches (compiled or chunk by chunk, with an LRU)."""
+    rng = np.random.default_rng(5)
+    arr = rng.integers(1, 1000, size=(40, 44, 48)).astype(np.int16)
+    path = tmp_path / "a"
+    z = zarr.create_array(
+        str(path), shape=arr.shape, dtype=np.int16, fill_value=0, **LAYOUTS["sharded-blosc"]
+    )
+    z[...] = arr
+    reader = ArrayReader(path, compiled=compiled, lru=ChunkLRU(budget))
+    out_shape = np.array([9, 11, 10])
+    skipped = 0
+    for _ in range(12):
+        lin = _rotation(rng) * rng.uniform(0.7, 1.3)
+        centre = np.array(arr.shape) / 2 + rng.uniform(-4, 4, 3)
+        m = np.hstack([lin, (centre - lin @ ((out_shape - 1) / 2))[:, None]])
+        o = np.stack(np.meshgrid(*[np.arange(n) for n in out_shape], indexing="ij"), -1)
+        c = o.reshape(-1, 3) @ lin.T + m[:, 3]
+        start = np.maximum(np.floor(c.min(0)).astype(int) - margin, 0)
+        stop = np.minimum(np.floor(c.max(0)).astype(int) + 2 + margin, arr.shape)
+        out = np.full(stop - start, -1, np.int16)
+        reader.read_into(start, stop, out, taps=(m, out_shape, margin))
+        tapped = np.zeros(arr.shape, bool)
+        base = np.floor(c).astype(int)
+        for corner in np.ndindex(2, 2, 2):
+            t = np.clip(base + corner, 0, np.array(arr.shape) - 1)
+            tapped[tuple(t.T)] = True
+        near = np.clip(np.rint(c).astype(int), 0, np.array(arr.shape) - 1)
+        tapped[tuple(near.T)] = True
+        if margin:  # grow by the margin: what a filter of that reach reads
+            from scipy.ndimage import binary_dilation
+
+            tapped = binary_dilation(tapped, np.ones((3, 3, 3), bool), iterations=margin)
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        t = tapped[box]
+        np.testing.assert_array_equal(out[t], arr[box][t])
+        skipped += int((out == 0).sum())  # the fill value: left out
+        chunk = np.array((4, 5, 6))
+        needed = region_decode.chunks_needed(m, out_shape, float(margin), start, stop, chunk)
+        assert needed.shape == tuple((stop - 1) // chunk - start // chunk + 1)
+    assert skipped > 0  # rotated patches leave some corner chunks out

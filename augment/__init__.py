@@ -19,7 +19,10 @@ to a backend (``augment.backends.numpy`` or ``augment.backends.torch``).
 Nothing from ``loaders`` or ``training`` is imported here; torch and Triton load lazily.
 """
 
-from augment import matrices, slices
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from augment import matrices
 from augment.base import IntensityTransform, Params, SpatialTransform
 from augment.bias_field import RandomBiasField
 from augment.compose import Compose
@@ -38,6 +41,9 @@ from augment.rng import batch_rngs, sample_rng
 from augment.spatial import RandomAffine, RandomCrop, RandomFlip, RandomRot90, RandomSwapAxes
 from augment.target_crop import TargetCrop
 from augment.warp import affine_warp
+
+if TYPE_CHECKING:
+    from augment import slices
 
 __all__ = [
     "Compose",
@@ -70,3 +76,11 @@ __all__ = [
     "stack_params",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``augment.slices`` loads on first use: its worker pool pulls in multiprocessing's
+    shared memory, which a plain ``import augment`` does not need (about 35 ms of import)."""
+    if name == "slices":
+        return importlib.import_module("augment.slices")
+    raise AttributeError(f"module 'augment' has no attribute {name!r}")

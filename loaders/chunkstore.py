@@ -564,15 +564,16 @@ class ArrayReader:
         threads: int,
         taps: tuple[np.ndarray, Sequence[int], float] | None,
     ) -> bool:
-        """``read_into`` through ``region_decode`` (a local sharded array, no LRU, rows of
-        ``out`` contiguous); False where that path does not apply and nothing was done."""
+        """``read_into`` through ``region_decode`` (a local sharded array, rows of ``out``
+        contiguous); False where that path does not apply and nothing was done. Chunks in
+        the LRU are copied from it; the others are decoded, into new buffers that go to the
+        LRU when there is one."""
         layout = self._layout
         if (
             not self.compiled
             or layout is None
             or layout.shard_shape is None
             or not self.source.mapped
-            or self._lru is not None
             or out.dtype != self._disk_dtype
             or out.ndim != 3
             or out.size == 0
@@ -597,8 +598,28 @@ class ArrayReader:
                 views.append(view)
                 bases[k], lengths[k] = view.ctypes.data, view.size
         needed = self._needed(st, sp, taps)
+        where = np.zeros(needed.shape, np.uint64)
+        held: list[np.ndarray] = []  # LRU hits, alive through the call
+        kept: list[tuple[Hashable, np.ndarray]] = []  # decoded here, for the LRU
+        lru = self._lru
+        if lru is not None:
+            c0 = [int(v) for v in st // chunk]
+            for i, j, k in zip(*np.nonzero(needed), strict=True):
+                cidx = (c0[0] + int(i), c0[1] + int(j), c0[2] + int(k))
+                key = (self._key, cidx)
+                arr = lru.get(key)
+                if arr is not None:
+                    needed[i, j, k] = region_decode.CACHED
+                    held.append(arr)
+                elif not self._absent(cidx):
+                    arr = np.empty(layout.chunk_shape, self._disk_dtype)
+                    needed[i, j, k] = region_decode.KEEP
+                    kept.append((key, arr))
+                else:
+                    continue
+                where[i, j, k] = arr.ctypes.data
         fill = self.fill_value
-        args = (chunk, per, s0, grid, bases, lengths, index, needed)
+        args = (chunk, per, s0, grid, bases, lengths, index, needed, where)
         absent, total = region_decode.count_absent(
             st, sp, chunk, per, s0, grid, lengths, index, needed
         )
@@ -621,10 +642,13 @@ class ArrayReader:
         else:
             assert pool is not None
             codes = [f.result() for f in [pool.submit(work, p) for p in range(parts)]]
-        del views
+        del views, held
         for p, code in enumerate(codes):
             if code:
                 raise CacheError(self.location, region_decode.describe_error(errs[p]))
+        if lru is not None:
+            for done_key, done in kept:
+                lru.put(done_key, done)
         return True
 
     def _requests(self, tasks, got: dict[tuple[int, int, int], Any]):

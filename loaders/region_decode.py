@@ -30,7 +30,11 @@ from numcodecs import blosc as _nc_blosc
 
 __all__ = [
     "AVAILABLE",
+    "CACHED",
+    "DECODE",
     "EMPTY",
+    "KEEP",
+    "SKIP",
     "chunks_needed",
     "count_absent",
     "decode_region",
@@ -56,6 +60,9 @@ AVAILABLE: bool = _register()
 """Whether c-blosc's ``blosc_decompress_ctx`` was found (then :func:`decode_region` works)."""
 
 _JIT: dict[str, Any] = {"cache": True, "nogil": True, "boundscheck": False}
+
+# what decode_region does with each chunk (its ``needed`` grid)
+SKIP, DECODE, KEEP, CACHED = 0, 1, 2, 3
 
 # error codes written to ``err[0]`` (``err[1:4]`` hold the chunk index)
 _OK, _OUTSIDE, _HEADER, _DECODE, _SHORT = 0, 1, 2, 3, 4
@@ -134,8 +141,8 @@ def _load_u32(typingctx, addr):
 
 @njit(**_JIT)
 def decode_region(
-    out, start, chunk, per_shard, shard0, shard_grid, bases, lengths, index, needed, scratch,
-    fill, filled, part, parts, err,
+    out, start, chunk, per_shard, shard0, shard_grid, bases, lengths, index, needed, where,
+    scratch, fill, filled, part, parts, err,
 ):  # fmt: skip
     """Decode the chunks of the region ``out`` (voxels ``[start, start + out.shape)``).
 
@@ -148,8 +155,12 @@ def decode_region(
         bases, lengths: uint64 (n_shards,): the address and length of each shard's mapped
             file (length 0: an absent shard); the caller keeps the mappings alive.
         index: uint64 (n_shards, chunks per shard, 2): each shard's index (offset, nbytes).
-        needed: uint8, one per chunk the region touches (z, y, x): 0 where no tap reads the
-            chunk (:func:`chunks_needed`); those are filled, not decoded.
+        needed: uint8, one per chunk the region touches (z, y, x): :data:`SKIP` where no
+            tap reads the chunk (:func:`chunks_needed`; filled, not decoded), :data:`DECODE`
+            (decoded into ``scratch``), :data:`KEEP` (decoded into the chunk-shaped buffer at
+            address ``where[...]``, for the caller's cache of decoded chunks) or
+            :data:`CACHED` (not decoded: copied from the decoded chunk at ``where[...]``).
+        where: uint64 of ``needed``'s shape: the buffers of KEEP and CACHED chunks.
         scratch: a C-contiguous array of one chunk's shape and the array's dtype.
         fill: the fill value (absent chunks); filled: ``out`` is filled already.
         part, parts: decode only the chunks whose running number is ``part`` modulo
@@ -191,12 +202,12 @@ def decode_region(
                     (cz // per_shard[0] - shard0[0]) * shard_grid[1]
                     + (cy // per_shard[1] - shard0[1])
                 ) * shard_grid[2] + (cx // per_shard[2] - shard0[2])
-                j = ((cz % per_shard[0]) * per_shard[1] + cy % per_shard[1]) * per_shard[
-                    2
-                ] + cx % per_shard[2]
+                jz, jy, jx = cz % per_shard[0], cy % per_shard[1], cx % per_shard[2]
+                j = (jz * per_shard[1] + jy) * per_shard[2] + jx
                 length = lengths[k]
                 off = index[k, j, 0] if length > 0 else EMPTY
-                if not needed[cz - c0[0], cy - c0[1], cx - c0[2]]:
+                how = needed[cz - c0[0], cy - c0[1], cx - c0[2]]
+                if how == SKIP:
                     off = EMPTY
                 if off == EMPTY:
                     if not filled:
@@ -206,22 +217,12 @@ def decode_region(
                             x0 - start[2] : x1 - start[2],
                         ] = fill
                     continue
-                size = index[k, j, 1]
-                if off > length or size > length - off:
-                    err[0], err[1], err[2], err[3] = _OUTSIDE, cz, cy, cx
-                    return _OUTSIDE
-                at = bases[k] + off
-                # blosc1 header: decoded size in bytes 4-8, compressed size in 12-16
-                if size < 16 or np.int64(_load_u32(at + 4)) != nbytes_chunk:
-                    err[0], err[1], err[2], err[3] = _HEADER, cz, cy, cx
-                    return _HEADER
-                if np.uint64(_load_u32(at + 12)) > size:
-                    err[0], err[1], err[2], err[3] = _SHORT, cz, cy, cx
-                    return _SHORT
-                got = _decompress(at, sc, nbytes_chunk)
-                if got != nbytes_chunk:
-                    err[0], err[1], err[2], err[3] = _DECODE, cz, cy, cx
-                    return _DECODE
+                dec = sc if how == DECODE else where[cz - c0[0], cy - c0[1], cx - c0[2]]
+                if how != CACHED:
+                    code = _decode_chunk(bases[k], length, off, index[k, j, 1], dec, nbytes_chunk)
+                    if code:
+                        err[0], err[1], err[2], err[3] = code, cz, cy, cx
+                        return code
                 row = (x1 - x0) * item
                 src_x = (x0 - cx * cx_) * item
                 dst_x = (x0 - start[2]) * sx_o
@@ -231,9 +232,26 @@ def decode_region(
                     for y in range(y0, y1):
                         _copy_row(
                             dst0 + dst_z + (y - start[1]) * sy_o + dst_x,
-                            sc + src_z + (y - cy * cy_) * cx_ * item + src_x,
+                            dec + src_z + (y - cy * cy_) * cx_ * item + src_x,
                             row,
                         )
+    return _OK
+
+
+@njit(**_JIT)
+def _decode_chunk(base, length, off, size, dest, nbytes):
+    """Decode the chunk at ``off`` (``size`` bytes) of the shard mapped at ``base``
+    (``length`` bytes) into ``nbytes`` at ``dest``; 0 or an error code."""
+    if off > length or size > length - off:
+        return _OUTSIDE
+    at = base + off
+    # blosc1 header: decoded size in bytes 4-8, compressed size in 12-16
+    if size < 16 or np.int64(_load_u32(at + 4)) != nbytes:
+        return _HEADER
+    if np.uint64(_load_u32(at + 12)) > size:
+        return _SHORT
+    if _decompress(at, dest, nbytes) != nbytes:
+        return _DECODE
     return _OK
 
 
@@ -248,16 +266,15 @@ def count_absent(start, stop, chunk, per_shard, shard0, shard_grid, lengths, ind
         for cy in range(y0, (stop[1] - 1) // chunk[1] + 1):
             for cx in range(x0, (stop[2] - 1) // chunk[2] + 1):
                 total += 1
-                if not needed[cz - z0, cy - y0, cx - x0]:
+                if needed[cz - z0, cy - y0, cx - x0] == SKIP:
                     absent += 1
                     continue
                 k = (
                     (cz // per_shard[0] - shard0[0]) * shard_grid[1]
                     + (cy // per_shard[1] - shard0[1])
                 ) * shard_grid[2] + (cx // per_shard[2] - shard0[2])
-                j = ((cz % per_shard[0]) * per_shard[1] + cy % per_shard[1]) * per_shard[
-                    2
-                ] + cx % per_shard[2]
+                jz, jy, jx = cz % per_shard[0], cy % per_shard[1], cx % per_shard[2]
+                j = (jz * per_shard[1] + jy) * per_shard[2] + jx
                 if lengths[k] == 0 or index[k, j, 0] == EMPTY:
                     absent += 1
     return absent, total

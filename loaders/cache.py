@@ -772,13 +772,20 @@ class VolumeCache:
             )
         return out
 
-    def prefetch_region(self, case: str, region: Region, *, array: str = "image") -> None:
+    def prefetch_region(
+        self,
+        case: str,
+        region: Region,
+        *,
+        array: str = "image",
+        taps: tuple[np.ndarray, Sequence[int], float] | None = None,
+    ) -> None:
         """Start fetching the chunks ``read_region(case, region, array=array)`` will need
         and return without waiting (a remote cache; a local one does nothing). Image and
         label regions prefetched one after the other travel in one batch of requests.
 
         Args:
-            case, region, array: as for ``read_region``.
+            case, region, array, taps: as for ``read_region``.
         """
         if self._remote is None:
             return
@@ -787,7 +794,7 @@ class VolumeCache:
         lo = [max(a, 0) for a in start]
         hi = [min(b, n) for b, n in zip(stop, reader.shape, strict=True)]
         if all(h > a for a, h in zip(lo, hi, strict=True)):
-            reader.prefetch(lo, hi)
+            reader.prefetch(lo, hi, taps=taps)
 
     def read(self, case: str, *, array: str = "image") -> np.ndarray:
         """A whole array of a case."""

@@ -46,6 +46,7 @@ extent of that axis.
 """
 
 _EMPTY = (1 << 64) - 1  # shard-index marker of an absent inner chunk
+_UNMAPPED = np.empty(0, np.uint8)  # a present shard whose chunks are fetched, not mapped
 
 
 def parse_region(
@@ -519,14 +520,16 @@ class ArrayReader:
         return buf
 
     def _mapped_shard(self, sidx: tuple[int, ...]) -> tuple[np.ndarray | None, np.ndarray]:
-        """A mapped shard as arrays: its bytes (None where absent) and its index, uint64
-        ``(chunks per shard, 2)``."""
+        """A shard as arrays: its bytes (None where absent, ``_UNMAPPED`` from a source
+        that fetches chunks) and its index, uint64 ``(chunks per shard, 2)``."""
         got = self._shard_arrays.get(sidx)
         if got is None:
             whole, index = self._shard(sidx)
             n = int(np.prod(self._per_shard))
             if index is None:
                 got = (None, np.full((n, 2), region_decode.EMPTY, np.uint64))
+            elif whole is None:  # an unmapped source: chunks are fetched
+                got = (_UNMAPPED, np.array(index, np.uint64))
             else:
                 got = (np.frombuffer(whole, np.uint8), np.array(index, np.uint64))
             self._shard_arrays[sidx] = got
@@ -555,6 +558,19 @@ class ArrayReader:
             chunk,
         )
 
+    def _split_tasks(self, tasks, start, stop, taps):
+        """``(tasks a tap of taps reads, the others)``; all of them when ``taps`` is None."""
+        if taps is None:
+            return tasks, []
+        assert self._layout is not None
+        needed = self._needed(start, stop, taps)
+        c0 = [a // c for a, c in zip(start, self._layout.chunk_shape, strict=True)]
+        keep, skip = [], []
+        for t in tasks:
+            z, y, x = t[0]
+            (keep if needed[z - c0[0], y - c0[1], x - c0[2]] else skip).append(t)
+        return keep, skip
+
     def _read_compiled(
         self,
         start: Sequence[int],
@@ -573,7 +589,6 @@ class ArrayReader:
             not self.compiled
             or layout is None
             or layout.shard_shape is None
-            or not self.source.mapped
             or out.dtype != self._disk_dtype
             or out.ndim != 3
             or out.size == 0
@@ -594,7 +609,9 @@ class ArrayReader:
         ranges = (range(int(a), int(b) + 1) for a, b in zip(s0, s1, strict=True))
         for k, sidx in enumerate(itertools.product(*ranges)):
             view, index[k] = self._mapped_shard(sidx)
-            if view is not None and view.size:
+            if view is _UNMAPPED:
+                lengths[k] = region_decode.EMPTY  # present; its chunks come from a fetch
+            elif view is not None and view.size:
                 views.append(view)
                 bases[k], lengths[k] = view.ctypes.data, view.size
         needed = self._needed(st, sp, taps)
@@ -618,8 +635,27 @@ class ArrayReader:
                 else:
                     continue
                 where[i, j, k] = arr.ctypes.data
+        src_at = np.zeros(needed.shape, np.uint64)
+        src_len = np.zeros(needed.shape, np.uint64)
+        if not self.source.mapped:  # fetch what is to be decoded, in one batch
+            c0 = [int(v) for v in st // chunk]
+            todo = (needed == region_decode.DECODE) | (needed == region_decode.KEEP)
+            requests: list[tuple[str, int, int | None]] = []
+            grid_at: list[tuple[int, int, int]] = []
+            for i, j, k in zip(*np.nonzero(todo), strict=True):
+                found = self._locate((c0[0] + int(i), c0[1] + int(j), c0[2] + int(k)))
+                if found is not None:
+                    sidx, _, offset, nbytes = found
+                    requests.append(("c/" + "/".join(map(str, sidx)), offset, offset + nbytes))
+                    grid_at.append((int(i), int(j), int(k)))
+            for g, buf in zip(grid_at, self.source.read_ranges(requests), strict=True):
+                if buf is None:
+                    raise self._gone()  # the shard vanished since its index was read
+                arr = np.frombuffer(buf, np.uint8)
+                views.append(arr)
+                src_at[g], src_len[g] = arr.ctypes.data, max(arr.size, 1)
         fill = self.fill_value
-        args = (chunk, per, s0, grid, bases, lengths, index, needed, where)
+        args = (chunk, per, s0, grid, bases, lengths, index, needed, where, src_at, src_len)
         absent, total = region_decode.count_absent(
             st, sp, chunk, per, s0, grid, lengths, index, needed
         )
@@ -761,16 +797,23 @@ class ArrayReader:
         ]
 
     # -- public -------------------------------------------------------------------------
-    def prefetch(self, start: Sequence[int], stop: Sequence[int]) -> None:
+    def prefetch(
+        self,
+        start: Sequence[int],
+        stop: Sequence[int],
+        taps: tuple[np.ndarray, Sequence[int], float] | None = None,
+    ) -> None:
         """Start fetching the chunks of voxels ``[start, stop)`` (inside the array) that a
         ``read_into`` of the same box will need, and return: from an unmapped source
         (object storage) their byte ranges are requested in the background; for a local
         array, or a layout read through zarr-python, nothing happens. The shard index is
-        fetched first where it is not known yet (a request this call waits for).
+        fetched first where it is not known yet (a request this call waits for). ``taps``
+        as for ``read_into``: chunks no tap reaches are not fetched.
         """
         if self.source.mapped or self._layout is None:
             return
-        requests, _ = self._requests(self._tasks(start, stop), {})
+        tasks, _ = self._split_tasks(self._tasks(start, stop), start, stop, taps)
+        requests, _ = self._requests(tasks, {})
         if requests:
             self.source.prefetch(requests)
 
@@ -810,19 +853,14 @@ class ArrayReader:
             return
         tasks = self._tasks(start, stop)
         filled = False
-        if taps is not None:  # chunks no tap reads: filled, never fetched or decoded
-            needed = self._needed(start, stop, taps)
-            c0 = [a // c for a, c in zip(start, self._layout.chunk_shape, strict=True)]
-            keep = [needed[z - c0[0], y - c0[1], x - c0[2]] for (z, y, x), _, _ in tasks]
-            if not all(keep):
-                if 4 * (len(keep) - sum(keep)) >= len(keep):
-                    out.fill(self.fill_value)
-                    filled = True
-                else:
-                    for (_, _, dst), k in zip(tasks, keep, strict=True):
-                        if not k:
-                            out[dst] = self.fill_value
-                tasks = [t for t, k in zip(tasks, keep, strict=True) if k]
+        tasks, skipped = self._split_tasks(tasks, start, stop, taps)
+        if skipped:  # chunks no tap reads: filled, never fetched or decoded
+            if 4 * len(skipped) >= len(tasks) + len(skipped):
+                out.fill(self.fill_value)
+                filled = True
+            else:
+                for _, _, dst in skipped:
+                    out[dst] = self.fill_value
         fetched = None if self.source.mapped else self._fetch(tasks)
         if self._lru is None:
             absent = sum(self._absent(cidx) for cidx, _, _ in tasks)

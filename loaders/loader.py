@@ -251,9 +251,10 @@ def _prefetch(sampler: PatchSampler, epoch: int, index: int) -> None:
     try:
         d = sampler.draw(epoch, index)
         box = sampler.region(d.case, d.plan)
-        sampler.cache.prefetch_region(d.case, box)
+        taps = sampler.taps(d.plan)
+        sampler.cache.prefetch_region(d.case, box, taps=taps)
         if sampler.cache.has_label(d.case):
-            sampler.cache.prefetch_region(d.case, box, array="label")
+            sampler.cache.prefetch_region(d.case, box, array="label", taps=taps)
     except Exception:  # the sample's own read reports it, with its index
         pass
 

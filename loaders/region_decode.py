@@ -142,7 +142,7 @@ def _load_u32(typingctx, addr):
 @njit(**_JIT)
 def decode_region(
     out, start, chunk, per_shard, shard0, shard_grid, bases, lengths, index, needed, where,
-    scratch, fill, filled, part, parts, err,
+    src_at, src_len, scratch, fill, filled, part, parts, err,
 ):  # fmt: skip
     """Decode the chunks of the region ``out`` (voxels ``[start, start + out.shape)``).
 
@@ -161,6 +161,9 @@ def decode_region(
             address ``where[...]``, for the caller's cache of decoded chunks) or
             :data:`CACHED` (not decoded: copied from the decoded chunk at ``where[...]``).
         where: uint64 of ``needed``'s shape: the buffers of KEEP and CACHED chunks.
+        src_at, src_len: uint64 of ``needed``'s shape: where ``src_len`` > 0, the chunk's
+            compressed bytes were fetched to ``src_at`` (an unmapped shard: its ``lengths``
+            entry is nonzero, its ``bases`` entry unused).
         scratch: a C-contiguous array of one chunk's shape and the array's dtype.
         fill: the fill value (absent chunks); filled: ``out`` is filled already.
         part, parts: decode only the chunks whose running number is ``part`` modulo
@@ -219,7 +222,17 @@ def decode_region(
                     continue
                 dec = sc if how == DECODE else where[cz - c0[0], cy - c0[1], cx - c0[2]]
                 if how != CACHED:
-                    code = _decode_chunk(bases[k], length, off, index[k, j, 1], dec, nbytes_chunk)
+                    g = (cz - c0[0], cy - c0[1], cx - c0[2])
+                    if src_len[g] > 0:
+                        code = _decode_chunk(
+                            src_at[g], src_len[g], 0, src_len[g], dec, nbytes_chunk
+                        )
+                    elif bases[k] == 0:  # unmapped and not fetched: nothing to decode from
+                        code = _OUTSIDE
+                    else:
+                        code = _decode_chunk(
+                            bases[k], length, off, index[k, j, 1], dec, nbytes_chunk
+                        )
                     if code:
                         err[0], err[1], err[2], err[3] = code, cz, cy, cx
                         return code

@@ -227,6 +227,13 @@ class PatchSampler:
         box = footprint(plan.matrices[0], self.patch_shape, margin=self.margin + reach)
         return clip_box(box, self.cache.shape(case))
 
+    def taps(self, plan: augment.Plan) -> tuple[NDArray[np.float64], tuple[int, ...], float]:
+        """``(matrix, patch shape, margin)`` of the patch of ``plan`` (on the whole volume),
+        as ``VolumeCache.read_region(taps=)`` takes it: chunks of the region's box that no
+        tap of the patch reaches (the box's corners, for a rotated patch) are not read."""
+        reach = float(np.ceil(plan.reach[0].max()))
+        return plan.matrices[0], tuple(self.patch_shape), float(self.margin) + reach
+
     # -- reading and augmenting ---------------------------------------------------------
     def _read(
         self,
@@ -238,9 +245,7 @@ class PatchSampler:
         the flat buffers when they are given and large enough), and the region's start."""
         start, stop = self.region(d.case, d.plan)
         shape = tuple(b - a for a, b in zip(start, stop, strict=True))
-        # chunks of the box that no tap of the patch reaches (its corners) are not decoded
-        reach = float(np.ceil(d.plan.reach[0].max()))
-        taps = (d.plan.matrices[0], self.patch_shape, self.margin + reach)
+        taps = self.taps(d.plan)
         n = int(np.prod(shape))
         fits = out_image is not None and out_label is not None
         fits = fits and min(out_image.size, out_label.size) >= n  # type: ignore[union-attr]

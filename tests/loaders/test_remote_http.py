@@ -28,6 +28,7 @@ from loaders.cache import CACHE_CHUNKS
 from loaders.chunkstore import ArrayReader
 from loaders.remote import MAX_GAP, PREFETCH_BATCHES, RemoteRoot, merge_ranges
 from loaders.remote_server import LocalHTTPServer, RangeServer, RecordingProxy
+from loaders.sampler import clip_box, footprint
 
 _ABSENT = 2**64 - 1
 
@@ -263,6 +264,43 @@ def test_a_region_read_fetches_only_the_ranges_it_needs(web, built_cache, max_ga
         assert_merged_by_the_rule(fetched, needed, max_gap)
         if max_gap == 0:
             assert sum(z - a for a, z in fetched) == sum(z - a for a, z in needed)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_patch_read_over_http_fetches_only_the_chunks_its_taps_reach(web, built_cache, prefetch):
+    """A patch rotated 45 degrees in (y, x) whose box meets four chunks but whose taps stay
+    out of one of them: that chunk is neither prefetched nor fetched, and every voxel a tap
+    reads equals the local cache's."""
+    local = VolumeCache(built_cache)
+    case = local.cases[0]
+    shape = local.shape(case)
+    index = shard_index(built_cache, case, "image", shape)
+    root = RemoteRoot(web.url(built_cache.name), max_gap=0)
+    reader = ArrayReader(root.array_source(case_folder(built_cache, case), "image"))
+    reader.read_into((0, 0, 0), (1, 1, 1), np.empty((1, 1, 1), reader.dtype))  # index
+    c = np.cos(np.pi / 4)
+    lin = np.array([[1.0, 0.0, 0.0], [0.0, c, -c], [0.0, c, c]])
+    out_shape = np.array([10, 40, 40])
+    centre = np.array([16.0, 46.0, 46.0])  # the diamond stays 8 voxels off (64, 64)
+    m = np.hstack([lin, (centre - lin @ ((out_shape - 1) / 2))[:, None]])
+    start, stop = clip_box(footprint(m, out_shape), shape)
+    per = [-(-n // k) for n, k in zip(shape, CACHE_CHUNKS, strict=True)]
+    corner = index[(0 * per[1] + 1) * per[2] + 1]  # chunk (0, 1, 1): in the box, no tap
+    assert corner[0] != _ABSENT and stop[1] > 64 and stop[2] > 64
+    web.clear()
+    out = np.empty([b - a for a, b in zip(start, stop, strict=True)], reader.dtype)
+    if prefetch:
+        reader.prefetch(start, stop, taps=(m, out_shape, 0.0))
+    reader.read_into(start, stop, out, taps=(m, out_shape, 0.0))
+    fetched = ranges_of(web.gets())
+    skipped = (int(corner[0]), int(corner[0] + corner[1]))
+    assert sorted(fetched) == sorted(set(needed_ranges(index, shape, start, stop)) - {skipped})
+    want = local.read_region(case, (start, stop))
+    o = np.stack(np.meshgrid(*[np.arange(n) for n in out_shape], indexing="ij"), -1)
+    src = o.reshape(-1, 3) @ lin.T + m[:, 3] - np.asarray(start)
+    for corner_offset in itertools.product((0, 1), repeat=3):  # every trilinear tap
+        t = np.clip(np.floor(src).astype(int) + corner_offset, 0, np.array(out.shape) - 1)
+        assert np.array_equal(out[tuple(t.T)], want[tuple(t.T)])
 
 
 def test_prefetched_image_and_label_regions_are_not_fetched_again(web, built_cache):

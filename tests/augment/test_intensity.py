@@ -16,6 +16,14 @@ def test_noise_is_standard_normal_and_thread_independent():
     assert abs(np.mean(z**3)) < 0.03 and abs(np.mean(z**4) - 3.0) < 0.1
     other = pg.noise_reference(1235, np.arange(200_000))
     assert abs(np.corrcoef(z, other)[0, 1]) < 0.01
+    # voxels 2j and 2j + 1 share one Box-Muller pair (cosine, sine): uncorrelated, and so
+    # are their squares (the shared radius would show there), as are neighbouring pairs
+    even, odd = z[0::2], z[1::2]
+    assert abs(np.corrcoef(even, odd)[0, 1]) < 0.01
+    assert abs(np.corrcoef(even**2, odd**2)[0, 1]) < 0.015
+    assert abs(np.corrcoef(odd[:-1], even[1:])[0, 1]) < 0.01
+    for part in (even, odd):
+        assert abs(part.mean()) < 0.015 and abs(part.std() - 1.0) < 0.015
     # kernel (parallel and serial) draws exactly the reference numbers
     x = np.zeros((2, 10, 11, 12), np.float32)
     prog = pg.op(pg.NOISE, 1.0, 99.0)
@@ -27,6 +35,26 @@ def test_noise_is_standard_normal_and_thread_independent():
     ref = pg.noise_reference(99, np.arange(x.size)).reshape(x.shape)
     np.testing.assert_allclose(a, ref, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(b, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_noise_spans_that_start_or_end_inside_a_pair(parallel):
+    """Odd row lengths and partial x tiles (width 131 > the tile's 128) give the kernel's
+    program spans odd starts and lengths; a rotation puts some voxels on the border path
+    and one channel more runs the per-voxel float64 path: every voxel draws the
+    reference's number."""
+    rng = np.random.default_rng(6)
+    shape = (3, 5, 131)
+    prog = pg.concat(pg.op(pg.AFFINE, 0.0, 0.0), pg.op(pg.NOISE, 0.5, 4321.0))
+    eye = np.eye(4)
+    rot = eye.copy()
+    rot[1:3, 1:3] = [[0.96, -0.28], [0.28, 0.96]]
+    for channels in (1, 2):
+        x = rng.normal(size=(channels, *shape)).astype(np.float32)
+        ref = 0.5 * pg.noise_reference(4321, np.arange(x.size)).reshape(x.shape)
+        for m in (eye, rot):
+            got, _ = warp_numpy(x, None, m, shape, program=prog, parallel=parallel)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

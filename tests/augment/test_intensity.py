@@ -166,3 +166,35 @@ def test_contrast_kernel_equals_numpy_definition(centre, preserve):
     ref = c.apply(x.astype(np.float64), p)  # numpy
     np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
     assert fast is not x and np.array_equal(x, x.copy())
+
+
+def test_contrast_after_the_warp_runs_in_place_with_the_same_result():
+    """The backend's post-warp call overwrites the warp's output instead of copying it;
+    the numbers are those of ``apply`` (numba) and of the float64 numpy definition."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.4, 0.2, (1, 9, 10, 11)).astype(np.float32)
+    c = augment.RandomContrast((0.6, 0.6), p=1.0)
+    p = c.sample(rng)
+    owned = x.copy()
+    got = c.apply_owned(owned, p)
+    assert got is owned
+    np.testing.assert_array_equal(got, c.apply(x, p))
+    ref = c.apply(x.astype(np.float64), p)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    off = augment.RandomContrast((0.6, 0.6), p=0.0)
+    assert off.apply_owned(x, off.sample(rng)) is x
+    # the default for other transforms: a new array from ``apply``
+    g = augment.RandomGamma((2.0, 2.0), p=1.0)
+    pg_ = g.sample(rng)
+    y = g.apply_owned(x, pg_)
+    np.testing.assert_array_equal(y, np.asarray(g.apply(x, pg_), np.float32))
+    # through a pipeline: the warp's output, then contrast about its mean
+    aug = augment.Compose([augment.RandomAffine(degrees=10), c])
+    big = rng.normal(0.0, 1.0, (12, 13, 14)).astype(np.float32)
+    out = aug(image=big, rng=augment.sample_rng(0, 0, 1))
+    plain = augment.Compose([augment.RandomAffine(degrees=10)])
+    warped = plain(image=big, rng=augment.sample_rng(0, 0, 1))["image"].astype(np.float64)
+    mean, lo, hi = warped.mean(), warped.min(), warped.max()
+    f = float(out["params"].intensity[0].factor[0])
+    expect = np.clip((warped - mean) * f + mean, lo, hi)
+    np.testing.assert_allclose(out["image"], expect, rtol=1e-5, atol=1e-5)

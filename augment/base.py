@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -113,20 +113,10 @@ class IntensityTransform(ABC):
     def apply(self, x: Any, params: Params) -> Any:
         """Apply to a resampled image ``(C, D, H, W)`` (numpy or torch) of a single sample."""
 
-    #: Whether :meth:`apply_owned` reads ``stats``: the numpy backend then has the warp
-    #: collect them when this transform is the first after it.
-    uses_patch_stats: ClassVar[bool] = False
-
-    def apply_owned(
-        self,
-        x: NDArray[np.float32],
-        params: Params,
-        stats: tuple[float, float, float] | None = None,
-    ) -> NDArray[np.float32]:
+    def apply_owned(self, x: NDArray[np.float32], params: Params) -> NDArray[np.float32]:
         """:meth:`apply` to a C-contiguous float32 numpy image that the caller owns and
         gives up (the numpy backend's image after the warp): a transform may overwrite
-        ``x`` and return it instead of making a new array. ``stats``: ``x``'s ``(sum, min,
-        max)`` over all voxels (NaNs left out of min and max) when the caller has them."""
+        ``x`` and return it instead of making a new array."""
         return np.asarray(self.apply(x, params), dtype=np.float32)
 
     def out_range(self, value_range: tuple[float, float] | None) -> tuple[float, float] | None:

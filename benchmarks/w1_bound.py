@@ -177,7 +177,6 @@ def kernel_cases(patches: int, sets: int = 1) -> dict[str, Callable[[int], None]
     out_lab = np.empty(VOXELS, np.uint8)
     no_lab = np.zeros(0, np.uint8)
     none = pg.empty()
-    no_stats = np.zeros((0, 3))
     every = w1_matrices(patches * sets)
     ms = [every[k * patches : (k + 1) * patches] for k in range(sets)]
     small_ms = [l2_matrices(maps) for maps in ms]
@@ -193,9 +192,7 @@ def kernel_cases(patches: int, sets: int = 1) -> dict[str, Callable[[int], None]
         nl = 1 if label.size else 0
         olab = out_lab if nl else no_lab
         for m in maps:
-            cpu.warp_serial(
-                image, label, m, out_img, olab, 1, nl, shape, PATCH, 0.0, 0, prog, True, no_stats
-            )
+            cpu.warp_serial(image, label, m, out_img, olab, 1, nl, shape, PATCH, 0.0, 0, prog, True)
 
     def contrast(k: int) -> None:
         for _ in ms[k]:

@@ -119,13 +119,10 @@ def execute(
     field = None if plan.field is None else plan.field[0]
     out_img: NDArray[np.float32] | None
     out_lab: NDArray[Any] | None
-    after = plan.after_warp[0]
-    want_stats = bool(after) and after[0][0].uses_patch_stats
-    stats = None
     if plan.label_mode == "linear_onehot" and lab is not None:
         out_img = None
         if img is not None:
-            out_img, _, stats = _warp(
+            out_img, _ = _warp(
                 img,
                 None,
                 m,
@@ -136,11 +133,10 @@ def execute(
                 program=prog,
                 out_image=dst_img,
                 field=field,
-                stats=want_stats,
             )
         out_lab = onehot_linear_numpy(lab, m, shape, plan.label_cval, field=field)
     else:
-        out_img, out_lab, stats = _warp(
+        out_img, out_lab = _warp(
             img,
             lab,
             m,
@@ -153,11 +149,10 @@ def execute(
             out_image=dst_img,
             out_label=dst_lab,
             field=field,
-            stats=want_stats,
         )
     if out_img is not None:
-        for k, (t, p) in enumerate(after):  # on the warp's own output (or out_image)
-            out_img = t.apply_owned(out_img, p, stats if k == 0 else None)
+        for t, p in plan.after_warp[0]:
+            out_img = t.apply_owned(out_img, p)  # the warp's own output (or out_image)
     out_img, out_lab = _into(dst_img, out_img), _into(dst_lab, out_lab)
     had_c = inputs.had_channels
     result: dict[str, Any] = {
@@ -237,7 +232,7 @@ def warp_numpy(
     :class:`~augment.plan.Plan`) is given: then every coordinate gets the displacement.
     """
     m = np.ascontiguousarray(mx.to_3x4(matrix))
-    out_img, out_lab, _ = _warp(
+    return _warp(
         image,
         label,
         m,
@@ -252,7 +247,6 @@ def warp_numpy(
         parallel=parallel,
         field=field,
     )
-    return out_img, out_lab
 
 
 def _warp(
@@ -270,15 +264,9 @@ def _warp(
     out_label: NDArray[Any] | None = None,
     parallel: bool = True,
     field: NDArray[np.float64] | None = None,
-    stats: bool = False,
-) -> tuple[NDArray[np.float32] | None, NDArray[Any] | None, tuple[float, float, float] | None]:
+) -> tuple[NDArray[np.float32] | None, NDArray[Any] | None]:
     """:func:`warp_numpy` with the C-contiguous ``(3, 4)`` matrix ``m`` and its exact map
-    ``em`` (or None) already worked out.
-
-    Returns:
-        ``(image, label, image_stats)``: with ``stats``, ``image_stats`` is the output
-        image's ``(sum, min, max)`` where the resampling kernel collected them tile by tile
-        (affine maps that are not exact copies), else None."""
+    ``em`` (or None) already worked out."""
     # numba compiles (or loads from its cache) on first use; not at ``import augment``
     from augment.kernels import cpu
 
@@ -301,7 +289,7 @@ def _warp(
                 (cpu.program_inplace if parallel else cpu.program_inplace_serial)(flat, prog)
         if label is not None and out_label is not None:
             exact_copy(label, em, out_shape, label_cval, out_label)
-        return out_image, out_label, None
+        return out_image, out_label
 
     img = image.reshape(-1) if image is not None else np.zeros(0, np.float32)
     lab = label.reshape(-1) if label is not None else np.zeros(0, np.uint8)
@@ -320,9 +308,7 @@ def _warp(
             image_order == 1,
             field,
         )
-        return out_image, out_label, None
-    collect = stats and nc > 0
-    tiles = np.empty((cpu.n_blocks(out_shape, cpu.TILE) if collect else 0, 3), np.float64)
+        return out_image, out_label
     kernel = cpu.warp if parallel else cpu.warp_serial
     kernel(
         img,
@@ -338,12 +324,8 @@ def _warp(
         lval,
         prog,
         image_order == 1,
-        tiles,
     )
-    if not collect:
-        return out_image, out_label, None
-    total = float(tiles[:, 0].sum())
-    return out_image, out_label, (total, float(tiles[:, 1].min()), float(tiles[:, 2].max()))
+    return out_image, out_label
 
 
 def _warp_displaced(

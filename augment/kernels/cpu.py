@@ -1030,7 +1030,6 @@ def warp(
     lcval,
     prog,
     img_linear,
-    stats,
     tile=TILE,
 ):
     """Resample ``img`` into ``out_img`` and ``lab`` into ``out_lab`` in one pass.
@@ -1044,8 +1043,6 @@ def warp(
         cval: image value outside the source.  lcval: label value outside.
         prog: (n, 4) float64 intensity program run on each image value.
         img_linear: trilinear image if True, else nearest.
-        stats: ``(n_blocks, 3)`` float64 filled with each output tile's image ``(sum, min,
-            max)`` (:func:`tile_stats`), or ``(0, 3)`` for none.
     """
     for b in prange(n_blocks(out_shape, tile)):
         _block(
@@ -1065,8 +1062,6 @@ def warp(
             np.int64(b),
             tile,
         )
-        if stats.shape[0] > 0:
-            tile_stats(out_img, nc, out_shape, tile, np.int64(b), stats)
 
 
 @njit(**_JIT)
@@ -1084,7 +1079,6 @@ def warp_serial(
     lcval,
     prog,
     img_linear,
-    stats,
     tile=TILE,
 ):
     """:func:`warp` on the calling thread (worker processes, nested parallelism)."""
@@ -1106,8 +1100,6 @@ def warp_serial(
             b,
             tile,
         )
-        if stats.shape[0] > 0:
-            tile_stats(out_img, nc, out_shape, tile, b, stats)
 
 
 _CHUNK = 4096
@@ -1158,49 +1150,12 @@ def _sum_min_max(x):
 
 
 @njit(**_JIT)
-def tile_stats(out_img, nc, out_shape, tile, b, stats):
-    """``stats[b] = (sum, min, max)`` of output tile ``b``'s image voxels (all channels),
-    as :func:`_sum_min_max` takes them, read right after the tile is written (in L1 on the
-    fast path), so that a contrast about the patch mean after the warp needs one pass over
-    the patch, not two."""
-    od, oh, ow = out_shape
-    tz, ty, tx = tile
-    z0, y0, x0, x1 = _tile_origin(b, out_shape, tile)
-    z1 = min(z0 + tz, od)
-    y1 = min(y0 + ty, oh)
-    ovol = od * oh * ow
-    total = 0.0
-    lo = np.inf
-    hi = -np.inf
-    full = x0 == 0 and x1 == ow
-    for c in range(nc):
-        for z in range(z0, z1):
-            for y in range(y0, y1 if not full else y0 + 1):
-                row = c * ovol + (z * oh + y) * ow
-                end = row + (y1 - y0) * ow if full else row + x1
-                t, a, e = _sum_min_max(out_img[row + x0 : end])
-                total += t
-                lo = min(lo, a)
-                hi = max(hi, e)
-    stats[b, 0] = total
-    stats[b, 1] = lo
-    stats[b, 2] = hi
-
-
-@njit(**_JIT)
 def contrast_inplace(x, factor, centre, use_mean, preserve_range):
     """``x = (x - c) * factor + c`` over a flat float32 array, ``c`` the mean of ``x`` when
     ``use_mean``; clipped to the range before the change when ``preserve_range``. Two passes
     instead of numpy's six (mean, min, max, subtract, scale, clip)."""
-    total, lo, hi = _sum_min_max(x)
-    contrast_with_stats(x, factor, centre, use_mean, preserve_range, total, lo, hi)
-
-
-@njit(**_JIT)
-def contrast_with_stats(x, factor, centre, use_mean, preserve_range, total, lo, hi):
-    """:func:`contrast_inplace` given ``x``'s ``(total, lo, hi)`` = (sum, min, max), e.g.
-    from the warp's :func:`tile_stats`: one pass."""
     n = x.shape[0]
+    total, lo, hi = _sum_min_max(x)
     c = total / max(n, 1) if use_mean else centre
     f = np.float32(factor)
     off = np.float32(c - c * factor)

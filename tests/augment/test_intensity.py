@@ -188,55 +188,13 @@ def test_contrast_after_the_warp_runs_in_place_with_the_same_result():
     pg_ = g.sample(rng)
     y = g.apply_owned(x, pg_)
     np.testing.assert_array_equal(y, np.asarray(g.apply(x, pg_), np.float32))
-
-
-@pytest.mark.parametrize("channels", [1, 2])
-@pytest.mark.parametrize("spatial", ["rotation", "flip"])
-@pytest.mark.parametrize("preserve", [True, False])
-def test_contrast_after_the_warp_equals_the_numpy_definition(channels, spatial, preserve):
-    """Through a pipeline: the warp collects the patch's sum, min and max tile by tile
-    (rotations; a flip is an exact copy and takes the kernel's own pass), then contrast
-    about the mean runs in place. Output 9 x 10 x 131: partial tiles on every axis."""
-    rng = np.random.default_rng(8)
-    shape = (channels, 20, 21, 140)
-    big = rng.normal(0.0, 1.0, shape).astype(np.float32)
-    t: list = [augment.RandomCrop((9, 10, 131))]
-    if spatial == "rotation":
-        t.append(augment.RandomAffine(degrees=10))
-    else:
-        t.append(augment.RandomFlip(axes=(0, 2), p=1.0))
-    c = augment.RandomContrast((0.6, 1.4), p=1.0, preserve_range=preserve)
-    out = augment.Compose([*t, c])(image=big, rng=augment.sample_rng(0, 0, 1))
-    warped = augment.Compose(t)(image=big, rng=augment.sample_rng(0, 0, 1))["image"]
-    w = warped.astype(np.float64)
-    mean, lo, hi = w.mean(), w.min(), w.max()
+    # through a pipeline: the warp's output, then contrast about its mean
+    aug = augment.Compose([augment.RandomAffine(degrees=10), c])
+    big = rng.normal(0.0, 1.0, (12, 13, 14)).astype(np.float32)
+    out = aug(image=big, rng=augment.sample_rng(0, 0, 1))
+    plain = augment.Compose([augment.RandomAffine(degrees=10)])
+    warped = plain(image=big, rng=augment.sample_rng(0, 0, 1))["image"].astype(np.float64)
+    mean, lo, hi = warped.mean(), warped.min(), warped.max()
     f = float(out["params"].intensity[0].factor[0])
-    expect = (w - mean) * f + mean
-    if preserve:
-        expect = np.clip(expect, lo, hi)
-    assert out["image"].shape == warped.shape
+    expect = np.clip((warped - mean) * f + mean, lo, hi)
     np.testing.assert_allclose(out["image"], expect, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("channels", [1, 2])
-def test_warp_tile_stats_are_the_sum_min_and_max_of_the_output(channels):
-    from augment.kernels import cpu
-
-    rng = np.random.default_rng(9)
-    src = rng.normal(3.0, 2.0, (channels, 15, 16, 150)).astype(np.float32)
-    out_shape = (11, 9, 133)
-    rot = np.eye(4)
-    rot[1:3, 1:3] = [[0.96, -0.28], [0.28, 0.96]]
-    m = np.ascontiguousarray(rot[:3])
-    out = np.empty((channels, *out_shape), np.float32)
-    nb = cpu.n_blocks(out_shape, cpu.TILE)
-    for kernel in (cpu.warp, cpu.warp_serial):
-        stats = np.full((nb, 3), np.nan)
-        kernel(
-            src.reshape(-1), np.zeros(0, np.uint8), m, out.reshape(-1), np.zeros(0, np.uint8),
-            channels, 0, src.shape[1:], out_shape, -1.5, 0, pg.empty(), True, stats,
-        )  # fmt: skip
-        ref = out.astype(np.float64)
-        assert np.isclose(stats[:, 0].sum(), ref.sum(), rtol=1e-9, atol=1e-6)
-        assert stats[:, 1].min() == ref.min() and stats[:, 2].max() == ref.max()
-        assert (out == -1.5).any()  # border voxels are in the statistics too

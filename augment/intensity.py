@@ -350,7 +350,8 @@ class RandomContrast(IntensityTransform):
 
     def apply_owned(self, x: NDArray[np.float32], params: Params) -> NDArray[np.float32]:
         """In place: after the warp the copy :meth:`apply` makes was a third pass over the
-        patch (W1's 128^3 contrast, one thread: 0.26 instead of 0.38 ns a voxel)."""
+        patch (W1's 128^3 contrast, one thread: 0.21 instead of 0.35 ns a voxel,
+        benchmarks/W1_BOUND.md)."""
         assert isinstance(params, ScaleParams)
         if not bool(params.active[0]):
             return x

@@ -113,6 +113,12 @@ class IntensityTransform(ABC):
     def apply(self, x: Any, params: Params) -> Any:
         """Apply to a resampled image ``(C, D, H, W)`` (numpy or torch) of a single sample."""
 
+    def apply_owned(self, x: NDArray[np.float32], params: Params) -> NDArray[np.float32]:
+        """:meth:`apply` to a C-contiguous float32 numpy image that the caller owns and
+        gives up (the numpy backend's image after the warp): a transform may overwrite
+        ``x`` and return it instead of making a new array."""
+        return np.asarray(self.apply(x, params), dtype=np.float32)
+
     def out_range(self, value_range: tuple[float, float] | None) -> tuple[float, float] | None:
         """The value range after this transform, when known (used by range-relative ops)."""
         return value_range

@@ -1,6 +1,6 @@
 """W1's kernel alone, per output voxel: the measurements behind ``benchmarks/W1_BOUND.md``.
 
-``python -m benchmarks.w1_bound [--patches K] [--rounds R] [--callgrind]``
+``python -m benchmarks.w1_bound [--patches K] [--rounds R] [--callgrind | --pipeline]``
 
 Runs the numba kernel (``augment.kernels.cpu.warp_serial``, one thread) on the pull maps of
 K W1 patches (128^3 from the 200x256x256 source of :mod:`benchmarks.w1`), already planned,
@@ -18,8 +18,14 @@ The cases separate what the kernel's time is made of:
   (linear part scaled by 1/4): the same instructions per voxel without cache misses, the
   compute-only time;
 - ``w1+window``, ``w1+window+gamma``, ``w1+window+noise``: the fused intensity program;
-- ``contrast``: ``contrast_inplace`` over a 128^3 patch (the patch-mean contrast, after
-  the warp).
+- ``contrast``: ``contrast_inplace`` over a 128^3 patch, in place as the numpy backend
+  runs the patch-mean contrast after the warp (a pass for the sum, min and max, then the
+  scaling pass), on the same patch every call (clipped to its range: the same work each
+  time).
+
+``--pipeline`` instead times whole W1 samples (``benchmarks.w1``'s pipeline, one numba
+thread) without and with the intensity pipeline, the same patches interleaved, and prints
+the ratio over all of them and per patch grouped by the intensity ops each drew.
 
 It first prints what the pull maps touch per output voxel (source voxels, the distinct
 64-byte lines of the image's eight taps and of the label's nearest tap, the bytes written)
@@ -196,8 +202,7 @@ def kernel_cases(patches: int, sets: int = 1) -> dict[str, Callable[[int], None]
 
     def contrast(k: int) -> None:
         for _ in ms[k]:
-            out_img[:] = patch_value
-            cpu.contrast_inplace(out_img, 1.1, 0.0, True, True)
+            cpu.contrast_inplace(patch_value, 1.1, 0.0, True, True)
 
     def fused(prog: np.ndarray) -> Callable[[int], None]:
         return lambda k: warp(flat_img, flat_lab, src, ms[k], prog)
@@ -304,6 +309,43 @@ def run_case(case: str, calls: int) -> None:
         fn(k + 1)
 
 
+def pipeline_ratios(patches: int, rounds: int) -> None:
+    """Print the CPU time of W1 samples with the intensity pipeline over without (one
+    numba thread, the same ``patches`` interleaved, medians over ``rounds``): over all
+    patches, and per patch grouped by the intensity ops drawn."""
+    import numba
+
+    numba.set_num_threads(1)
+    img, lab = make_source()
+    plain, full = w1_pipeline(), w1_pipeline(intensity=True)
+    names = ("window", "gamma", "noise", "contrast")
+    drawn = []
+    for i in range(patches):
+        out = full(image=img, label=lab, rng=augment.sample_rng(0, 0, i))
+        active = [bool(p.active[0]) for p in out["params"].intensity]
+        drawn.append("+".join(n for n, a in zip(names, active, strict=True) if a))
+    plain(image=img, label=lab, rng=augment.sample_rng(0, 0, 0))
+    per: dict[str, list[list[float]]] = {"plain": [[] for _ in range(patches)]}
+    per["full"] = [[] for _ in range(patches)]
+    for _ in range(rounds):
+        for i in range(patches):
+            for name, aug in (("plain", plain), ("full", full)):
+                t0 = time.thread_time()
+                aug(image=img, label=lab, rng=augment.sample_rng(0, 0, i))
+                per[name][i].append(time.thread_time() - t0)
+    sums = {n: [sum(t[r] for t in per[n]) for r in range(rounds)] for n in per}
+    ratio = statistics.median(f / p for p, f in zip(sums["plain"], sums["full"], strict=True))
+    ms_plain = statistics.median(sums["plain"]) / patches * 1e3
+    print(f"W1 with / without the intensity pipeline, {patches} patches x {rounds} rounds,")
+    print(f"one thread: {ratio:.4f} (+{100 * (ratio - 1):.1f} %); W1 {ms_plain:.2f} ms a patch")
+    groups: dict[str, list[float]] = {}
+    for i in range(patches):
+        r = statistics.median(per["full"][i]) / statistics.median(per["plain"][i])
+        groups.setdefault(drawn[i], []).append(r)
+    for g, rs in sorted(groups.items()):
+        print(f"  {g:30s} {len(rs):4d} patches  +{100 * (statistics.median(rs) - 1):5.1f} %")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patches", type=int, default=8, help="W1 patches per case and round")
@@ -311,11 +353,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--callgrind", action="store_true", help="count instructions and simulated cache misses"
     )
+    parser.add_argument(
+        "--pipeline", action="store_true", help="W1 samples with / without intensity, per patch"
+    )
     parser.add_argument("--run-case", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_case:
         run_case(args.run_case, args.calls)
+        return
+    if args.pipeline:
+        pipeline_ratios(args.patches, args.rounds)
         return
     ns = cpu_ns_per_voxel(args.patches, args.rounds)
     cg = callgrind_per_voxel(("w1", "w1-image-only", "l2-resident"), 2) if args.callgrind else {}

@@ -152,7 +152,7 @@ def execute(
         )
     if out_img is not None:
         for t, p in plan.after_warp[0]:
-            out_img = np.asarray(t.apply(out_img, p), dtype=np.float32)
+            out_img = t.apply_owned(out_img, p)  # the warp's own output (or out_image)
     out_img, out_lab = _into(dst_img, out_img), _into(dst_lab, out_lab)
     had_c = inputs.had_channels
     result: dict[str, Any] = {

@@ -15,9 +15,13 @@ Opcodes:
   hash of (seed ``b``, flat output index), so every backend and every thread count draws
   the same number for the same voxel.
 
-The noise generator: ``bits(key, i) = mix(mix(i) ^ key)`` with ``mix`` the 32-bit
-"lowbias32" integer hash; two draws (counters ``2i`` and ``2i + 1``) give a Box-Muller
-normal. :func:`noise_reference` is the readable numpy definition the tests use.
+The noise generator: ``bits(key, c) = mix(mix(c) ^ key)`` with ``mix`` the 32-bit
+"lowbias32" integer hash (counters taken mod 2**32). Flat indices ``2j`` and ``2j + 1`` form
+pair ``j``: its two draws (counters ``2j`` and ``2j + 1``) give the uniforms ``u1`` and
+``u2`` of one Box-Muller transform, ``r = sqrt(-2 ln u1)``, and voxel ``2j`` takes
+``r cos(2 pi u2)``, voxel ``2j + 1`` takes ``r sin(2 pi u2)`` (two independent normals for
+one hash pair, logarithm and square root). :func:`noise_reference` is the readable numpy
+definition the tests use.
 """
 
 from __future__ import annotations
@@ -79,11 +83,14 @@ def noise_reference(seed: int, flat_index: NDArray[np.integer]) -> NDArray[np.fl
     """Standard normals for ``flat_index`` under ``seed``, the definition all backends follow."""
     i = np.asarray(flat_index, dtype=np.uint64)
     key = np.uint64(int(seed) & MASK32)
-    b1 = _mix(_mix(np.uint64(2) * i) ^ key)
-    b2 = _mix(_mix(np.uint64(2) * i + np.uint64(1)) ^ key)
+    even = i & ~np.uint64(1)  # the first counter of the voxel's pair
+    b1 = _mix(_mix(even) ^ key)
+    b2 = _mix(_mix(even + np.uint64(1)) ^ key)
     u1 = ((b1 >> np.uint64(8)).astype(np.float64) + 1.0) * (1.0 / 16777216.0)
     u2 = (b2 >> np.uint64(8)).astype(np.float64) * (1.0 / 16777216.0)
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos(TWO_PI * u2)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    odd = (i & np.uint64(1)).astype(bool)
+    return radius * np.where(odd, np.sin(TWO_PI * u2), np.cos(TWO_PI * u2))
 
 
 def run_reference(program: NDArray[np.float64], x: NDArray[np.floating]) -> NDArray[np.float64]:

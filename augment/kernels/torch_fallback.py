@@ -110,12 +110,14 @@ def noise(seed: torch.Tensor | int, flat_index: torch.Tensor) -> torch.Tensor:
         float64 normals, the broadcast shape of ``seed`` and ``flat_index``.
     """
     key = torch.as_tensor(seed, dtype=torch.int64, device=flat_index.device) & MASK32
-    i2 = (2 * flat_index) & MASK32
-    b1 = _mix32(_mix32(i2) ^ key)
-    b2 = _mix32(_mix32(i2 + 1) ^ key)
+    even = flat_index & (MASK32 - 1)  # the first counter of the voxel's pair, mod 2**32
+    b1 = _mix32(_mix32(even) ^ key)
+    b2 = _mix32(_mix32(even + 1) ^ key)
     u1 = ((b1 >> 8).to(torch.float64) + 1.0) * (1.0 / 16777216.0)
     u2 = (b2 >> 8).to(torch.float64) * (1.0 / 16777216.0)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = TWO_PI * u2
+    return radius * torch.where((flat_index & 1) == 1, torch.sin(angle), torch.cos(angle))
 
 
 def run_program(x: torch.Tensor, programs: NDArray[np.float64]) -> torch.Tensor:

@@ -90,13 +90,16 @@ def _mix32(x):
 
 @triton.jit
 def _normal(key, index):
-    """Standard normal of the counter-based generator (``program.noise_reference``)."""
-    i2 = index * 2
-    b1 = _mix32(_mix32(i2) ^ key)
-    b2 = _mix32(_mix32(i2 + 1) ^ key)
+    """Standard normal of the counter-based generator (``program.noise_reference``): the
+    cosine (even ``index``) or sine (odd) of its pair's Box-Muller transform."""
+    even = (index >> 1) << 1
+    b1 = _mix32(_mix32(even) ^ key)
+    b2 = _mix32(_mix32(even + 1) ^ key)
     u1 = ((b1 >> 8).to(tl.float32) + 1.0) * (1.0 / 16777216.0)
     u2 = (b2 >> 8).to(tl.float32) * (1.0 / 16777216.0)
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    angle = 6.283185307179586 * u2
+    trig = tl.where(index != even, tl.sin(angle), tl.cos(angle))
+    return tl.sqrt(-2.0 * tl.log(u1)) * trig
 
 
 @triton.jit

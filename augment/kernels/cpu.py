@@ -489,9 +489,10 @@ def _log2_split(x):
     return e, _from_bits(np.int32((b & 0x007FFFFF) | 0x3F800000))
 
 
-# Gamma and noise contract multiply-adds into FMAs: 0.69 instead of 1.04 ns a voxel for
-# gamma, 1.21 instead of 1.51 for noise (in L1, one thread); results move by about one
-# float32 ulp, well inside the program's tolerance against ``program.run_reference``.
+# Gamma and noise contract multiply-adds into FMAs: with the earlier, longer polynomials
+# that took gamma from 1.04 to 0.69 ns a voxel and noise from 1.51 to 1.21 (in L1, one
+# thread); results move by about one float32 ulp, well inside the program's tolerance
+# against ``program.run_reference``. Today's figures are in benchmarks/W1_BOUND.md.
 _JIT_FMA: dict[str, Any] = {**_JIT, "fastmath": {"contract"}}
 
 

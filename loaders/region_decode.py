@@ -139,6 +139,17 @@ def _load_u32(typingctx, addr):
     return sig, codegen
 
 
+@njit(inline="always", **_JIT)
+def _slot(cz, cy, cx, per_shard, shard0, shard_grid):
+    """``(k, j)`` of chunk ``(cz, cy, cx)``: its shard's place in the region's shard grid
+    and its own in that shard's index."""
+    k = (
+        (cz // per_shard[0] - shard0[0]) * shard_grid[1] + (cy // per_shard[1] - shard0[1])
+    ) * shard_grid[2] + (cx // per_shard[2] - shard0[2])
+    jz, jy, jx = cz % per_shard[0], cy % per_shard[1], cx % per_shard[2]
+    return k, (jz * per_shard[1] + jy) * per_shard[2] + jx
+
+
 @njit(**_JIT)
 def decode_region(
     out, start, chunk, per_shard, shard0, shard_grid, bases, lengths, index, needed, where,
@@ -201,12 +212,7 @@ def decode_region(
                     continue
                 x0 = max(start[2], cx * cx_)
                 x1 = min(start[2] + nx, (cx + 1) * cx_)
-                k = (
-                    (cz // per_shard[0] - shard0[0]) * shard_grid[1]
-                    + (cy // per_shard[1] - shard0[1])
-                ) * shard_grid[2] + (cx // per_shard[2] - shard0[2])
-                jz, jy, jx = cz % per_shard[0], cy % per_shard[1], cx % per_shard[2]
-                j = (jz * per_shard[1] + jy) * per_shard[2] + jx
+                k, j = _slot(cz, cy, cx, per_shard, shard0, shard_grid)
                 length = lengths[k]
                 off = index[k, j, 0] if length > 0 else EMPTY
                 how = needed[cz - c0[0], cy - c0[1], cx - c0[2]]
@@ -282,12 +288,7 @@ def count_absent(start, stop, chunk, per_shard, shard0, shard_grid, lengths, ind
                 if needed[cz - z0, cy - y0, cx - x0] == SKIP:
                     absent += 1
                     continue
-                k = (
-                    (cz // per_shard[0] - shard0[0]) * shard_grid[1]
-                    + (cy // per_shard[1] - shard0[1])
-                ) * shard_grid[2] + (cx // per_shard[2] - shard0[2])
-                jz, jy, jx = cz % per_shard[0], cy % per_shard[1], cx % per_shard[2]
-                j = (jz * per_shard[1] + jy) * per_shard[2] + jx
+                k, j = _slot(cz, cy, cx, per_shard, shard0, shard_grid)
                 if lengths[k] == 0 or index[k, j, 0] == EMPTY:
                     absent += 1
     return absent, total

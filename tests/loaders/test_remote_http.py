@@ -66,6 +66,20 @@ def needed_ranges(index: np.ndarray, shape, start, stop) -> list[tuple[int, int]
     return sorted(out)
 
 
+def unmerged_reader(web, built_cache: Path):
+    """The local cache, its first case, that case's shape and image shard index, and a
+    reader of the case's image over HTTP that merges no ranges (metadata and shard index
+    read already)."""
+    local = VolumeCache(built_cache)
+    case = local.cases[0]
+    shape = local.shape(case)
+    index = shard_index(built_cache, case, "image", shape)
+    root = RemoteRoot(web.url(built_cache.name), max_gap=0)
+    reader = ArrayReader(root.array_source(case_folder(built_cache, case), "image"))
+    reader.read_into((0, 0, 0), (1, 1, 1), np.empty((1, 1, 1), reader.dtype))
+    return local, case, shape, index, reader
+
+
 def ranges_of(records) -> list[tuple[int, int]]:
     """``[start, stop)`` of each ``bytes=a-b`` Range header."""
     out = []
@@ -271,13 +285,7 @@ def test_a_patch_read_over_http_fetches_only_the_chunks_its_taps_reach(web, buil
     """A patch rotated 45 degrees in (y, x) whose box meets four chunks but whose taps stay
     out of one of them: that chunk is neither prefetched nor fetched, and every voxel a tap
     reads equals the local cache's."""
-    local = VolumeCache(built_cache)
-    case = local.cases[0]
-    shape = local.shape(case)
-    index = shard_index(built_cache, case, "image", shape)
-    root = RemoteRoot(web.url(built_cache.name), max_gap=0)
-    reader = ArrayReader(root.array_source(case_folder(built_cache, case), "image"))
-    reader.read_into((0, 0, 0), (1, 1, 1), np.empty((1, 1, 1), reader.dtype))  # index
+    local, case, shape, index, reader = unmerged_reader(web, built_cache)
     c = np.cos(np.pi / 4)
     lin = np.array([[1.0, 0.0, 0.0], [0.0, c, -c], [0.0, c, c]])
     out_shape = np.array([10, 40, 40])
@@ -329,13 +337,7 @@ def test_prefetched_image_and_label_regions_are_not_fetched_again(web, built_cac
 
 
 def test_chunks_two_prefetched_regions_share_are_fetched_once(web, built_cache):
-    local = VolumeCache(built_cache)
-    case = local.cases[0]
-    shape = local.shape(case)
-    index = shard_index(built_cache, case, "image", shape)
-    root = RemoteRoot(web.url(built_cache.name), max_gap=0)
-    reader = ArrayReader(root.array_source(case_folder(built_cache, case), "image"))
-    reader.read_into((0, 0, 0), (1, 1, 1), np.empty((1, 1, 1), reader.dtype))
+    local, case, shape, index, reader = unmerged_reader(web, built_cache)
     a = ((0, 0, 0), (40, 70, 70))
     b = ((20, 40, 40), shape)  # shares the chunk at (0, 0, 0)...(1, 1, 1) with a
     web.clear()

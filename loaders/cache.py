@@ -52,7 +52,14 @@ shared with other jobs, so compared by thread CPU time (medians):
 - one file per chunk instead of one shard: 2x slower (an open/read/close per chunk);
 - 48x64x64, 64^3 and 32x96x96 within 10% of 32x64x64 for 160^3 regions; 32^3 1.3x and
   16x64x64 1.1x slower (per-chunk overhead); for 96^3-128^3 regions 32x64x64 is within 5%
-  of the best and 64x128x128 1.5x slower; 32 slices suit anisotropic scans of few slices;
+  of the best and 64x128x128 1.5x slower; 32 slices suit anisotropic scans of few slices.
+  Those figures are from the per-chunk Python decode. With the compiled decode
+  (``loaders.region_decode``, LRU off) smaller chunks waste less of each chunk at a
+  region's faces: for W6's image regions (about 150^3, chunks no tap reaches left out)
+  16x32x64 took 0.87x and 16x32x32 0.79x the CPU of 32x64x64, random 160^3 regions 0.81x
+  and 0.79x, at the same 0.416x bytes (one interleaved run, loaded VM). The layout stays:
+  with the default LRU every chunk of a region costs a lookup in Python (2-4x as many
+  chunks would eat that gain), and a new layout rebuilds every cache;
 - zstd: 0.38x bytes, 5x slower decoding; no shuffle: 0.87x bytes; bit shuffle: 2x slower
   decoding.
 """

@@ -69,7 +69,9 @@ def one_decoding_thread() -> Iterator[None]:
     """Chunks decoded on the calling thread only, as in a loader worker. On the main thread
     of the main process numcodecs' blosc decodes on blosc's own thread pool (2 threads on 2
     cores; about 1.25x the CPU of one thread for the same chunks), which would make a
-    one-process figure here unlike the workers it stands for."""
+    one-process figure here unlike the workers it stands for. (The compiled decoder,
+    ``loaders.region_decode``, always decodes on the calling thread; this matters where a
+    read goes through numcodecs.)"""
     from numcodecs import blosc
 
     saved = blosc.use_threads

@@ -60,6 +60,8 @@ class ConfigError(ValueError):
 LAYOUT_NAMES = ("auto", "msd", "lits", "sliver07", "pairs")
 NORMALIZE_NAMES = ("auto", "ct", "zscore")
 CLASS_NAMES = ("auto", "all", "liver")
+# The accepted values of stage1.decay and stage3.decay (training.schedule.Stage.segnet_lr).
+DECAY_NAMES = ("cap", "epoch")
 
 
 @dataclasses.dataclass
@@ -188,9 +190,12 @@ class Stage1Config:
     """Stage 1: the segnet alone, Dice + cross-entropy, until train VoE < ``gate``.
 
     Attributes:
-        lr: AdamW learning rate: linear warm-up, then nnU-Net's poly decay over the cap.
+        lr: AdamW learning rate: linear warm-up, then nnU-Net's poly decay (see ``decay``).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up.
+        decay: ``"cap"`` (the poly decay runs once over the epoch cap, so a stage its gate
+            ends early never decays) or ``"epoch"`` (it runs over each epoch and restarts
+            at ``lr``, so the gate always measures a segnet trained down to a low rate).
         steps_per_epoch: optimizer steps per epoch.
         max_epochs: the gate's epoch cap.
         gate: train VoE threshold (the stage ends when train VoE < gate).
@@ -199,6 +204,7 @@ class Stage1Config:
     lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 10
+    decay: str = "cap"
     steps_per_epoch: int = 60
     max_epochs: int = 5
     gate: float = 0.2
@@ -231,11 +237,12 @@ class Stage3Config:
     """Stage 3: segnet with seg loss + ``adv_weight`` x adversarial loss, adversary in turn.
 
     Attributes:
-        lr: the segnet's new learning rate (a fresh AdamW), decayed over the stage's cap
-            (nnU-Net's poly schedule).
+        lr: the segnet's new learning rate (a fresh AdamW), decayed by nnU-Net's poly
+            schedule (see ``decay``).
         weight_decay: its weight decay.
         warmup_steps: linear warm-up of the fresh optimizer's rate, in batches of the stage
             (adversary batches count).
+        decay: ``"cap"`` or ``"epoch"``, as ``stage1.decay``.
         adv_weight: lambda, the weight of the non-saturating adversarial loss.
         k_d: adversary updates per cycle.
         k_g: segnet updates per cycle (a cycle is ``k_d + k_g`` batches, adversary first).
@@ -247,6 +254,7 @@ class Stage3Config:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 20
+    decay: str = "cap"
     adv_weight: float = 0.02
     k_d: int = 1
     k_g: int = 3
@@ -396,6 +404,8 @@ class Config:
             _check(s.max_epochs >= 1, f"{name}.max_epochs", s.max_epochs, ">= 1")
             _check(s.steps_per_epoch >= 1, f"{name}.steps_per_epoch", s.steps_per_epoch, ">= 1")
             _check(s.lr > 0, f"{name}.lr", s.lr, "> 0")
+            if name != "stage2":
+                _check(s.decay in DECAY_NAMES, f"{name}.decay", s.decay, "|".join(DECAY_NAMES))
         _check(
             self.stage2.heldout_pairs >= 1,
             "stage2.heldout_pairs",

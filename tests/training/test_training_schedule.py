@@ -128,7 +128,7 @@ def test_epoch_decay_restarts_the_poly_schedule_at_each_epoch():
         [s3.segnet_lr(t) for t in range(5, 10)]
     )
     assert s3.segnet_lr(9) == pytest.approx(0.002 * 0.2**0.9) and s3.segnet_lr(10) == 0.002
-    # the default keeps the single decay over the cap of 3 x 4 batches
+    # stage 1's default keeps the single decay over its cap of 3 epochs
     cap = make_stages(resolve_config(preset="cpu", overrides=["stage1.max_epochs=3"]))[0]
     assert cap.decay == "cap"
     assert cap.segnet_lr(cap.steps_per_epoch) == pytest.approx(cap.lr * (1 - 1 / 3) ** 0.9)

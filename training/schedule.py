@@ -17,12 +17,16 @@ adversarial    segnet: seg loss + lambda x non-       train VoE < ``stage3.gate`
 ``run.gate_every`` epochs and at the cap; the stage ends when it is reached, or at the cap,
 which is logged as ``"reached": false``.
 
-Learning rates: the segnet follows nnU-Net's poly schedule, ``lr * (1 - t / T) ** 0.9``
-over the stage's cap of ``T`` batches (the gate may end the stage earlier), after a linear
-warm-up; stage 3 starts again from its own, new rate with a fresh optimizer and its own
-warm-up (``stage3.warmup_steps``; without one, train VoE of the bare run rose for an epoch
-after the switch: 0.185 -> 0.214 in seed 0). The adversary's rate is constant, ``stage2.lr``,
-in stages 2 and 3.
+Learning rates: the segnet follows nnU-Net's poly schedule, ``lr * (1 - t / T) ** 0.9``,
+after a linear warm-up. With ``decay = "cap"`` it runs once over the stage's cap of ``T``
+batches (the gate may end the stage earlier, at a rate that never decayed); with ``decay =
+"epoch"`` ``t`` counts the batches of the epoch and ``T`` is the epoch's length, so the rate
+starts again from ``lr`` at each epoch and every gate measures a segnet trained down to a
+low rate (the warm restarts of SGDR, Loshchilov & Hutter 2017, with nnU-Net's poly shape).
+Stage 3 starts again from its own, new rate with a fresh optimizer and its own warm-up
+(``stage3.warmup_steps``; without one, train VoE of the bare run rose for an epoch after the
+switch: 0.185 -> 0.214 in seed 0). The adversary's rate is constant, ``stage2.lr``, in
+stages 2 and 3.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Stage:
         lr: the segnet's peak learning rate (stages that train it).
         weight_decay: the segnet optimizer's weight decay.
         warmup_steps: linear warm-up of the segnet's rate, in batches of the stage.
+        decay: the poly decay's span, ``"cap"`` (the stage's cap) or ``"epoch"`` (each epoch).
         adversary_lr: the adversary's constant learning rate (stages that train it).
         adv_weight: lambda, the weight of the adversarial loss in the segnet's loss.
     """
@@ -74,6 +79,7 @@ class Stage:
     lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    decay: str = "cap"
     adversary_lr: float = 0.0
     adv_weight: float = 0.0
 
@@ -105,8 +111,13 @@ class Stage:
 
     def segnet_lr(self, stage_step: int) -> float:
         """The segnet's learning rate on batch ``stage_step`` of the stage: poly decay over
-        the cap, times the linear warm-up (1 once ``stage_step + 1 >= warmup_steps``)."""
-        poly = max(1.0 - stage_step / (self.max_epochs * self.steps_per_epoch), 0.0) ** 0.9
+        the cap (``decay = "cap"``) or over the batch's epoch (``"epoch"``), times the linear
+        warm-up (1 once ``stage_step + 1 >= warmup_steps``)."""
+        if self.decay == "epoch":
+            t, span = stage_step % self.steps_per_epoch, self.steps_per_epoch
+        else:
+            t, span = stage_step, self.max_epochs * self.steps_per_epoch
+        poly = max(1.0 - t / span, 0.0) ** 0.9
         return self.lr * poly * min(1.0, (stage_step + 1) / max(self.warmup_steps, 1))
 
 
@@ -136,6 +147,7 @@ def make_stages(cfg: Config) -> list[Stage]:
             lr=s1.lr,
             weight_decay=s1.weight_decay,
             warmup_steps=s1.warmup_steps,
+            decay=s1.decay,
         ),
         Stage(
             "adversary",
@@ -164,6 +176,7 @@ def make_stages(cfg: Config) -> list[Stage]:
             lr=s3.lr,
             weight_decay=s3.weight_decay,
             warmup_steps=s3.warmup_steps,
+            decay=s3.decay,
             adversary_lr=s2.lr,
             adv_weight=s3.adv_weight,
         ),

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from training.config import resolve_config
+from training.config import ConfigError, resolve_config
 from training.schedule import STAGES, State, make_stages
 from training.trainer import Trainer
 
@@ -96,6 +96,47 @@ def test_segnet_learning_rate_is_nnunet_poly_after_a_linear_warmup():
         resolve_config(preset="cpu", overrides=["stage3.warmup_steps=0", "stage3.lr=0.002"])
     )[2]
     assert no_warmup.segnet_lr(0) == 0.002
+
+
+def test_epoch_decay_restarts_the_poly_schedule_at_each_epoch():
+    cfg = resolve_config(
+        preset="cpu",
+        overrides=[
+            "stage1.lr=0.01",
+            "stage1.warmup_steps=2",
+            "stage1.max_epochs=3",
+            "stage1.steps_per_epoch=4",
+            "stage1.decay=epoch",
+            "stage3.lr=0.002",
+            "stage3.warmup_steps=0",
+            "stage3.max_epochs=3",
+            "stage3.steps_per_epoch=5",
+            "stage3.decay=epoch",
+        ],
+    )
+    s1, _, s3 = make_stages(cfg)
+    assert (s1.decay, s3.decay) == ("epoch", "epoch")
+    # poly over the 4 batches of each epoch: (1 - b / 4) ** 0.9 for batch b of the epoch; the
+    # warm-up only multiplies the stage's first batches
+    assert s1.segnet_lr(0) == pytest.approx(0.01 * 0.5)
+    assert s1.segnet_lr(1) == pytest.approx(0.01 * 0.75**0.9)
+    assert s1.segnet_lr(3) == pytest.approx(0.01 * 0.25**0.9)
+    assert s1.segnet_lr(4) == pytest.approx(0.01)  # epoch 2 starts again at the peak
+    assert s1.segnet_lr(7) == pytest.approx(0.01 * 0.25**0.9)
+    assert s1.segnet_lr(10) == pytest.approx(0.01 * 0.5**0.9)
+    assert [s3.segnet_lr(t) for t in range(5)] == pytest.approx(
+        [s3.segnet_lr(t) for t in range(5, 10)]
+    )
+    assert s3.segnet_lr(9) == pytest.approx(0.002 * 0.2**0.9) and s3.segnet_lr(10) == 0.002
+    # stage 1's default keeps the single decay over its cap of 3 epochs
+    cap = make_stages(resolve_config(preset="cpu", overrides=["stage1.max_epochs=3"]))[0]
+    assert cap.decay == "cap"
+    assert cap.segnet_lr(cap.steps_per_epoch) == pytest.approx(cap.lr * (1 - 1 / 3) ** 0.9)
+
+
+def test_an_unknown_decay_is_refused():
+    with pytest.raises(ConfigError, match=r"stage3\.decay = 'linear'.*cap\|epoch"):
+        resolve_config(preset="cpu", overrides=["stage3.decay=linear"])
 
 
 def test_state_round_trip_and_stage_start():

@@ -113,6 +113,60 @@ def _stop_child(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 _Server = TypeVar("_Server", bound="_ChildServer")
+_Threaded = TypeVar("_Threaded", bound="_RecordingServer")
+
+
+class _RecordingServer:
+    """An HTTP server on 127.0.0.1 in threads of this process that records every request:
+    the records, their lock, the endpoint, stop and the context manager. A subclass's
+    ``start`` builds its handler and calls ``_serve``."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start() first"
+        return f"http://{_HOST}:{self._server.server_address[1]}"
+
+    def clear(self) -> None:
+        """Forget the records."""
+        with self._lock:
+            self.records.clear()
+
+    def gets(self) -> list[Record]:
+        """The GET requests answered with data (200 or 206), in order."""
+        with self._lock:
+            return [r for r in self.records if r.method == "GET" and r.status in (200, 206)]
+
+    def _record(self, record: Record) -> None:
+        with self._lock:
+            self.records.append(record)
+
+    def _serve(self: _Threaded, handler: type[BaseHTTPRequestHandler], port: int) -> _Threaded:
+        self._server = ThreadingHTTPServer((_HOST, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def start(self: _Threaded) -> _Threaded:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self: _Threaded) -> _Threaded:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class _ChildServer:
@@ -209,7 +263,7 @@ class Record:
     nbytes: int
 
 
-class RecordingProxy:
+class RecordingProxy(_RecordingServer):
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that records every request.
 
     Args:
@@ -222,27 +276,9 @@ class RecordingProxy:
         host, port = upstream.split("://", 1)[1].rsplit(":", 1)
         self.upstream = (host, int(port))
         self.fail_every = int(fail_every)
-        self.records: list[Record] = []
-        self._lock = threading.Lock()
-        self._count = 0
+        super().__init__()
+        self._count = 0  # requests so far; clear() forgets the records, not this count
         self._failures = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://{_HOST}:{self._server.server_address[1]}"
-
-    def clear(self) -> None:
-        """Forget the records (the failure count goes on)."""
-        with self._lock:
-            self.records.clear()
-
-    def gets(self) -> list[Record]:
-        """The GET requests answered with data (200 or 206), in order."""
-        with self._lock:
-            return [r for r in self.records if r.method == "GET" and r.status in (200, 206)]
 
     def _next(self) -> str | None:
         """'503', 'reset' or None (forward) for the next request."""
@@ -252,10 +288,6 @@ class RecordingProxy:
                 return None
             self._failures += 1
             return "503" if self._failures % 2 else "reset"
-
-    def _record(self, record: Record) -> None:
-        with self._lock:
-            self.records.append(record)
 
     def start(self) -> RecordingProxy:
         proxy = self
@@ -333,23 +365,7 @@ class RecordingProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
-        self._server = ThreadingHTTPServer((_HOST, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> RecordingProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self._serve(Handler, 0)
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -389,7 +405,7 @@ def _url(endpoint: str, relative: str | os.PathLike[str]) -> str:
     return endpoint if path in ("", ".") else f"{endpoint}/{urllib.parse.quote(path)}"
 
 
-class RangeServer:
+class RangeServer(_RecordingServer):
     """The files under ``folder``, read-only over HTTP/1.1 on 127.0.0.1, in threads of this
     process; every request is recorded (``records``, as ``RecordingProxy``'s).
 
@@ -407,33 +423,11 @@ class RangeServer:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"RangeServer: {self.folder} is not a folder")
         self.port = int(port)
-        self.records: list[Record] = []
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None, "start() first"
-        return f"http://{_HOST}:{self._server.server_address[1]}"
+        super().__init__()
 
     def url(self, relative: str | os.PathLike[str] = "") -> str:
         """The URL of ``folder / relative``."""
         return _url(self.endpoint, relative)
-
-    def clear(self) -> None:
-        """Forget the records."""
-        with self._lock:
-            self.records.clear()
-
-    def gets(self) -> list[Record]:
-        """The GET requests answered with data (200 or 206), in order."""
-        with self._lock:
-            return [r for r in self.records if r.method == "GET" and r.status in (200, 206)]
-
-    def _record(self, record: Record) -> None:
-        with self._lock:
-            self.records.append(record)
 
     def _target(self, url_path: str) -> Path | None:
         """The file a URL path names, None where there is none (or it is outside)."""
@@ -508,29 +502,13 @@ class RangeServer:
             do_GET = do_HEAD = _serve
             do_PUT = do_POST = do_DELETE = do_PATCH = _refuse
 
-        self._server = ThreadingHTTPServer((_HOST, self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
+        return self._serve(Handler, self.port)
 
     def serve_forever(self) -> None:
         """Serve in this thread until the process is stopped (a child process's life)."""
         self.start()
         assert self._thread is not None
         self._thread.join()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> RangeServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class LocalHTTPServer(_ChildServer):

@@ -48,6 +48,7 @@ __all__ = [
     "WorkerDied",
     "WorkerFailed",
     "WorkerPool",
+    "refuse_while_bootstrapping",
     "single_thread_env",
     "spawn_executor",
     "watch_parent",
@@ -281,6 +282,7 @@ def spawn_executor(
     Returns:
         The executor (use it as a context manager).
     """
+    refuse_while_bootstrapping("spawn_executor")
     return ProcessPoolExecutor(
         max_workers,
         mp_context=get_context("spawn"),
@@ -397,6 +399,32 @@ def _unguarded_main() -> str | None:
     if any(isinstance(n, ast.If) and _is_main_test(n.test) for n in tree.body):
         return None
     return str(path)
+
+
+def refuse_while_bootstrapping(what: str) -> None:
+    """Raise where this process is a spawned worker still importing its parent's main
+    module: an unguarded script that starts work at import would otherwise start it again
+    in every worker, and work that waits on the parent (a cache build waits for the
+    parent's lock) would hang both.
+
+    Args:
+        what: the call refused, for the message.
+
+    Raises:
+        RuntimeError: naming the script and the missing guard.
+    """
+    # multiprocessing sets ``_inheriting`` on the process object while spawn's bootstrap
+    # runs the parent's main module (the same flag its own "bootstrapping phase" check reads)
+    from multiprocessing import current_process
+
+    if getattr(current_process(), "_inheriting", False):
+        # spawn runs the parent's script under the name __mp_main__
+        script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "unknown"
+        raise RuntimeError(
+            f"{what} was called while this process was being started as a worker: its "
+            f"parent's main module ({script}) runs it on import, so every spawned worker "
+            f"runs it again. Put the code that starts the work under `{_GUARD}`"
+        )
 
 
 # ----------------------------------------------------------------------------------- pool

@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from augment.workers import spawn_executor
+from augment.workers import refuse_while_bootstrapping, spawn_executor
 from loaders.cases import Case, LabelMap, canonical_pair, label_map_key, read_case
 from loaders.chunkstore import ArrayReader, ChunkLRU, Region, parse_region
 from loaders.errors import (
@@ -912,6 +912,7 @@ class VolumeCache:
             "n_foreground": int(n_foreground),
             "seed": int(seed),
         }
+        refuse_while_bootstrapping("VolumeCache.build")  # it would wait for the parent's lock
         self._check_root()
         root = Path(self.root)
         with _flock(root, exclusive=True):

@@ -163,3 +163,26 @@ def test_unguarded_loader_script_is_told_to_add_the_main_guard(built_cache, tmp_
     assert last.startswith("loaders.loader.WorkerError: PatchLoader worker 0 (pid ")
     assert f'the main module {script} has no `if __name__ == "__main__":` block' in last
     assert 'under `if __name__ == "__main__":`' in last
+
+
+def test_unguarded_cache_build_script_fails_instead_of_hanging(phantom_cases, tmp_path):
+    """An unguarded script that builds a cache with worker processes: each spawned worker
+    runs the script again and would wait for the lock its parent holds. The workers refuse
+    instead, and the build fails with the reason."""
+    script = tmp_path / "build.py"
+    script.write_text(
+        textwrap.dedent("""
+            import sys
+            from loaders import VolumeCache, msd_cases
+
+            cases = msd_cases(sys.argv[1])
+            VolumeCache(sys.argv[2]).build(cases, workers=2, progress=False)
+        """)
+    )
+    folder = phantom_cases[0].image.parent.parent
+    proc = start(script, str(folder), str(tmp_path / "cache.zarr"))
+    _, err = proc.communicate(timeout=120)  # before the fix: no end
+    assert proc.returncode == 1
+    assert "VolumeCache.build was called while this process was being started as a worker" in err
+    assert f"main module ({script})" in err
+    assert "loaders.errors.CacheError" in err.strip().splitlines()[-1]

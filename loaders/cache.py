@@ -32,34 +32,38 @@ exact permutation/flip of the array, identity direction); its record keeps the
 ``Reorientation`` (original shape, spacing, origin, direction, permutation and flips), so
 ``info(case).reorientation.undo`` maps an array on the canonical grid back to the file.
 
-Chunking and codec, measured on a 200x512x512 int16 phantom (``benchmarks/w5.py`` and
-the experiments behind it): random 160^3 regions, warm page cache, one thread, 2-core VM
-shared with other jobs, so compared by thread CPU time (medians):
-- sharded (one shard file per array), 32x64x64 inner chunks, blosc lz4hc clevel 5 + byte
-  shuffle with 64 KiB blosc blocks, decoded here from a memory map: 0.41x the raw bytes,
-  about 2-2.5x the CPU of copying the region out of a .npy memmap;
+Chunking and codec, measured on a 200x512x512 int16 phantom (``benchmarks/w5.py``,
+``benchmarks/w6.py`` and the experiments behind them): random 160^3 regions, warm page
+cache, one thread, 2-core VM shared with other jobs, so compared by process CPU time in
+interleaved rounds (medians):
+- sharded (one shard file per array), 32x32x32 inner chunks (32x64x64 before),
+  blosc lz4hc clevel 5 + byte shuffle, decoded here from a memory map: 0.414x the raw bytes.
+  With the compiled decode (``loaders.region_decode``, LRU off) a region decodes every
+  chunk it touches whole, so smaller chunks waste less at its faces: on W6's image regions
+  (about 150^3 for 128^3 patches, chunks no tap reaches left out) 32x32x32 took 0.75x the
+  CPU of 32x64x64 (1.47 vs 1.96 ms), 32x32x64 0.92x, 16x32x64 0.87x, 16x32x32 0.77x; on
+  random 160^3 regions (W5) 0.92x, 0.93x, 0.90x and 0.95x; label regions (mostly absent
+  chunks) 0.91x-1.0x; the bytes stay within 0.414x-0.416x. 32x32x32 is the best for the
+  image regions and within 2 % of the best elsewhere. A region touches about 2.8x as many
+  chunks as with 32x64x64, which costs a lookup each in the decoded-chunk LRU (Python,
+  about a microsecond) and more byte ranges over object storage (adjacent ones are merged:
+  ``loaders.remote.merge_ranges``);
 - lz4hc instead of lz4 (format 3; the same clevel, shuffle and blocks): 0.415x instead of
   0.436x the raw bytes and less CPU per region read, by process CPU time in interleaved
-  rounds on the two caches of the same two phantom cases: 0.83x for random 160^3 image
-  regions (W5), 0.77x for the image and 0.82x for the label regions of W2's 128^3 patches
-  (LRU off); the decoder has fewer, longer matches to copy (32.7 vs 41.7 us per
-  32x64x64 int16 chunk). Encoding runs at about 150 MB/s instead of 1.6 GB/s: the whole
-  build of the two cases took 1.19x the CPU. (An earlier note here had lz4hc "no faster
-  to decode, 40 MB/s to encode"; neither held in these measurements.)
-- blosc's automatic block size for these chunks is 256 KiB (the whole chunk): decoding
+  rounds on the two caches of the same two phantom cases (32x64x64 chunks): 0.83x for
+  random 160^3 image regions (W5), 0.77x for the image and 0.82x for the label regions of
+  W2's 128^3 patches (LRU off); the decoder has fewer, longer matches to copy (32.7 vs
+  41.7 us per 32x64x64 int16 chunk). Encoding runs at about 150 MB/s instead of 1.6 GB/s:
+  the whole build of the two cases took 1.19x the CPU. (An earlier note here had lz4hc "no
+  faster to decode, 40 MB/s to encode"; neither held in these measurements.)
+- blosc's automatic block size for 32x64x64 chunks was 256 KiB (the whole chunk): decoding
   then ran 2.4x slower (38 vs 12-14 us per hot chunk, 3.8 vs 1.3 ms per region; the L2
-  cache is 512 KiB), hence the forced block size;
+  cache is 512 KiB), hence the forced block size (a 32x32x32 int16 chunk is one 64 KiB
+  block);
 - one file per chunk instead of one shard: 2x slower (an open/read/close per chunk);
-- 48x64x64, 64^3 and 32x96x96 within 10% of 32x64x64 for 160^3 regions; 32^3 1.3x and
-  16x64x64 1.1x slower (per-chunk overhead); for 96^3-128^3 regions 32x64x64 is within 5%
-  of the best and 64x128x128 1.5x slower; 32 slices suit anisotropic scans of few slices.
-  Those figures are from the per-chunk Python decode. With the compiled decode
-  (``loaders.region_decode``, LRU off) smaller chunks waste less of each chunk at a
-  region's faces: for W6's image regions (about 150^3, chunks no tap reaches left out)
-  16x32x64 took 0.87x and 16x32x32 0.79x the CPU of 32x64x64, random 160^3 regions 0.81x
-  and 0.79x, at the same 0.416x bytes (one interleaved run, loaded VM). The layout stays:
-  with the default LRU every chunk of a region costs a lookup in Python (2-4x as many
-  chunks would eat that gain), and a new layout rebuilds every cache;
+- with the earlier per-chunk Python decode, 48x64x64, 64^3 and 32x96x96 were within 10 % of
+  32x64x64 for 160^3 regions and 32^3 1.3x slower: the Python bookkeeping per chunk, which
+  the compiled decode removed;
 - zstd: 0.38x bytes, 5x slower decoding; no shuffle: 0.87x bytes; bit shuffle: 2x slower
   decoding.
 """
@@ -108,8 +112,11 @@ __all__ = ["CACHE_CHUNKS", "BuildReport", "CaseInfo", "VolumeCache", "default_ca
 # the files did, so its arrays would be misread next to reoriented ones)
 # 3: image and label chunks in blosc lz4hc instead of lz4 (see the module docstring)
 CACHE_FORMAT = 3
-CACHE_CHUNKS: tuple[int, int, int] = (32, 64, 64)
-"""Inner chunk shape (z, y, x) of the image and label arrays (see the module docstring)."""
+CACHE_CHUNKS: tuple[int, int, int] = (32, 32, 32)
+"""Inner chunk shape (z, y, x) of the image and label arrays a build writes (see the module
+docstring). Readers take each array's chunk shape from its metadata, so caches built with
+the former 32x64x64 read as before; the case fingerprint includes it, so a build rewrites
+such cases."""
 # c-blosc scales a forced block size by the item size with a 64 KiB floor: 64 KiB blocks
 # for int16 and uint8 alike (see the module docstring for why not the automatic size).
 _BLOSC: dict[str, Any] = {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle", "blocksize": 32768}

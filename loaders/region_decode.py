@@ -3,8 +3,9 @@ one numba loop.
 
 ``ArrayReader`` decodes a region chunk by chunk; from Python that costs a few microseconds
 of bookkeeping per chunk (the chunk's box, its place in the shard index, the numcodecs call,
-a numpy strided copy) on top of the decode itself. A 160^3 region touches about 100 chunks
-of the cache's 32x64x64 layout, so the bookkeeping was about a quarter of a region read.
+a numpy strided copy) on top of the decode itself. A 160^3 region touched about 100 chunks
+of the cache's former 32x64x64 layout (about 250 of today's 32x32x32), so the bookkeeping
+was about a quarter of a region read.
 :func:`decode_region` does the whole walk in one call: for each chunk of the region it looks
 the chunk up in its shard's index, checks the blosc header against the chunk's bytes, calls
 c-blosc's ``blosc_decompress_ctx`` into a scratch chunk (the same library numcodecs wraps:

@@ -79,7 +79,7 @@ def write_dicom_series(
 
 @pytest.fixture(scope="session")
 def phantom_cases(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
-    """Three small (48x96x96) phantom cases in the MSD layout: 2x2x2 cache chunks each."""
+    """Three small (48x96x96) phantom cases in the MSD layout: 2x3x3 cache chunks each."""
     root = tmp_path_factory.mktemp("phantom") / "Task00_Phantom"
     return write_msd_dataset(root, n_train=3, seed=0, size="small")
 

@@ -82,7 +82,7 @@ def test_build_and_read_whole_cases(built_cache, phantom_cases):
         assert info.source_image == str(case.image) and info.source_label == str(case.label)
 
 
-SHAPE = (48, 96, 96)  # phantom_cases; the cache chunks are 32x64x64
+SHAPE = (48, 96, 96)  # phantom_cases; the cache chunks are 32x32x32
 regions = st.tuples(*[st.tuples(st.integers(-12, n + 4), st.integers(0, 70)) for n in SHAPE]).map(
     lambda t: ([a for a, _ in t], [a + s for a, s in t])
 )
@@ -112,7 +112,7 @@ def sources(phantom_cases):
     which=st.sampled_from(["default", "no-lru-2-threads", "tiny-lru"]),
     as_slices=st.booleans(),
 )
-@example(  # chunk boundaries (32 in z, 64 in y and x) and the volume's far corner
+@example(  # chunk boundaries (32 and 64 on every axis) and the volume's far corner
     region=((31, 63, 64), (33, 65, 97)),
     case="phantom_001",
     array="image",
@@ -309,6 +309,34 @@ def test_incremental_rebuild(tmp_path, dataset):
     assert cache.build(
         [dataset[0]], workers=1, progress=False, label_map=liver_label, force=True
     ).built == ("phantom_000",)
+
+
+def test_former_chunk_layout_is_read_and_rebuilt(tmp_path, dataset, monkeypatch):
+    """A cache built with the former 32x64x64 chunks reads as before (readers take the
+    chunk shape from each array's metadata); a build rewrites its cases in today's layout."""
+    import loaders.cache as cache_module
+
+    root = tmp_path / "cache"
+    monkeypatch.setattr(cache_module, "CACHE_CHUNKS", (32, 64, 64))
+    VolumeCache(root).build(dataset, workers=1, progress=False)
+    monkeypatch.undo()
+
+    def chunk_shapes() -> set[tuple[int, ...]]:
+        group = zarr.open_group(str(root), mode="r")
+        cases = group.attrs["voxaug_cache"]["cases"]
+        return {tuple(group[c["dir"]]["image"].chunks) for c in cases.values()}
+
+    assert chunk_shapes() == {(32, 64, 64)}
+    old = VolumeCache(root)
+    for case in dataset:
+        image, label = itk_arrays(case)
+        box = ((3, 5, 7), (29, 61, 50))  # crosses chunk faces of both layouts
+        want = image[3:29, 5:61, 7:50]
+        np.testing.assert_array_equal(old.read_region(case.id, box), want)
+        np.testing.assert_array_equal(old.read(case.id, array="label"), label)
+    report = VolumeCache(root).build(dataset, workers=1, progress=False)
+    assert set(report.built) == {c.id for c in dataset}
+    assert chunk_shapes() == {cache_module.CACHE_CHUNKS} == {(32, 32, 32)}
 
 
 def test_failed_case_leaves_the_others_usable(tmp_path, dataset):

@@ -204,9 +204,10 @@ def test_region_read_fetches_only_the_chunks_it_needs(
 
     def expected(start, stop) -> list[tuple[int, int]]:
         ranges = []
-        for cz in range(start[0] // 32, (stop[0] - 1) // 32 + 1):
-            for cy in range(start[1] // 64, (stop[1] - 1) // 64 + 1):
-                for cx in range(start[2] // 64, (stop[2] - 1) // 64 + 1):
+        kz, ky, kx = CACHE_CHUNKS
+        for cz in range(start[0] // kz, (stop[0] - 1) // kz + 1):
+            for cy in range(start[1] // ky, (stop[1] - 1) // ky + 1):
+                for cx in range(start[2] // kx, (stop[2] - 1) // kx + 1):
                     off, n = index[(cz * per[1] + cy) * per[2] + cx]
                     if off != 2**64 - 1:
                         ranges.append((int(off), int(off + n)))
@@ -222,7 +223,7 @@ def test_region_read_fetches_only_the_chunks_it_needs(
 
     proxy.clear()
     # inside one chunk: the array's zarr.json, the shard index (a suffix request), one chunk
-    region = ((3, 10, 70), (30, 60, 120))
+    region = ((3, 4, 36), (30, 30, 62))
     got = cache.read_region(case, region)
     assert np.array_equal(got, VolumeCache(built_cache).read_region(case, region))
     gets = proxy.gets()
@@ -231,15 +232,16 @@ def test_region_read_fetches_only_the_chunks_it_needs(
     assert fetched(gets[2:]) == expected(*region)
     assert len(proxy.records) == 3  # nothing else: no HEAD, no listing
 
-    # across chunks, index kept: only chunk bytes, exactly those the region needs
+    # across chunks, index kept: only chunk bytes, exactly those the region needs (it spans
+    # whole rows and planes of chunks, so no chunk lies between two it needs)
     proxy.clear()
-    region = ((20, 50, 5), (40, 90, 70))
+    region = ((20, 5, 10), (40, 90, 70))
     got = cache.read_region(case, region)
     assert np.array_equal(got, VolumeCache(built_cache).read_region(case, region))
     gets = proxy.gets()
     assert all(g.path.endswith("/image/c/0/0/0") for g in gets)
     want = expected(*region)
-    assert len(want) == 8
+    assert len(want) == 18
     ranges = fetched(gets)
     assert sum(z - a for a, z in ranges) == sum(z - a for a, z in want)
     assert covered(ranges) == covered(want)

@@ -282,9 +282,9 @@ def test_a_region_read_fetches_only_the_ranges_it_needs(web, built_cache, max_ga
 
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_a_patch_read_over_http_fetches_only_the_chunks_its_taps_reach(web, built_cache, prefetch):
-    """A patch rotated 45 degrees in (y, x) whose box meets four chunks but whose taps stay
-    out of one of them: that chunk is neither prefetched nor fetched, and every voxel a tap
-    reads equals the local cache's."""
+    """A patch rotated 45 degrees in (y, x) whose box meets chunks its taps stay out of
+    (the one from (0, 64, 64) on among them): those are neither prefetched nor fetched,
+    every chunk a tap reads is, and every voxel a tap reads equals the local cache's."""
     local, case, shape, index, reader = unmerged_reader(web, built_cache)
     c = np.cos(np.pi / 4)
     lin = np.array([[1.0, 0.0, 0.0], [0.0, c, -c], [0.0, c, c]])
@@ -293,7 +293,8 @@ def test_a_patch_read_over_http_fetches_only_the_chunks_its_taps_reach(web, buil
     m = np.hstack([lin, (centre - lin @ ((out_shape - 1) / 2))[:, None]])
     start, stop = clip_box(footprint(m, out_shape), shape)
     per = [-(-n // k) for n, k in zip(shape, CACHE_CHUNKS, strict=True)]
-    corner = index[(0 * per[1] + 1) * per[2] + 1]  # chunk (0, 1, 1): in the box, no tap
+    cy, cx = 64 // CACHE_CHUNKS[1], 64 // CACHE_CHUNKS[2]  # the chunk from (0, 64, 64) on:
+    corner = index[(0 * per[1] + cy) * per[2] + cx]  # in the box, reached by no tap
     assert corner[0] != _ABSENT and stop[1] > 64 and stop[2] > 64
     web.clear()
     out = np.empty([b - a for a, b in zip(start, stop, strict=True)], reader.dtype)
@@ -302,13 +303,22 @@ def test_a_patch_read_over_http_fetches_only_the_chunks_its_taps_reach(web, buil
     reader.read_into(start, stop, out, taps=(m, out_shape, 0.0))
     fetched = ranges_of(web.gets())
     skipped = (int(corner[0]), int(corner[0] + corner[1]))
-    assert sorted(fetched) == sorted(set(needed_ranges(index, shape, start, stop)) - {skipped})
+    box = set(needed_ranges(index, shape, start, stop))
     want = local.read_region(case, (start, stop))
     o = np.stack(np.meshgrid(*[np.arange(n) for n in out_shape], indexing="ij"), -1)
     src = o.reshape(-1, 3) @ lin.T + m[:, 3] - np.asarray(start)
+    tapped: set[tuple[int, int]] = set()  # the chunks holding a tap, by brute force
     for corner_offset in itertools.product((0, 1), repeat=3):  # every trilinear tap
         t = np.clip(np.floor(src).astype(int) + corner_offset, 0, np.array(out.shape) - 1)
         assert np.array_equal(out[tuple(t.T)], want[tuple(t.T)])
+        for cz, cy, cx in {tuple(c) for c in ((t + start) // CACHE_CHUNKS).tolist()}:
+            off, n = index[(cz * per[1] + cy) * per[2] + cx]
+            if off != _ABSENT:
+                tapped.add((int(off), int(off + n)))
+    # each chunk a tap reads fetched once, nothing outside the box, not the corner
+    assert skipped in box and skipped not in tapped
+    assert len(set(fetched)) == len(fetched)
+    assert tapped <= set(fetched) <= box - {skipped}
 
 
 def test_prefetched_image_and_label_regions_are_not_fetched_again(web, built_cache):

@@ -106,12 +106,15 @@ def finish(trainer: Trainer, *, started: float) -> dict[str, Any]:
     cfg = trainer.cfg
     classes, gate = trainer.classes, cfg.data.gate_class
     volumes = load_volumes(trainer.dataset, trainer.dataset.val)
+    options = trainer.inference_kwargs(cfg.run.val_overlap)
+    if trainer.device.type == "cpu":  # float32, as training.predict runs on the CPU
+        options["autocast"] = False
     rows, overlays = validate(
         trainer.segnet,
         volumes,
         classes=classes,
         gate_class=gate,
-        **trainer.inference_kwargs(cfg.run.val_overlap),
+        **options,
     )
     run_dir = trainer.run_dir
     timing = trainer.timing()

@@ -97,3 +97,22 @@ def test_toml_file_errors_are_config_errors(tmp_path):
     unknown.write_text("[stage1]\nlearning_rate = 1e-3\n")
     with pytest.raises(ConfigError, match="stage1.learning_rate"):
         load_config(unknown)
+
+
+def test_amp_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch):
+    import torch
+
+    import training.trainer as trainer_module
+    from training.trainer import amp_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert amp_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+        assert amp_dtype("auto", cuda) is torch.bfloat16
+        assert amp_dtype("off", cpu) is None and amp_dtype("off", cuda) is None
+        assert amp_dtype("bf16", cpu) is torch.bfloat16
+        assert amp_dtype("fp16", cuda) is torch.float16
+    monkeypatch.undo()
+    # this machine's own answer comes from oneDNN, which knows the CPU
+    assert isinstance(trainer_module.cpu_has_native_bf16(), bool)

@@ -114,10 +114,12 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX);
-    elsewhere it emulates them, slower than float32."""
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX). oneDNN also runs
+    bf16 on plain AVX-512 by converting to float32 (``torch.ops.mkldnn.
+    _is_mkldnn_bf16_supported`` says True there), which was not measured here, so that
+    does not count."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -127,8 +129,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
     ``"auto"`` is bf16 on CUDA, and on a CPU with native bf16 (:func:`cpu_has_native_bf16`):
     there a training step of the default U-Net took 0.6x the time of float32 on the 2-core
-    VM, and the bare run's validation VoE was no worse (README, Performance). Elsewhere
-    ``"auto"`` is float32.
+    VM, and the default run's validation figures in the README were measured with it.
+    Elsewhere ``"auto"`` is float32.
     """
     if amp == "auto":
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())

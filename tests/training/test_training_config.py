@@ -114,5 +114,5 @@ def test_amp_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch):
         assert amp_dtype("bf16", cpu) is torch.bfloat16
         assert amp_dtype("fp16", cuda) is torch.float16
     monkeypatch.undo()
-    # this machine's own answer comes from oneDNN, which knows the CPU
+    # this machine's own answer comes from torch's CPU feature detection
     assert isinstance(trainer_module.cpu_has_native_bf16(), bool)
